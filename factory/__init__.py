@@ -1,0 +1,3 @@
+"""cai-factory: a Constitutional AI / RLAIF data factory."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,10 @@
+"""Audit of AI preference labels against held-out human labels: metrics and reports.
+
+``compute_audit`` (pure numpy/pyarrow) → ``AuditResult``; ``render_terminal`` / ``write_html`` /
+``compare`` in :mod:`factory.audit.report` present it (matplotlib is imported only when writing
+HTML).
+"""
+
+from factory.audit.metrics import AuditResult, Block, bootstrap_mean_ci, calibration, compute_audit, kappa
+
+__all__ = ["AuditResult", "Block", "bootstrap_mean_ci", "calibration", "compute_audit", "kappa"]

