@@ -34,6 +34,7 @@ class EngineSpec(Strict):
     seed: int = Field(0, description="engine seed; applied by the engine and part of every content key")
     max_model_len: int = Field(2048, ge=64)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="on CPU: the share of RAM for the KV cache (0.3–0.4)")
+    kv_cache_gib: float | None = Field(None, gt=0, description="explicit KV-cache size in GiB (CPU default: 2)")
     dtype: str = "auto"
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True

@@ -303,7 +303,7 @@ def _weight_vector(principle_ids: pa.Array, weights: Mapping[str, float]) -> np.
         )
     w = np.array([float(weights[n]) for n in names], dtype=np.float64)
     if (np.isnan(w) | (w < 0)).any():
-        raise ValueError(f"principle weights must be >= 0; got {dict(zip(names, w.tolist()))}")
+        raise ValueError(f"principle weights must be >= 0; got {dict(zip(names, w.tolist(), strict=True))}")
     return w
 
 

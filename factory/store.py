@@ -46,6 +46,60 @@ GEN_COLUMNS: dict[str, pa.DataType] = {
 GEN_SCHEMA = pa.schema(list(GEN_COLUMNS.items()))
 GEN_TABLES = ("responses", "critiques", "revisions")
 
+# Preference labelling (RLAIF): pairs of responses, one judgement per (pair, principle, order),
+# and the aggregated label per (run, pair).
+SAMPLE_SCHEMA = pa.schema([*GEN_SCHEMA, ("sample_index", pa.int32())])
+PAIR_SCHEMA = pa.schema([
+    ("pair_id", pa.string()),  # content key of (conversation, response_a, response_b)
+    ("run_id", pa.string()),
+    ("source", pa.string()),  # sampled | sl | file | human:<set>
+    ("prompt_id", pa.string()),
+    ("conversation", pa.string()),  # JSON list of {role, content}, ends with a user turn
+    ("response_a", pa.string()),
+    ("response_b", pa.string()),
+    ("response_a_id", pa.string()),  # row id in samples/responses/revisions when generated here
+    ("response_b_id", pa.string()),
+    ("status", pa.string()),  # ok | skipped
+    ("error", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+JUDGEMENT_SCHEMA = pa.schema([
+    ("id", pa.string()),  # content key: pair, principle text, order, rendered messages, model, seed, judge config
+    ("run_id", pa.string()),
+    ("pair_id", pa.string()),
+    ("principle_id", pa.string()),
+    ("principle_hash", pa.string()),
+    ("order", pa.string()),  # ab: response_a shown first as option A; ba: response_b shown first
+    ("constitution_hash", pa.string()),
+    ("template_hash", pa.string()),
+    ("model", pa.string()),
+    ("sampling_hash", pa.string()),
+    ("messages", pa.string()),
+    ("rationale", pa.string()),  # chain-of-thought judge only
+    ("logprob_first", pa.float64()),  # log-prob of the first-shown option's token
+    ("logprob_second", pa.float64()),
+    ("p_first", pa.float64()),  # renormalised over the two options
+    ("p_a", pa.float64()),  # P(response_a better) = p_first (ab) or 1 - p_first (ba)
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+PREFERENCE_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("pair_id", pa.string()),
+    ("p_a", pa.float64()),  # P(response_a better), orders averaged then principles weighted
+    ("chosen", pa.string()),  # a | b | null (tie)
+    ("margin", pa.float64()),  # |p_a - 0.5| * 2
+    ("is_tie", pa.bool_()),
+    ("orders_agree", pa.float64()),  # share of principles whose two orders pick the same response
+    ("principles_agree", pa.int64()),  # principles on the same side as the pair's label
+    ("n_principles", pa.int64()),
+    ("orders_complete", pa.bool_()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
     pa.int32(): "INTEGER",
@@ -83,6 +137,25 @@ MIGRATIONS: list[list[str]] = [
         *[ddl(t, GEN_SCHEMA) for t in GEN_TABLES],
         # which stored rows each run uses (a rerun reuses rows produced by an earlier run)
         'CREATE TABLE IF NOT EXISTS run_items (run_id VARCHAR, "table" VARCHAR, id VARCHAR, PRIMARY KEY (run_id, "table", id))',
+    ],
+    # v2: preference labelling, human label sets, audits, evaluations
+    [
+        ddl("samples", SAMPLE_SCHEMA),
+        ddl("pairs", PAIR_SCHEMA, "pair_id"),
+        ddl("judgements", JUDGEMENT_SCHEMA),
+        ddl("preferences", PREFERENCE_SCHEMA, ("run_id", "pair_id")),
+        """CREATE TABLE IF NOT EXISTS human_sets (
+            set_id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, format VARCHAR, n_pairs BIGINT,
+            n_skipped BIGINT, skips_json VARCHAR, created_at TIMESTAMPTZ)""",
+        """CREATE TABLE IF NOT EXISTS human_labels (
+            set_id VARCHAR, pair_id VARCHAR, source_row BIGINT, human_choice VARCHAR, annotator VARCHAR,
+            confidence DOUBLE, swapped BOOLEAN, PRIMARY KEY (set_id, pair_id))""",
+        """CREATE TABLE IF NOT EXISTS audits (
+            audit_id VARCHAR PRIMARY KEY, run_id VARCHAR, set_id VARCHAR, created_at TIMESTAMPTZ,
+            result_json VARCHAR, report_path VARCHAR)""",
+        """CREATE TABLE IF NOT EXISTS evals (
+            eval_id VARCHAR PRIMARY KEY, kind VARCHAR, model VARCHAR, set_id VARCHAR, n BIGINT,
+            accuracy DOUBLE, ties BIGINT, details_json VARCHAR, created_at TIMESTAMPTZ)""",
     ],
 ]
 

@@ -119,7 +119,7 @@ def compute_audit(
     names = cells.principle_ids.to_pylist()
     naive_name = _naive_name(names, naive_principle)
     per_principle = [
-        _principle_block(cells, hum, name, names, tie_eps, cfg, weights.get(name))
+        _principle_block(cells, hum, name, names, tie_eps, cfg, float(weights[name]) if name in weights else None)
         for name in sorted(set(weights) | set(names))
     ]
     return AuditResult(
@@ -144,7 +144,7 @@ def compute_audit(
             "seed": seed,
             "n_bins": n_bins,
             "length_gap": length_gap,
-            "weights": dict(weights),
+            "weights": {k: float(v) for k, v in weights.items()},
             "ties_rule": TIES_RULE,
             "log_loss_clip": LOG_LOSS_CLIP,
         },
@@ -179,8 +179,8 @@ def bootstrap_mean_ci(score: np.ndarray, n_bootstrap: int, seed: int, level: flo
 def _index_bootstrap(score: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     n = len(score)
     step = max(1, 4_000_000 // n)
-    parts = [score[rng.integers(0, n, size=(min(step, n_bootstrap - i), n))].mean(axis=1) for i in range(0, n_bootstrap, step)]
-    return np.concatenate(parts)
+    sizes = [min(step, n_bootstrap - i) for i in range(0, n_bootstrap, step)]
+    return np.concatenate([score[rng.integers(0, n, size=(m, n))].mean(axis=1) for m in sizes])
 
 
 def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, Any]:
@@ -191,6 +191,8 @@ def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, Any]:
     ``brier = mean((p - y)^2)``; ``log_loss = -mean(y log p + (1-y) log(1-p))`` with p clipped to
     [1e-6, 1 - 1e-6].
     """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1; got {n_bins}")
     p = np.asarray(p, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)

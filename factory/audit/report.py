@@ -55,9 +55,11 @@ def verdict(result: Any) -> str:
     if lo is None:
         return f"agreement {a:.3f} on {n} pairs (no bootstrap interval)"
     if lo <= 0.5 <= hi:
-        line = f"agreement CI [{lo:.3f}, {hi:.3f}] includes 0.5: this judge is not distinguishable from chance on these {n} pairs"
+        line = (f"agreement CI [{lo:.3f}, {hi:.3f}] includes 0.5: this judge is not distinguishable from chance "
+                f"on these {n} pairs")
     elif hi < 0.5:
-        line = f"agreement CI [{lo:.3f}, {hi:.3f}] is below 0.5: the judge disagrees with humans (check the option/order mapping)"
+        line = (f"agreement CI [{lo:.3f}, {hi:.3f}] is below 0.5: the judge disagrees with humans "
+                "(check the option/order mapping)")
     else:
         line = f"agreement {a:.3f} [{lo:.3f}, {hi:.3f}] is above chance on {n} pairs"
     naive = d["naive"]["agreement"]
@@ -65,57 +67,60 @@ def verdict(result: Any) -> str:
         rel = "above" if lo > naive else "below" if hi < naive else "not distinguishable from"
         line += f"; {rel} the naive baseline ({naive:.3f})"
     length = o["length"]
-    best = max((x for x in (length["always_longer_agreement"], length["always_shorter_agreement"]) if x is not None), default=None)
-    if best is not None and best >= lo:
+    heuristics = [x for x in (length["always_longer_agreement"], length["always_shorter_agreement"]) if x is not None]
+    if heuristics and max(heuristics) >= lo:
+        best = max(heuristics)
         line += f"; a length heuristic does as well ({best:.3f} on the {length['n']} pairs with a length gap)"
     return line
 
 
-def summary_rows(result: Any) -> list[dict[str, Any]]:
-    """Rows of the headline table: factory default, naive, always-longer/shorter, chance."""
+SUMMARY_HEADER = ["labeller", "n", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier"]
+PRINCIPLE_HEADER = ["principle", "weight", "ties", *SUMMARY_HEADER[1:], "note"]
+
+
+def _cells(b: dict[str, Any]) -> list[str]:
+    """n, agreement [CI], κ, consistency, P(first), ECE, Brier of one block, formatted."""
+    pos, cal = b["position"], b["calibration"]
+    return [_f(b["n_pairs"]), _agree(b["agreement"], b["agreement_ci"]), _f(b["cohen_kappa"]),
+            _f(pos["consistency"]), _f(pos["p_prefers_first"]), _f(cal["ece"]), _f(cal["brier"])]
+
+
+def summary_rows(result: Any) -> list[list[str]]:
+    """Formatted rows of the headline table (:data:`SUMMARY_HEADER`): factory default, naive,
+    always-longer, always-shorter (on pairs with a length gap) and chance."""
     d = as_dict(result)
-    o, nv, length = d["overall"], d["naive"], d["overall"]["length"]
+    o, length = d["overall"], d["overall"]["length"]
+    gap = f"|Δlen|>{d['settings']['length_gap']:g}"
     base = o["human_p_a"]
-    gap = f"|Δlen|>{d['settings']['length_gap']:g}, n={length['n']}"
+    naive = f"naive baseline (ab, {d['settings']['naive_principle']})"
+    rows = [["factory default", *_cells(o)], [naive, *_cells(d["naive"])]]
+    for side in ("longer", "shorter"):
+        agree = _agree(length[f"always_{side}_agreement"], length[f"always_{side}_ci"])
+        rows.append([f"always {side} ({gap})", _f(length["n"]), agree, "—", "—", "—", "—", "—"])
+    chance_ece = None if base is None else abs(base - 0.5)  # a constant 0.5 forecast: |base rate - 0.5|
+    rows.append(["chance (0.5)", _f(o["n_pairs"]), "0.500", "0.000", "—", "—", _f(chance_ece),
+                 _f(0.25 if o["n_pairs"] else None)])
+    return rows
 
-    def row(name: str, b: dict[str, Any]) -> dict[str, Any]:
-        return {"name": name, "n": b["n_pairs"], "agreement": b["agreement"], "ci": b["agreement_ci"],
-                "kappa": b["cohen_kappa"], "consistency": b["position"]["consistency"],
-                "p_first": b["position"]["p_prefers_first"], "ece": b["calibration"]["ece"], "brier": b["calibration"]["brier"]}
 
-    def baseline(name: str, agreement: Any, ci: Any, n: int) -> dict[str, Any]:
-        return {"name": name, "n": n, "agreement": agreement, "ci": ci, "kappa": None, "consistency": None,
-                "p_first": None, "ece": None, "brier": None}
-
-    return [
-        row("factory default", o),
-        row(f"naive baseline (ab, {d['settings']['naive_principle']})", nv),
-        baseline(f"always longer ({gap})", length["always_longer_agreement"], length["always_longer_ci"], length["n"]),
-        baseline(f"always shorter ({gap})", length["always_shorter_agreement"], length["always_shorter_ci"], length["n"]),
-        {"name": "chance (0.5)", "n": o["n_pairs"], "agreement": 0.5, "ci": None, "kappa": 0.0, "consistency": None,
-         "p_first": None, "ece": None if base is None else abs(base - 0.5), "brier": 0.25 if o["n_pairs"] else None},
-    ]
+def principle_rows(result: Any) -> list[list[str]]:
+    """Formatted rows of the per-principle table (:data:`PRINCIPLE_HEADER`)."""
+    return [[b["name"], _f(b["weight"], 2), _f(b["n_ties"]), *_cells(b), b["kappa_note"] or ""]
+            for b in as_dict(result)["per_principle"]]
 
 
 def render_terminal(result: Any, console: Console | None = None) -> None:
     """Print the headline table, the per-principle table, the counts and the verdict."""
     d = as_dict(result)
     console = console or Console()
-    t = Table(title="AI labels vs human labels")
-    for col in ("labeller", "n", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier"):
-        t.add_column(col, justify="left" if col == "labeller" else "right")
-    for r in summary_rows(d):
-        t.add_row(r["name"], str(r["n"]), _agree(r["agreement"], r["ci"]), _f(r["kappa"]), _f(r["consistency"]),
-                  _f(r["p_first"]), _f(r["ece"]), _f(r["brier"]))
-    console.print(t)
-    p = Table(title="Per principle (order-averaged)")
-    for col in ("principle", "weight", "n", "ties", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier"):
-        p.add_column(col, justify="left" if col == "principle" else "right")
-    for b in d["per_principle"]:
-        p.add_row(b["name"], _f(b["weight"], 2), str(b["n_pairs"]), str(b["n_ties"]), _agree(b["agreement"], b["agreement_ci"]),
-                  _f(b["cohen_kappa"]), _f(b["position"]["consistency"]), _f(b["position"]["p_prefers_first"]),
-                  _f(b["calibration"]["ece"]), _f(b["calibration"]["brier"]))
-    console.print(p)
+    for title, header, rows in (("AI labels vs human labels", SUMMARY_HEADER, summary_rows(d)),
+                                ("Per principle (order-averaged)", PRINCIPLE_HEADER, principle_rows(d))):
+        t = Table(title=title)
+        for i, col in enumerate(header):
+            t.add_column(col, justify="left" if i == 0 or col == "note" else "right")
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
     console.print(", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in d["counts"].items()), markup=False)
     console.print(f"verdict: {verdict(d)}", markup=False)
 
@@ -134,7 +139,7 @@ def write_html(result: Any, path: str | Path, *, title: str, meta: dict[str, Any
         "<h2>Summary</h2>", _summary_html(d),
         "<h2>Plots</h2><div class='plots'>",
         *(f"<figure>{svg}<figcaption>{_e(cap)}</figcaption></figure>" for cap, svg in plots),
-        "</div><h2>Per principle</h2>", _principles_html(d),
+        "</div><h2>Per principle</h2>", _table(PRINCIPLE_HEADER, principle_rows(d)),
         "<h2>Counts</h2>", _kv_table(d["counts"]),
         "<h2>Skipped rows</h2>", _skips_html(skips),
         f"<h2>Most confident disagreements (top {len(d['divergence'])})</h2>", _divergence_html(d["divergence"]),
@@ -224,21 +229,11 @@ def _kv_table(d: dict[str, Any]) -> str:
 
 
 def _summary_html(d: dict[str, Any]) -> str:
-    rows = [[r["name"], r["n"], _agree(r["agreement"], r["ci"]), _f(r["kappa"]), _f(r["consistency"]),
-             _f(r["p_first"]), _f(r["ece"]), _f(r["brier"])] for r in summary_rows(d)]
     o = d["overall"]
     note = (f"<p>{_e(d['settings']['ties_rule'])}. Factory default: {o['n_ties']} tie(s); agreement excluding ties "
             f"{_e(_f(o['agreement_excl_ties']))}; log loss {_e(_f(o['calibration']['log_loss']))}. "
             f"κ note: {_e(o['kappa_note'] or 'none')}.</p>")
-    return _table(["labeller", "n", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier"], rows) + note
-
-
-def _principles_html(d: dict[str, Any]) -> str:
-    rows = [[b["name"], _f(b["weight"], 2), b["n_pairs"], b["n_ties"], _agree(b["agreement"], b["agreement_ci"]),
-             _f(b["cohen_kappa"]), _f(b["position"]["consistency"]), _f(b["position"]["p_prefers_first"]),
-             _f(b["calibration"]["ece"]), _f(b["calibration"]["brier"]), b["kappa_note"] or ""] for b in d["per_principle"]]
-    return _table(["principle", "weight", "n", "ties", "agreement [95% CI]", "κ", "pos. consistency", "P(first)",
-                   "ECE", "Brier", "note"], rows)
+    return _table(SUMMARY_HEADER, summary_rows(d)) + note
 
 
 def _skips_html(skips: list[dict[str, Any]]) -> str:
@@ -279,7 +274,8 @@ def _plots(d: dict[str, Any]) -> list[tuple[str, str]]:
         figs = [
             ("Reliability: observed frequency of 'human chose a' per bin of predicted p_a", _reliability(plt, d)),
             ("Agreement with humans and 95% bootstrap CI (per principle: order-averaged)", _agreement_bars(plt, d)),
-            (f"Length bias on pairs with |len_a − len_b| > {d['settings']['length_gap']:g} characters", _length_bars(plt, d)),
+            (f"Length bias on pairs with |len_a - len_b| > {d['settings']['length_gap']:g} characters",
+             _length_bars(plt, d)),
             ("Position bias: P(first shown preferred) and order consistency", _position_bars(plt, d)),
         ]
         return [(cap, _svg(plt, fig)) for cap, fig in figs]
@@ -287,7 +283,8 @@ def _plots(d: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _svg(plt: Any, fig: Any) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Type": None, "Format": None})
+    no_metadata = {"Date": None, "Creator": None, "Type": None, "Format": None}  # deterministic, no external URIs
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata=no_metadata)
     plt.close(fig)
     s = buf.getvalue()
     return s[s.index("<svg"):]
@@ -302,9 +299,9 @@ def _reliability(plt: Any, d: dict[str, Any]) -> Any:
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
     for key, label in (("overall", "factory default"), ("naive", "naive baseline")):
         cal = d[key]["calibration"]
-        pts = [(m, o) for m, o, c in zip(cal["mean_predicted"], cal["observed"], cal["count"]) if c]
+        pts = [(m, o) for m, o, c in zip(cal["mean_predicted"], cal["observed"], cal["count"], strict=True) if c]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{label} (ECE {_f(cal['ece'])})")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{label} (ECE {_f(cal['ece'])})")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(a better)", ylabel="observed share human chose a")
     ax.legend(loc="upper left")
     return fig
@@ -314,8 +311,8 @@ def _agreement_bars(plt: Any, d: dict[str, Any]) -> Any:
     blocks = [("factory default", d["overall"]), ("naive", d["naive"])] + [(b["name"], b) for b in d["per_principle"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     ys = [_nan(b["agreement"]) for _, b in blocks]
-    err = [[max(y - _nan(b["agreement_ci"][0]), 0) for y, (_, b) in zip(ys, blocks)],
-           [max(_nan(b["agreement_ci"][1]) - y, 0) for y, (_, b) in zip(ys, blocks)]]
+    err = [[max(y - _nan(b["agreement_ci"][0]), 0) for y, (_, b) in zip(ys, blocks, strict=True)],
+           [max(_nan(b["agreement_ci"][1]) - y, 0) for y, (_, b) in zip(ys, blocks, strict=True)]]
     ax.bar(range(len(blocks)), ys, yerr=err, capsize=3, color=["#3b6ea8", "#999999"] + ["#7aa6d6"] * (len(blocks) - 2))
     ax.axhline(0.5, color="red", ls="--", lw=1, label="chance")
     ax.set_xticks(range(len(blocks)), [n for n, _ in blocks], rotation=30, ha="right")
@@ -339,8 +336,9 @@ def _position_bars(plt: Any, d: dict[str, Any]) -> Any:
     blocks = [("all", d["overall"])] + [(b["name"], b) for b in d["per_principle"]]
     x = range(len(blocks))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([i - 0.2 for i in x], [_nan(b["position"]["p_prefers_first"]) for _, b in blocks], 0.4, label="P(first preferred)")
-    ax.bar([i + 0.2 for i in x], [_nan(b["position"]["consistency"]) for _, b in blocks], 0.4, label="order consistency")
+    bars = ((-0.2, "p_prefers_first", "P(first preferred)"), (0.2, "consistency", "order consistency"))
+    for shift, key, label in bars:
+        ax.bar([i + shift for i in x], [_nan(b["position"][key]) for _, b in blocks], 0.4, label=label)
     ax.axhline(0.5, color="grey", ls="--", lw=1)
     ax.set_xticks(list(x), [n for n, _ in blocks], rotation=30, ha="right")
     ax.set(ylim=(0, 1))

@@ -20,7 +20,7 @@ def make_engine(spec, model: str) -> Engine:
 
         return VLLMEngine(
             models.resolve(model), model_name=model, seed=spec.seed, max_model_len=spec.max_model_len,
-            gpu_memory_utilization=spec.gpu_memory_utilization, dtype=spec.dtype, enforce_eager=spec.enforce_eager,
+            gpu_memory_utilization=spec.gpu_memory_utilization, kv_cache_gib=spec.kv_cache_gib, dtype=spec.dtype, enforce_eager=spec.enforce_eager,
             enable_prefix_caching=spec.enable_prefix_caching, max_num_seqs=spec.max_num_seqs,
         )
     raise NotImplementedError(f"engine kind '{spec.kind}' is not available in this build yet")

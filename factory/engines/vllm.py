@@ -26,6 +26,7 @@ class VLLMEngine:
         seed: int = 0,
         max_model_len: int = 2048,
         gpu_memory_utilization: float | None = None,
+        kv_cache_gib: float | None = None,
         dtype: str = "auto",
         enforce_eager: bool | None = None,
         enable_prefix_caching: bool = True,
@@ -46,6 +47,13 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             gpu_memory_utilization=gpu_memory_utilization or (0.35 if on_cpu else 0.9),
         )
+        # On CPU, gpu_memory_utilization is a share of the NUMA node's RAM *including* this process's
+        # own RSS and is checked against what other processes use, so it fails on a busy machine.
+        # An explicit KV-cache size is predictable (and skips vLLM's memory-probing warm-up).
+        if kv_cache_gib is None and on_cpu and gpu_memory_utilization is None:
+            kv_cache_gib = 2.0
+        if kv_cache_gib:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
         kwargs.update(extra or {})

@@ -1,0 +1,69 @@
+import multiprocessing as mp
+
+import pyarrow as pa
+import pytest
+
+from factory.store import GEN_SCHEMA, MIGRATIONS, Store, StoreError, content_key, now
+
+
+def _row(i, text="t"):
+    return {"id": f"k{i}", "run_id": "r", "prompt_id": "p", "parent_id": None, "round": 0, "principle_ids": "[]",
+            "constitution_hash": None, "template_hash": "h", "model": "m", "sampling_hash": "s", "messages": "[]",
+            "text": text, "status": "ok", "error": None, "prompt_tokens": 1, "completion_tokens": 1,
+            "finish_reason": "stop", "created_at": now()}
+
+
+def test_content_key_is_order_insensitive_for_dicts_and_sensitive_to_values():
+    assert content_key({"a": 1, "b": 2}) == content_key({"b": 2, "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+    assert content_key("x", [1, 2]) != content_key("x", [2, 1])
+    assert len(content_key("x")) == 24
+
+
+def test_insert_round_trip_and_ignore_existing(tmp_path):
+    with Store(tmp_path / "s.duckdb", writer_run="r") as s:
+        assert s.schema_version() == len(MIGRATIONS)
+        assert s.insert("responses", [_row(1), _row(2)], GEN_SCHEMA) == 2
+        # same keys again with other text: kept as first written (results are immutable)
+        assert s.insert("responses", [_row(1, "other"), _row(3)], GEN_SCHEMA) == 1
+        got = dict(s.con.execute("SELECT id, text FROM responses ORDER BY id").fetchall())
+        assert got == {"k1": "t", "k2": "t", "k3": "t"}
+        assert s.existing("responses", ["k1", "k9"]) == {"k1"}
+        t = s.fetch("responses", ["k2"], "t.id, t.status")
+        assert t.to_pylist() == [{"id": "k2", "status": "ok"}]
+
+
+def _hold(path, ready, release):
+    s = Store(path, writer_run="first-run")
+    ready.set()
+    release.wait(30)
+    s.close()
+
+
+def test_second_writer_gets_clear_in_use_error(tmp_path):
+    path = tmp_path / "s.duckdb"
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold, args=(path, ready, release))
+    p.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(StoreError, match=r"in use by run first-run \(pid \d+\)"):
+            Store(path, writer_run="second-run")
+    finally:
+        release.set()
+        p.join(30)
+    Store(path, writer_run="second-run").close()  # free again once the first writer is gone
+
+
+def test_reopen_keeps_schema_and_rows(tmp_path):
+    path = tmp_path / "s.duckdb"
+    with Store(path, writer_run="r") as s:
+        s.insert("responses", [_row(1)], GEN_SCHEMA)
+    with Store(path, read_only=True) as s:
+        assert s.count("responses") == 1 and s.schema_version() == len(MIGRATIONS)
+
+
+def test_read_only_missing_db_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="no such database"):
+        Store(tmp_path / "nope.duckdb", read_only=True)
