@@ -23,7 +23,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from factory.audit.metrics import compute_audit  # noqa: E402
+from factory.audit.metrics import compute_audit
 
 PRINCIPLES = np.array(["harmless", "helpful", "honest", "polite"])
 WEIGHTS = {"harmless": 2.0, "helpful": 1.0, "honest": 1.0, "polite": 0.5}

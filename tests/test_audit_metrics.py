@@ -21,13 +21,13 @@ HAND = [("P1", 0.9, 0.7, "a", 100, 10), ("P2", 0.8, 0.2, "b", 10, 100),
 
 
 def judgements(rows: list[tuple[str, str, str, float]]) -> pa.Table:
-    pid, prin, order, p = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
+    pid, prin, order, p = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
     return pa.table({"pair_id": pa.array(pid, pa.string()), "principle_id": pa.array(prin, pa.string()),
                      "order": pa.array(order, pa.string()), "p_a": pa.array(p, pa.float64())})
 
 
 def human(rows: list[tuple[str, str, int, int]], **texts: list[str]) -> pa.Table:
-    pid, choice, la, lb = (list(c) for c in zip(*rows)) if rows else ([], [], [], [])
+    pid, choice, la, lb = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
     return pa.table({"pair_id": pa.array(pid, pa.string()), "human_choice": pa.array(choice, pa.string()),
                      "len_a": pa.array(la, pa.int64()), "len_b": pa.array(lb, pa.int64()), **texts})
 
@@ -181,7 +181,7 @@ def test_to_dict_is_strict_json(hand):
 
 def test_bad_human_labels_name_the_fix():
     j, _ = hand_tables()
-    with pytest.raises(ValueError, match="human_choice must be 'a' or 'b'.*P2"):
+    with pytest.raises(ValueError, match=r"human_choice must be 'a' or 'b'.*P2"):
         compute_audit(j, human([("P1", "a", 1, 1), ("P2", "tie", 1, 1)]), {"x": 1})
     with pytest.raises(ValueError, match=r"pair_id\(s\) \['P1'\] appear more than once"):
         compute_audit(j, human([("P1", "a", 1, 1), ("P1", "b", 1, 1)]), {"x": 1})
@@ -206,4 +206,5 @@ def test_multinomial_bootstrap_matches_index_resampling():
     cont = np.random.default_rng(3).random(300)  # many distinct values: index-resampling path
     lo, hi = bootstrap_mean_ci(cont, 2000, seed=0)
     se = cont.std() / math.sqrt(300)
-    assert lo == pytest.approx(cont.mean() - 1.96 * se, abs=0.01) and hi == pytest.approx(cont.mean() + 1.96 * se, abs=0.01)
+    assert lo == pytest.approx(cont.mean() - 1.96 * se, abs=0.01)
+    assert hi == pytest.approx(cont.mean() + 1.96 * se, abs=0.01)

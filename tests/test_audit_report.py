@@ -21,7 +21,8 @@ def audit(n: int, right: int, *, principle: str = "harmless", texts: bool = Fals
     p = [0.9 if i < right else 0.1 for i in range(n)]
     j = pa.table({"pair_id": [i for i in ids for _ in "ab"], "principle_id": [principle] * 2 * n,
                   "order": ["ab", "ba"] * n, "p_a": [x for x in p for _ in "ab"]})
-    cols = {"pair_id": ids, "human_choice": ["a"] * n, "len_a": [100 + 50 * (i % 2) for i in range(n)], "len_b": [100] * n}
+    lengths = [100 + 50 * (i % 2) for i in range(n)]
+    cols = {"pair_id": ids, "human_choice": ["a"] * n, "len_a": lengths, "len_b": [100] * n}
     if texts:
         cols |= {"conversation": ["hi"] * n, "response_a": [EVIL] * n, "response_b": ["fine"] * n}
     return compute_audit(j, pa.table(cols), {principle: 1.0}, n_bootstrap=200)

@@ -45,7 +45,7 @@ def test_p_a_orders_strings_bools_and_arrow():
 
 
 def test_p_a_rejects_unknown_order():
-    with pytest.raises(ValueError, match="order must be 'ab' or 'ba'.*'AB'"):
+    with pytest.raises(ValueError, match=r"order must be 'ab' or 'ba'.*'AB'"):
         p_a([0.5, 0.5], ["ab", "AB"])
 
 
@@ -62,7 +62,7 @@ def test_aggregate_pairs_hand_example():
         # p3: every judgement failed
         ("p3", "x", "ab", float("nan")), ("p3", "y", "ba", float("nan")),
     ]
-    pid, prin, order, p = map(list, zip(*rows))
+    pid, prin, order, p = map(list, zip(*rows, strict=True))
     t = _table_rows(aggregate_pairs(pid, prin, order, p, {"x": 2.0, "y": 1.0}, tie_eps=0.05))
     p1, p2, p3 = t["p1"], t["p2"], t["p3"]
     assert p1["p_a"] == pytest.approx(1.9 / 3)
@@ -95,7 +95,7 @@ def test_decide_exact_half_is_a_tie_even_at_zero_eps():
 
 
 def test_aggregate_pairs_errors_name_the_fix():
-    with pytest.raises(ValueError, match="no constitution weight for principle.*'y'"):
+    with pytest.raises(ValueError, match=r"no constitution weight for principle.*'y'"):
         aggregate_pairs(["p"], ["y"], ["ab"], [0.5], {"x": 1})
     with pytest.raises(ValueError, match="p_a must be a probability"):
         aggregate_pairs(["p"], ["x"], ["ab"], [1.5], {"x": 1})
@@ -129,11 +129,12 @@ def test_aggregate_pairs_matches_reference_and_ignores_row_order():
     ]
     weights = {f"k{i}": float(i + 1) for i in range(5)}
     ref = _reference(rows, weights, 0.05)
-    pid, prin, order, p = map(list, zip(*rows))
+    pid, prin, order, p = map(list, zip(*rows, strict=True))
     got = _table_rows(aggregate_pairs(pid, prin, order, p, weights))
     assert list(got) == sorted(got)
     for key, (rp, rtie, rn) in ref.items():
         assert got[key]["p_a"] == pytest.approx(rp) and got[key]["is_tie"] == rtie and got[key]["n_principles"] == rn
     perm = rng.permutation(n)
-    shuffled = aggregate_pairs(*(np.asarray(c, dtype=object)[perm] for c in (pid, prin, order)), np.asarray(p)[perm], weights)
-    np.testing.assert_allclose(shuffled["p_a"].to_numpy(), aggregate_pairs(pid, prin, order, p, weights)["p_a"].to_numpy())
+    cols = [np.asarray(c, dtype=object)[perm] for c in (pid, prin, order)]
+    shuffled = aggregate_pairs(*cols, np.asarray(p)[perm], weights)["p_a"].to_numpy()
+    np.testing.assert_allclose(shuffled, aggregate_pairs(pid, prin, order, p, weights)["p_a"].to_numpy())
