@@ -34,6 +34,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from .constitution import UnknownPrinciple
         from .models import ModelError
+        from .stages.judge import OptionError
         from .sources import SourceError
         from .store import StoreError
         from .templates import TemplateError
@@ -41,7 +42,7 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, TemplateError, StoreError, SourceError, ModelError, UnknownPrinciple) as e:
+        except (ConfigError, TemplateError, StoreError, SourceError, ModelError, UnknownPrinciple, OptionError) as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
@@ -114,6 +115,11 @@ def print_summary(s) -> None:
         console.print(f"input rows skipped: {len(s.input_skips)}: " + "; ".join(f"{n}× {r}" for r, n in reasons.items()))
     for reason, n in s.failures.items():
         console.print(f"  {n}× {reason}")
+    for reason, n in getattr(s, "pairs_skipped", {}).items():
+        console.print(f"  pairs skipped: {n}× {reason}")
+    if getattr(s, "labels", None):
+        console.print("preferences: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in s.labels.items()))
     console.print(f"database: [bold]{s.db}[/bold]")
 
 
@@ -162,6 +168,104 @@ def model_path(name: str = typer.Argument(None)):
     from . import models
 
     console.print(models.resolve(name))
+
+
+# -- export / train / eval (issue 5) ----------------------------------------------------------
+export_app = typer.Typer(no_args_is_help=True, help="DuckDB runs → Hugging Face datasets in TRL formats.")
+train_app = typer.Typer(no_args_is_help=True, help="TRL training from a YAML config (train/*.yaml).")
+eval_app = typer.Typer(no_args_is_help=True, help="Trained models against held-out human labels.")
+app.add_typer(export_app, name="export")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+@export_app.command("sft")
+@user_errors
+def export_sft_cmd(db: Path = typer.Option(..., help="the DuckDB file"), run_id: str = typer.Option(..., "--run"),
+                   out: Path = typer.Option(...), round_: Optional[list[int]] = typer.Option(None, "--round", help="default: the final round"),
+                   principle: Optional[list[str]] = typer.Option(None, help="keep revisions addressing these ids"),
+                   include_failed: bool = typer.Option(False, help="also keep non-ok revisions that have text")):
+    """Revisions → `messages` (conversational SFT)."""
+    from .export import export_sft
+
+    console.print(export_sft(db, run_id, out, rounds=round_ or None, principles=principle or None,
+                             include_failed=include_failed).summary())
+
+
+@export_app.command("prefs")
+@user_errors
+def export_prefs_cmd(db: Path = typer.Option(...), run_id: str = typer.Option(..., "--run"), out: Path = typer.Option(...),
+                     min_confidence: float = typer.Option(0.0, help="on the margin |p_a-0.5|*2, in [0, 1]"),
+                     consistent_only: bool = typer.Option(False, help="only pairs whose two orders agree"),
+                     principle: Optional[list[str]] = typer.Option(None, help="re-aggregate over these principles"),
+                     soft: str = typer.Option("none", help="none | bernoulli (sample the label from p_a)"),
+                     seed: int = typer.Option(0)):
+    """AI preferences → `prompt`/`chosen`/`rejected` (+ p_chosen)."""
+    from .export import export_prefs
+
+    console.print(export_prefs(db, run_id, out, min_confidence=min_confidence, position_consistent_only=consistent_only,
+                               principles=principle or None, soft=soft, seed=seed).summary())
+
+
+@export_app.command("human")
+@user_errors
+def export_human_cmd(spec: str, out: Path = typer.Option(...), limit: Optional[int] = typer.Option(None),
+                     offset: int = typer.Option(0)):
+    """Human-labelled pairs (hh-rlhf or JSONL) → the preference format, chosen = the human's choice."""
+    from .export import export_human
+
+    console.print(export_human(spec, out, limit=limit, offset=offset).summary())
+
+
+@train_app.command("sft")
+@user_errors
+def train_sft_cmd(config: Path):
+    """SFTTrainer on an SFT export."""
+    _train("sft", config)
+
+
+@train_app.command("rm")
+@user_errors
+def train_rm_cmd(config: Path):
+    """RewardTrainer on a preference export."""
+    _train("rm", config)
+
+
+@train_app.command("dpo")
+@user_errors
+def train_dpo_cmd(config: Path):
+    """DPOTrainer on a preference export."""
+    _train("dpo", config)
+
+
+def _train(kind: str, config: Path) -> None:
+    from .train import train
+
+    r = train(kind, config)
+    console.print(f"{kind}: {r.steps} steps on {r.rows} rows in {r.seconds:.1f} s ({r.seconds_per_step:.2f} s/step, "
+                  f"{r.device}), train loss {r.train_loss:.4f} → {r.output_dir}")
+
+
+@eval_app.command("rm")
+@user_errors
+def eval_rm_cmd(model: Path = typer.Option(..., help="a folder written by `factory train rm`"),
+                human: str = typer.Option(..., help="held-out human pairs (hh-rlhf or JSONL)"),
+                limit: int = typer.Option(50), offset: int = typer.Option(0), db: Optional[Path] = typer.Option(None)):
+    """Pairwise accuracy of a reward model on human pairs (tie = wrong)."""
+    from .evaluate import eval_rm
+
+    console.print(eval_rm(model, human, limit=limit, offset=offset, db=db).summary())
+
+
+@eval_app.command("dpo")
+@user_errors
+def eval_dpo_cmd(model: Path = typer.Option(...), ref: str = typer.Option("smollm2-135m", help="the reference policy"),
+                 human: str = typer.Option(...), beta: float = typer.Option(0.1), limit: int = typer.Option(50),
+                 offset: int = typer.Option(0), db: Optional[Path] = typer.Option(None)):
+    """Pairwise accuracy of a DPO policy's implicit reward β·log π/π_ref on human pairs."""
+    from .evaluate import eval_dpo
+
+    console.print(eval_dpo(model, ref, human, beta=beta, limit=limit, offset=offset, db=db).summary())
 
 
 def main() -> None:  # pragma: no cover

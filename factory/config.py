@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .engines.base import Sampling
 from .store import content_key
@@ -104,3 +104,62 @@ class Pipeline(Strict):
 
 def load_pipeline(path: str | Path) -> Pipeline:
     return load_yaml_model(path, Pipeline, what="pipeline")
+
+
+class PairSource(Strict):
+    source: Literal["sample", "sl", "file"] = Field(
+        description="sample: the policy samples n responses per prompt; sl: initial answer vs final revision of an "
+        "SL run in the same db; file: pairs from JSONL / hh-rlhf")
+    prompts: PromptSource | None = Field(None, description="prompts to sample responses for (source: sample)")
+    n: int = Field(2, ge=2, le=8, description="responses sampled per prompt; every unordered pair is judged")
+    sampling: SamplingSpec = SamplingSpec(max_tokens=128, temperature=1.0)
+    run: str | None = Field(None, description="the SL run id to pair from (source: sl; default: every SL run in the db)")
+    path: str | None = Field(None, description="a pairs file or HF dataset (source: file)")
+    format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
+    split: str = "test"
+    data_dir: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> "PairSource":
+        if self.source == "sample" and self.prompts is None:
+            raise ValueError("source 'sample' needs `prompts: {path: ...}`")
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs `path:` (a JSONL/hh-rlhf file or dataset name)")
+        return self
+
+
+class JudgeSpec(Strict):
+    template: str = "prompts/judge.j2"
+    mode: Literal["logprob", "cot"] = Field("logprob", description="logprob: one decode step; cot: rationale first")
+    per_pair: int | None = Field(None, ge=1, description="principles judged per pair (seeded sample); default all")
+    seed: int = 0
+    options: list[str] = Field(["A", "B"], min_length=2, max_length=2)
+    tie_eps: float = Field(0.05, ge=0, lt=0.5, description="|p - 0.5| below this is marked a tie (kept, not dropped)")
+    clamp: tuple[float, float] | None = Field(None, description="clamp each judgement's probability (CoT: [0.2, 0.8])")
+    cot_max_tokens: int = Field(96, ge=8)
+    cot_temperature: float = Field(0.0, ge=0)
+    max_conversation_chars: int = Field(3000, ge=100, description="keep the last turns of long conversations")
+
+
+class PrefsPipeline(Strict):
+    kind: Literal["prefs"]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    constitution: str
+    pairs: PairSource
+    judge: JudgeSpec = JudgeSpec()
+    answer_template: str = "prompts/answer.j2"
+    model: str = Field("smollm2-135m", description="policy (for sampling) and feedback model")
+    engine: EngineSpec = EngineSpec()
+    db: str
+    chunk_rows: int = Field(256, ge=1)
+
+    def snapshot(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def hash(self, **extra: str) -> str:
+        return content_key("prefs", self.snapshot(), extra)
+
+
+def load_prefs_pipeline(path: str | Path) -> PrefsPipeline:
+    return load_yaml_model(path, PrefsPipeline, what="pipeline")

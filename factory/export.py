@@ -17,8 +17,10 @@ Soft labels with TRL 1.x. DPO has no per-example soft-label loss any more (only 
 ``label_smoothing`` ε for the ``sigmoid``/``robust`` losses). ``soft="bernoulli"`` draws each
 pair's hard label from Bernoulli(p_a): then the expected DPO loss over the draw is
 ``-p·log σ(βΔ) - (1-p)·log σ(-βΔ)``, i.e. exactly the per-example soft-label (cDPO) loss with
-ε = 1 - p, without changing TRL. The draw is ``md5(pair_id:seed)`` mapped to [0, 1), so each
-pair's label depends only on its id and the seed, not on which other pairs pass the filters.
+ε = 1 - p, without changing TRL. The draw is ``u = (first 8 bytes of md5("<pair_id>:<seed>") as a
+little-endian uint64 >> 11) / 2**53`` (DuckDB's ``md5_number_upper``), chosen = a iff ``u < p_a``;
+so each pair's label depends only on its id and the seed, not on which other pairs pass the
+filters. Ties are left out in both modes (a coin flip teaches nothing about the preference).
 The alternative (keep only confident pairs with ``min_confidence`` and train with
 ``loss_type: [robust]`` and a global ``label_smoothing``) needs no export option.
 """
@@ -100,7 +102,13 @@ def _write(table: pa.Table, out: str | Path, manifest: dict) -> Path:
         raise ExportError(f"{out} exists and is not a factory export; pass an empty or new --out folder")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    datasets.Dataset(table).save_to_disk(str(staging))
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        datasets.Dataset(table).save_to_disk(str(staging))
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     pq.write_table(table, staging / "data.parquet")
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
@@ -231,8 +239,8 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
             labels = "SELECT * FROM _labels"
         else:
             labels = "SELECT pair_id, p_a, chosen, margin, is_tie, orders_agree, orders_complete FROM preferences WHERE run_id = $run"
-        params = {"run": run_id, "min_conf": float(min_confidence), "consistent": position_consistent_only,
-                  "bernoulli": soft == "bernoulli", "seed": str(int(seed))}
+        params = {"min_conf": float(min_confidence), "consistent": position_consistent_only,
+                  "bernoulli": soft == "bernoulli", "seed": str(int(seed)), **({} if principles else {"run": run_id})}
         tagged = f"""
             SELECT l.*, pr.conversation, pr.response_a, pr.response_b, CASE
                 WHEN pr.pair_id IS NULL THEN 'pair missing from the pairs table'

@@ -76,7 +76,7 @@ def load(path: str | Path) -> Loaded:
     return Loaded(str(path), cfg, constitution, templates)
 
 
-def open_run(lp: Loaded, kind: str, model: str) -> Store:
+def open_run(lp, kind: str, model: str) -> Store:
     """Take the writer lock, record the run and its lineage blobs."""
     store = Store(lp.cfg.db, writer_run=lp.run_id)
     c = lp.constitution
@@ -101,8 +101,8 @@ def finish_run(store: Store, run_id: str, summary: Any) -> None:
                       [now(), json.dumps(body), run_id])
 
 
-def load_prompts(store: Store, lp: Loaded) -> tuple[list[tuple[str, list[dict]]], list[Skip]]:
-    src = lp.cfg.prompts
+def load_prompts(store: Store, lp: Loaded, src=None) -> tuple[list[tuple[str, list[dict]]], list[Skip]]:
+    src = src or lp.cfg.prompts
     table, skips = read_prompts(src.path, field=src.field, split=src.split, data_dir=src.data_dir, limit=src.limit)
     rows = table.select(["prompt_id", "messages", "n_chars"]).append_column(
         "first_run_id", pa.array([lp.run_id] * table.num_rows))

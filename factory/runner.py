@@ -84,12 +84,15 @@ def run_wave(
     chunk_rows: int = 256,
     chunk_seconds: float = 5.0,
     bar: Progress | None = None,
+    row_keys: Callable[[str], list[str]] = lambda key: [key],
 ) -> WaveStats:
+    """``row_keys`` maps a request key to the row ids it produces (one unless a request has n > 1
+    samples); a request is done when its first row is stored (all its rows share one transaction)."""
     stats = WaveStats(table=table, planned=len(jobs))
-    keys = [j.request.key for j in jobs]
-    store.link_run(run_id, table, keys)
-    done = store.existing(table, keys)
-    todo = [j for j in jobs if j.request.key not in done]
+    rows_of = {j.request.key: row_keys(j.request.key) for j in jobs}
+    store.link_run(run_id, table, [k for ks in rows_of.values() for k in ks])
+    done = store.existing(table, [ks[0] for ks in rows_of.values()])
+    todo = [j for j in jobs if rows_of[j.request.key][0] not in done]
     stats.reused = len(jobs) - len(todo)
     if not todo:
         return stats

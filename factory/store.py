@@ -141,6 +141,7 @@ MIGRATIONS: list[list[str]] = [
     # v2: preference labelling, human label sets, audits, evaluations
     [
         ddl("samples", SAMPLE_SCHEMA),
+        ddl("rationales", GEN_SCHEMA),  # chain-of-thought judge: the rationale before the scored answer
         ddl("pairs", PAIR_SCHEMA, "pair_id"),
         ddl("judgements", JUDGEMENT_SCHEMA),
         ddl("preferences", PREFERENCE_SCHEMA, ("run_id", "pair_id")),

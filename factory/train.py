@@ -1,0 +1,303 @@
+"""Thin wrappers over TRL's SFTTrainer, RewardTrainer and DPOTrainer, configured in YAML.
+
+A training config (see ``train/*.yaml``)::
+
+    model: smollm2-135m            # alias, local folder or hub id (factory.models.resolve)
+    dataset: data/exports/demo-sft # an export folder, or a mapping that exports first:
+    #   {db: data/demo.duckdb, run_id: demo-…, rounds: [2]}           (sft: revisions)
+    #   {db: …, run_id: …, min_confidence: 0.2, soft: bernoulli}      (rm/dpo: AI preferences)
+    #   {human: path/to/hh-rlhf.jsonl.gz, limit: 200, offset: 0}      (rm/dpo: human labels)
+    output_dir: runs/sft-demo
+    peft: {r: 16, alpha: 32, target_modules: all-linear}   # optional LoRA
+    args: {max_steps: 3, per_device_train_batch_size: 2, max_length: 256}
+
+``args`` passes straight to ``SFTConfig`` / ``RewardConfig`` / ``DPOConfig``; a key that is not a
+field of that dataclass is an error at its line, with the closest field names. Device choices:
+on CPU bf16/fp16 are forced off and ``use_cpu`` on, and gradient checkpointing defaults to off
+(it only trades compute for memory, which a 135M model on CPU does not need); on a GPU TRL's
+default (bf16 on) stands. Models load in float32 (TRL's default), so small CPU updates are not
+lost to bf16 rounding and GPU runs use bf16 autocast over float32 master weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .yamlconf import ConfigError, Issue, Marks, error_at, load_yaml_data, validate_data
+
+Kind = Literal["sft", "rm", "dpo"]
+KINDS: dict[str, tuple[str, str]] = {
+    "sft": ("SFTConfig", "SFTTrainer"),
+    "rm": ("RewardConfig", "RewardTrainer"),
+    "dpo": ("DPOConfig", "DPOTrainer"),
+}
+NEEDED_COLUMNS = {"sft": ("messages",), "rm": ("chosen", "rejected"), "dpo": ("prompt", "chosen", "rejected")}
+EXPORT_HINT = {"sft": "factory export sft --db … --run … --out …",
+               "rm": "factory export prefs … (or factory export human …)", "dpo": "factory export prefs … (or factory export human …)"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DbData(Strict):
+    """Export a run of a DuckDB store first (sft: revisions; rm/dpo: preference labels)."""
+
+    db: str = Field(description="the DuckDB file")
+    run_id: str = Field(description="the run id (`factory status --db …` lists them)")
+    rounds: list[int] | None = None
+    principles: list[str] | None = None
+    include_failed: bool = False
+    min_confidence: float = Field(0.0, ge=0, le=1)
+    position_consistent_only: bool = False
+    soft: Literal["none", "bernoulli"] = "none"
+    seed: int = 0
+
+
+class HumanData(Strict):
+    """Export human-labelled pairs first (rm/dpo): chosen = the human's choice."""
+
+    human: str = Field(description="an hh-rlhf or pairs JSONL file, saved dataset or HF name")
+    limit: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+    format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
+
+
+class Lora(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(Strict):
+    model: str = Field("smollm2-135m", description="the embedded alias, a local folder or a hub id")
+    dataset: str | DbData | HumanData = Field(description="an export folder or a {db, run_id} / {human} mapping")
+    output_dir: str = Field(description="where the trained model (and the exported dataset) go")
+    peft: Lora | None = None
+    args: dict[str, Any] = Field(default_factory=dict, description="fields of the TRL config class")
+
+
+@dataclass
+class TrainResult:
+    kind: str
+    output_dir: Path
+    model: str
+    rows: int
+    steps: int
+    seconds: float
+    device: str
+    train_loss: float
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else float("nan")
+
+
+@dataclass
+class Prepared:
+    """Everything ``train`` needs, loaded and checked; ``trainer`` is a constructed TRL trainer."""
+
+    kind: str
+    cfg: TrainConfig
+    model: str
+    trainer: Any
+    rows: int
+    device: str
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def config_class(kind: str):
+    import trl
+
+    if kind not in KINDS:
+        raise ConfigError("<kind>", f"unknown training kind {kind!r}; use sft, rm or dpo")
+    return getattr(trl, KINDS[kind][0])
+
+
+def check_args(kind: str, args: dict, path: str | Path, marks: Marks) -> None:
+    """Every key of ``args`` must be a field of the TRL config class (errors at the key's line)."""
+    allowed = sorted(f.name for f in dataclasses.fields(config_class(kind)) if f.init)
+    issues = []
+    for key in args:
+        line, col = marks.find(("args", key), key=True)
+        if key == "output_dir":
+            issues.append(Issue(str(path), line, col, "set `output_dir` at the top level, not under `args`"))
+        elif key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            issues.append(Issue(str(path), line, col,
+                                f"`args.{key}` is not a field of TRL's {KINDS[kind][0]}{hint}"))
+    if issues:
+        raise ConfigError.many(issues)
+
+
+def load_config(kind: str, path: str | Path) -> tuple[TrainConfig, Marks]:
+    data, marks = load_yaml_data(path)
+    cfg = validate_data(data, marks, TrainConfig, path, what=f"{kind} training config")
+    check_args(kind, cfg.args, path, marks)
+    return cfg, marks
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def trl_args(kind: str, args: dict, output_dir: str | Path, dev: str | None = None):
+    """The TRL config object: ``args`` plus the device rules of the module docstring."""
+    dev = dev or device()
+    final = dict(args)
+    if dev == "cpu":
+        final.update(bf16=False, fp16=False, use_cpu=True)
+        final.setdefault("gradient_checkpointing", False)
+    final.setdefault("report_to", "none")
+    return config_class(kind)(output_dir=str(output_dir), **final)
+
+
+# -------------------------------------------------------------------------------- datasets
+
+
+def load_dataset_folder(folder: str | Path):
+    """A folder written by an export (or any ``save_to_disk`` folder), or a parquet file/folder."""
+    import datasets
+
+    folder = Path(folder)
+    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(folder))
+        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    files = [folder] if folder.suffix == ".parquet" else sorted(folder.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(folder)
+    return datasets.Dataset.from_parquet([str(f) for f in files])
+
+
+def resolve_dataset(kind: str, cfg: TrainConfig, path: str | Path, marks: Marks):
+    """The training dataset named by ``cfg.dataset`` (exporting first for a db/human mapping)."""
+    from .export import export_human, export_prefs, export_sft
+    from .store import StoreError
+
+    spec = cfg.dataset
+    at = ("dataset",)
+    try:
+        if isinstance(spec, str):
+            folder = Path(spec)
+            if not folder.exists():
+                raise error_at(path, marks, at, f"dataset folder {spec} not found; create it with `{EXPORT_HINT[kind]}` "
+                                                "or give a {db, run_id} mapping to export on the fly")
+            ds = load_dataset_folder(folder)
+        else:
+            out = Path(cfg.output_dir) / "dataset"
+            if isinstance(spec, HumanData):
+                if kind == "sft":
+                    raise error_at(path, marks, at, "human preference pairs train rm or dpo, not sft; "
+                                                    "give an sft export or a {db, run_id} of a critique→revise run")
+                export_human(spec.human, out, limit=spec.limit, offset=spec.offset, format=spec.format)
+            elif kind == "sft":
+                export_sft(spec.db, spec.run_id, out, rounds=spec.rounds, principles=spec.principles,
+                           include_failed=spec.include_failed)
+            else:
+                export_prefs(spec.db, spec.run_id, out, min_confidence=spec.min_confidence,
+                             position_consistent_only=spec.position_consistent_only, principles=spec.principles,
+                             soft=spec.soft, seed=spec.seed)
+            ds = load_dataset_folder(out)
+    except (StoreError, FileNotFoundError) as e:
+        raise error_at(path, marks, at, f"cannot use this dataset: {e}") from None
+    missing = [c for c in NEEDED_COLUMNS[kind] if c not in ds.column_names]
+    if missing:
+        raise error_at(path, marks, at, f"the dataset has columns {ds.column_names} but {kind} needs {missing}; "
+                                        f"make it with `{EXPORT_HINT[kind]}`")
+    if len(ds) == 0:
+        raise error_at(path, marks, at, "the dataset has no rows")
+    return ds
+
+
+def resolve_model(cfg: TrainConfig, path: str | Path, marks: Marks) -> tuple[str, Any]:
+    """(model path or hub id, tokenizer); a tokenizer without a chat template is an error."""
+    from transformers import AutoTokenizer
+
+    from .models import ModelError, resolve
+
+    try:
+        name = resolve(cfg.model)
+    except ModelError as e:
+        raise error_at(path, marks, ("model",), str(e)) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise error_at(path, marks, ("model",), f"cannot load model '{cfg.model}' ({name}): {str(e).splitlines()[0]}; "
+                                                "give an existing model folder or the embedded alias smollm2-135m") from None
+    if not tok.chat_template and "chat_template_path" not in cfg.args:
+        raise error_at(path, marks, ("model",), f"the tokenizer of '{cfg.model}' has no chat template, which the "
+                                                "conversational datasets need; pass a chat/instruct model (e.g. "
+                                                "smollm2-135m) or set args.chat_template_path")
+    return name, tok
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def make_trainer(kind: str, model: str, dataset, output_dir: str | Path, *, args: dict | None = None,
+                 tokenizer=None, peft: Lora | None = None, dev: str | None = None):
+    """Construct the TRL trainer of ``kind`` on ``dataset`` (the single place trainers are built)."""
+    import trl
+
+    if kind not in KINDS:
+        raise ConfigError("<kind>", f"unknown training kind {kind!r}; use sft, rm or dpo")
+    config = trl_args(kind, args or {}, output_dir, dev)
+    peft_config = None
+    if peft is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
+                                 target_modules=peft.target_modules,
+                                 task_type="SEQ_CLS" if kind == "rm" else "CAUSAL_LM")
+    trainer_cls = getattr(trl, KINDS[kind][1])
+    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                       peft_config=peft_config)
+
+
+def prepare(kind: str, config_path: str | Path) -> Prepared:
+    """Load and check the config, model, tokenizer and dataset; construct the trainer."""
+    cfg, marks = load_config(kind, config_path)
+    model, tok = resolve_model(cfg, config_path, marks)
+    ds = resolve_dataset(kind, cfg, config_path, marks)
+    dev = device()
+    try:
+        trainer = make_trainer(kind, model, ds, cfg.output_dir, args=cfg.args, tokenizer=tok, peft=cfg.peft, dev=dev)
+    except (TypeError, ValueError) as e:  # a TRL/transformers argument check
+        raise error_at(config_path, marks, ("args",), f"TRL rejected the arguments: {e}") from None
+    return Prepared(kind, cfg, model, trainer, len(ds), dev)
+
+
+def train(kind: str, config_path: str | Path) -> TrainResult:
+    """Run ``factory train <kind> <config>``; the model and ``factory_train.json`` go to ``output_dir``."""
+    p = prepare(kind, config_path)
+    start = time.perf_counter()
+    out = p.trainer.train()
+    seconds = time.perf_counter() - start
+    p.trainer.save_model(p.cfg.output_dir)
+    losses = [float(h["loss"]) for h in p.trainer.state.log_history if "loss" in h]
+    result = TrainResult(kind, Path(p.cfg.output_dir), p.model, p.rows, int(out.global_step), seconds, p.device,
+                         float(out.training_loss), losses)
+    record = {**dataclasses.asdict(result), "seconds_per_step": result.seconds_per_step,
+              "config": json.loads(p.cfg.model_dump_json()), "config_path": str(config_path),
+              "trl_config": KINDS[kind][0], "metrics": out.metrics}
+    (Path(p.cfg.output_dir) / "factory_train.json").write_text(json.dumps(record, indent=2, default=str))
+    return result
+
+
+__all__ = ["KINDS", "Prepared", "TrainConfig", "TrainResult", "check_args", "load_config", "make_trainer",
+           "prepare", "train", "trl_args"]

@@ -1,0 +1,131 @@
+"""Preference pipeline on the fake engine: pairs, both orders, maths consistency, resume, edits."""
+
+import json
+import math
+
+import pytest
+
+from factory import prefs
+from factory.constitution import load_constitution
+from factory.engines.fake import FakeEngine
+from factory.stages.judge import OptionError, truncate
+from factory.store import Store
+from factory.yamlconf import ConfigError
+
+from conftest import REPO
+
+PROMPTS = [{"prompt": f"How should I handle situation {i}?"} for i in range(5)]
+
+
+def write(tmp, *, pairs: str, judge: str = "per_pair: 2", constitution=None):
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    path = tmp / "prefs.yaml"
+    path.write_text(f"""kind: prefs
+name: p
+constitution: {constitution or REPO / 'constitutions/harmless.yaml'}
+pairs: {pairs}
+judge: {{template: {REPO}/prompts/judge.j2, {judge}}}
+answer_template: {REPO}/prompts/answer.j2
+engine: {{kind: fake}}
+db: {tmp / 'out.duckdb'}
+chunk_rows: 8
+""")
+    return path
+
+
+SAMPLE = "{source: sample, prompts: {path: PROMPTS}, n: 2, sampling: {max_tokens: 16}}"
+
+
+def sample(tmp):
+    return SAMPLE.replace("PROMPTS", str(tmp / "prompts.jsonl"))
+
+
+def fake(**kw):
+    return FakeEngine(model="smollm2-135m", **kw)
+
+
+def test_sampled_pairs_judged_in_both_orders_with_consistent_probabilities(tmp_path):
+    s = prefs.run(write(tmp_path, pairs=sample(tmp_path)), engine=fake(), quiet=True)
+    assert s.pairs == 5 and s.labels["pairs labelled"] == 5
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        rows = st.con.execute('SELECT pair_id, principle_id, "order", logprob_first, logprob_second, p_first, p_a '
+                              "FROM judgements").fetchall()
+        assert len(rows) == 5 * 2 * 2
+        for pair, prin, order, lf, ls, pf, pa_ in rows:
+            assert pf == pytest.approx(math.exp(lf) / (math.exp(lf) + math.exp(ls)))
+            assert pa_ == pytest.approx(pf if order == "ab" else 1 - pf)
+        per = {}
+        for pair, prin, order, *_, pa_ in rows:
+            per.setdefault(pair, {}).setdefault(prin, []).append(pa_)
+        w = {p.id: p.weight for p in load_constitution(REPO / "constitutions/harmless.yaml").principles}
+        for pair, p_a, chosen, is_tie, n in st.con.execute(
+                "SELECT pair_id, p_a, chosen, is_tie, n_principles FROM preferences").fetchall():
+            # orders averaged per principle, then the constitution's weights across principles
+            expected = sum(w[k] * sum(v) / 2 for k, v in per[pair].items()) / sum(w[k] for k in per[pair])
+            assert n == 2 and p_a == pytest.approx(expected)
+            assert chosen == (None if abs(p_a - 0.5) < 0.05 else ("a" if p_a > 0.5 else "b"))
+            assert is_tie == (abs(p_a - 0.5) < 0.05)
+        # lineage: samples → pairs → judgements
+        n = st.one("""SELECT count(*) FROM judgements j JOIN pairs p USING (pair_id)
+                      JOIN samples sa ON sa.id = p.response_a_id JOIN samples sb ON sb.id = p.response_b_id""")[0]
+        assert n == 20
+
+
+def test_rerun_recomputes_nothing_and_edit_recomputes_only_that_principle(tmp_path, copy_constitution):
+    const = copy_constitution()
+    path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 17", constitution=const)
+    prefs.run(path, engine=fake(), quiet=True)
+    eng = fake()
+    prefs.run(path, engine=eng, quiet=True)
+    assert eng.calls == []
+    text = const.read_text()
+    q = load_constitution(const).principle("privacy").comparison
+    const.write_text(text.replace(q, q.replace("?", " in any way?")))
+    eng = fake()
+    s = prefs.run(path, engine=eng, quiet=True)
+    assert eng.calls == [5 * 2]  # 5 pairs × the edited principle × 2 orders; samples reused
+    assert {w.table: w.written for w in s.waves} == {"samples": 0, "judgements": 10}
+
+
+def test_file_pairs_identical_and_empty_are_recorded(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "q1", "response_a": "yes", "response_b": "no", "choice": "a"},
+            {"prompt": "q2", "response_a": "same", "response_b": "same"},
+            {"prompt": "q3", "response_a": "", "response_b": "x"},
+            {"prompt": "q4", "response_b": "x"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = prefs.run(write(tmp_path, pairs=f"{{source: file, path: {f}}}"), engine=fake(), quiet=True)
+    assert s.pairs == 1 and len(s.input_skips) == 3
+    reasons = " | ".join(k.reason for k in s.input_skips)
+    assert "identical" in reasons and "empty" in reasons and "response_a" in reasons
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        assert st.count("skips") == 3 and st.count("judgements") == 4
+
+
+def test_multi_token_options_fail_clearly(tmp_path):
+    path = write(tmp_path, pairs=sample(tmp_path), judge="options: [first, second]")
+    with pytest.raises(OptionError, match="single tokens"):
+        prefs.run(path, engine=fake(), quiet=True)
+
+
+def test_cot_judge_stores_rationale_and_clamps(tmp_path):
+    path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 1, mode: cot, clamp: [0.2, 0.8], cot_max_tokens: 16")
+    prefs.run(path, engine=fake(), quiet=True)
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        assert st.count("rationales") == 10 and st.count("judgements", "rationale IS NOT NULL") == 10
+        m = json.loads(st.one("SELECT messages FROM judgements LIMIT 1")[0])
+        assert m[-1]["role"] == "assistant" and "better option is (" in m[-1]["content"]
+        lo, hi = st.one("SELECT min(p_a), max(p_a) FROM preferences")
+        assert 0.2 <= lo and hi <= 0.8
+
+
+def test_sample_source_requires_prompts(tmp_path):
+    with pytest.raises(ConfigError, match="needs `prompts"):
+        prefs.load(write(tmp_path, pairs="{source: sample}"))
+
+
+def test_truncate_keeps_last_turns():
+    conv = [{"role": "user", "content": "a" * 50}, {"role": "assistant", "content": "b" * 50},
+            {"role": "user", "content": "c" * 30}]
+    assert truncate(conv, 85) == conv[1:]
+    assert truncate(conv, 10) == [{"role": "user", "content": "…" + "c" * 10}]
