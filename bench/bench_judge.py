@@ -1,0 +1,137 @@
+"""Preference-judge speed on the same pairs, model and principles, in one run:
+
+1. the factory's log-probability judge (one decode step per label) vs a judge that generates its
+   verdict as text (up to 64 tokens, then parsed): labels/s, ratio, generated tokens per label;
+2. labels/s with vLLM prefix caching on vs off (the constitution/instructions and the pair form
+   a shared prefix across principles). Each setting runs in its own engine process.
+
+    python bench/bench_judge.py            # 48 hh-rlhf pairs × 4 principles × 2 orders = 384 labels
+    python bench/bench_judge.py --quick    # CI smoke: 6 pairs × 2 principles
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import HH, REPO, engine, record
+
+
+def setup(n_pairs: int, k: int):
+    from factory.constitution import load_constitution
+    from factory.sources import read_pairs
+    from factory.stages import judge as J
+    from factory.templates import load_template
+
+    table, _ = read_pairs(HH, format="hh-rlhf", limit=n_pairs)
+    pairs = [J.Pair(r["pair_id"], json.loads(r["conversation"]), r["response_a"], r["response_b"]) for r in table.to_pylist()]
+    c = load_constitution(REPO / "constitutions/harmless.yaml")
+    chosen = {p.pair_id: J.choose(c, k, 0, p.pair_id) for p in pairs}
+    return J, c, load_template(REPO / "prompts/judge.j2"), pairs, chosen
+
+
+def logprob_pass(eng, J, c, tmpl, pairs, chosen, tag) -> tuple[int, float, int]:
+    from factory.runner import run_wave
+    from factory.store import JUDGEMENT_SCHEMA, Store
+
+    ids = J.option_token_ids(eng, ["A", "B"])
+    ctx = J.JudgeCtx(run_id="bench", model=eng.model, seed=eng.seed, constitution=c, template=tmpl, options=["A", "B"],
+                     option_ids=ids, sampling_hash=tag, max_chars=3000)
+    jobs = J.judge_jobs(ctx, pairs, chosen)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "j.duckdb", writer_run="bench")
+        t = time.perf_counter()
+        w = run_wave(store, eng, "judgements", jobs, to_rows=J.judgement_row(ids), schema=JUDGEMENT_SCHEMA, run_id="bench")
+        dt = time.perf_counter() - t
+        ok = store.count("judgements", "status = 'ok'")
+        store.close()
+    return ok, dt, w.prompt_tokens
+
+
+def text_pass(eng, J, c, tmpl, pairs, chosen) -> tuple[int, float, int, int]:
+    from factory.engines.base import Request, Sampling
+
+    ctx = J.JudgeCtx(run_id="bench", model=eng.model, seed=eng.seed, constitution=c, template=tmpl, options=["A", "B"],
+                     option_ids=[0, 0], sampling_hash="text", max_chars=3000)
+    reqs = []
+    for j in J.judge_jobs(ctx, pairs, chosen):
+        msgs = j.request.messages[:-1]  # no answer prefix: the model writes its verdict
+        reqs.append(Request("t" + j.request.key, msgs, Sampling(max_tokens=64, temperature=0.0)))
+    t = time.perf_counter()
+    outs = list(eng.generate(reqs))
+    dt = time.perf_counter() - t
+    parsed = sum(1 for o in outs if o.texts and re.search(r"\(?\b([AB])\b\)?", o.texts[0]))
+    return len(outs), dt, sum(o.completion_tokens for o in outs), parsed
+
+
+def phase(args) -> dict:
+    """One engine process: warm up, then the requested passes; prints a JSON line."""
+    J, c, tmpl, pairs, chosen = setup(args.pairs, args.principles)
+    eng = engine(enable_prefix_caching=args.prefix_caching == "on")
+    warm = {p.pair_id: chosen[p.pair_id][:1] for p in pairs[:2]}
+    logprob_pass(eng, J, c, tmpl, pairs[:2], warm, "warm")
+    out = {"prefix_caching": args.prefix_caching}
+    if args.prefix_caching == "on":
+        eng.llm.reset_prefix_cache()
+    n, dt, ptoks = logprob_pass(eng, J, c, tmpl, pairs, chosen, "lp")
+    out.update(logprob_labels=n, logprob_s=dt, prompt_tokens_per_label=ptoks / max(n, 1))
+    if args.text:
+        eng.llm.reset_prefix_cache()  # the text judge must not reuse the log-prob pass's cached prompts
+        n, dt, gen, parsed = text_pass(eng, J, c, tmpl, pairs, chosen)
+        out.update(text_labels=n, text_s=dt, text_tokens_per_label=gen / max(n, 1), text_parsed=parsed)
+    eng.close()
+    print("PHASE " + json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=48)
+    ap.add_argument("--principles", type=int, default=4)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix-caching", default="on", help=argparse.SUPPRESS)
+    ap.add_argument("--text", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.quick:
+        a.pairs, a.principles = 6, 2
+    if a.phase:
+        phase(a)
+        return
+    results = {}
+    for pc, text in (("on", True), ("off", False)):
+        cmd = [sys.executable, __file__, "--phase", "--pairs", str(a.pairs), "--principles", str(a.principles),
+               "--prefix-caching", pc] + (["--text"] if text else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("PHASE ")), None)
+        if line is None:
+            sys.exit(f"phase prefix_caching={pc} failed:\n{done.stderr[-3000:]}")
+        results[pc] = json.loads(line[6:])
+    on, off = results["on"], results["off"]
+    lp_rate = on["logprob_labels"] / on["logprob_s"]
+    text_rate = on["text_labels"] / on["text_s"]
+    off_rate = off["logprob_labels"] / off["logprob_s"]
+    summary = {
+        "pairs": a.pairs, "principles": a.principles, "labels": on["logprob_labels"],
+        "logprob_labels_s": round(lp_rate, 2), "text_labels_s": round(text_rate, 2),
+        "logprob_vs_text": round(lp_rate / text_rate, 2),
+        "logprob_gen_tokens_per_label": 1, "text_gen_tokens_per_label": round(on["text_tokens_per_label"], 1),
+        "text_verdicts_parsed": f'{on["text_parsed"]}/{on["text_labels"]}',
+        "prompt_tokens_per_label": round(on["prompt_tokens_per_label"], 1),
+        "cache_on_labels_s": round(lp_rate, 2), "cache_off_labels_s": round(off_rate, 2),
+        "cache_on_vs_off": round(lp_rate / off_rate, 2), "quick": a.quick,
+    }
+    print(f"RESULT judge: logprob {lp_rate:.2f} labels/s vs text {text_rate:.2f} labels/s = {lp_rate / text_rate:.1f}x "
+          f"(1 vs {on['text_tokens_per_label']:.1f} generated tokens/label); prefix cache on {lp_rate:.2f} vs off "
+          f"{off_rate:.2f} labels/s = {lp_rate / off_rate:.2f}x; {on['prompt_tokens_per_label']:.0f} prompt tokens/label")
+    record("judge", summary)
+
+
+if __name__ == "__main__":
+    main()
