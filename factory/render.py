@@ -26,9 +26,37 @@ def _stored_text(db: str, table: str, prompt_id: str) -> str | None:
     return row[0] if row else None
 
 
+def render_judge(path: str | Path, example: int, order: str = "ab") -> list[dict]:
+    """The judge's messages for one pair of a file-sourced or sampled preference pipeline."""
+    from . import prefs
+    from .sources import read_pairs
+    from .stages import judge as J
+
+    lp = prefs.load(path)
+    src, cfg = lp.cfg.pairs, lp.cfg.judge
+    if src.source == "file":
+        table, _ = read_pairs(src.path, format=src.format, split=src.split, data_dir=src.data_dir, limit=src.limit)
+        if not 0 <= example < table.num_rows:
+            raise StoreError(f"--example {example} is out of range: the file has {table.num_rows} valid pairs")
+        r = table.slice(example, 1).to_pylist()[0]
+        pair = J.Pair(r["pair_id"], json.loads(r["conversation"]), r["response_a"], r["response_b"])
+    else:
+        pair = J.Pair("example", [{"role": "user", "content": "<the prompt>"}], PLACEHOLDER.format(what="first response"),
+                      PLACEHOLDER.format(what="second response"))
+    p = J.choose(lp.constitution, cfg.per_pair, cfg.seed, pair.pair_id)[0]
+    ctx = J.JudgeCtx(run_id="", model="", seed=None, constitution=lp.constitution, template=lp.templates["judge"],
+                     options=cfg.options, option_ids=[], sampling_hash="", max_chars=cfg.max_conversation_chars,
+                     cot=cfg.mode == "cot")
+    return J._messages(ctx, pair, p, order, None)
+
+
 def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
     from .pipeline import load
+    from .yamlconf import load_yaml_data
 
+    data, _ = load_yaml_data(path)
+    if isinstance(data, dict) and data.get("kind") == "prefs":
+        return render_judge(path, example)
     lp = load(path)
     src = lp.cfg.prompts
     table, _ = read_prompts(src.path, field=src.field, split=src.split, data_dir=src.data_dir, limit=src.limit)
