@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = compute_audit(judgements, human, WEIGHTS)
     seconds = time.perf_counter() - start
-    print(f"audit {judgements.num_rows:,} labels: {seconds:.2f} s "
+    print(f"RESULT audit: {judgements.num_rows:,} labels: {seconds:.2f} s "
           f"(agreement {result.overall.agreement:.3f}, {result.overall.n_pairs:,} pairs)")
+    from common import record
+
+    record("audit", {"labels": judgements.num_rows, "seconds": round(seconds, 2), "quick": args.quick})
     if seconds > args.max_seconds:
         print(f"slower than --max-seconds {args.max_seconds:g}", file=sys.stderr)
         return 1

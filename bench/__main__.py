@@ -1,0 +1,84 @@
+"""``python -m bench [--quick]``: run every benchmark, then print and save one table.
+
+Each figure comes from its own script (bench/bench_*.py), run in a fresh process; the table is
+written to bench/results/SUMMARY.md with the machine description and package versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_audit.py"]
+
+
+def latest(name: str, quick: bool) -> dict | None:
+    """The newest recorded result of one benchmark in the given mode (quick or full)."""
+    path = HERE / "results" / f"{name}.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if bool(r.get("quick")) == quick]
+    return rows[-1] if rows else None
+
+
+def table(quick: bool = False) -> list[tuple[str, str]]:
+    latest_ = latest
+    latest = lambda name: latest_(name, quick)  # noqa: E731
+    rows = []
+    if r := latest("sl"):
+        rows.append(("critique→revise answer stage: raw vLLM vs factory tok/s",
+                     f"{r['raw_tok_s']:.0f} vs {r['factory_tok_s']:.0f} (ratio {r['ratio']:.3f}; {r['prompts']}×{r['max_tokens']})"))
+    if r := latest("judge"):
+        rows.append(("judge: log-prob vs text verdict labels/s",
+                     f"{r['logprob_labels_s']} vs {r['text_labels_s']} ({r['logprob_vs_text']}×; 1 vs "
+                     f"{r['text_gen_tokens_per_label']} generated tokens/label)"))
+        rows.append(("judge: prefix cache on vs off labels/s",
+                     f"{r['cache_on_labels_s']} vs {r['cache_off_labels_s']} ({r['cache_on_vs_off']}×; "
+                     f"{r['prompt_tokens_per_label']} prompt tokens/label)"))
+    if r := latest("server"):
+        rows.append(("server (vllm serve) vs offline engine tok/s",
+                     f"{r['server_tok_s']:.0f} vs {r['offline_tok_s']:.0f} (ratio {r['ratio']:.2f}; {r['requests']} requests)"))
+    if r := latest("ingest"):
+        rows.append(("DuckDB ingest rows/s", f"{r['rows_s']:,} ({r['rows']:,} rows)"))
+    if r := latest("audit"):
+        rows.append(("audit over AI labels (s)", f"{r['seconds']} s for {r['labels']:,} labels"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small CI-sized runs of every benchmark")
+    ap.add_argument("--only", nargs="*", help="run only these scripts")
+    a = ap.parse_args()
+    failed = []
+    for script in a.only or SCRIPTS:
+        if not (HERE / script).exists():
+            continue
+        print(f"== {script}", flush=True)
+        done = subprocess.run([sys.executable, str(HERE / script)] + (["--quick"] if a.quick else []),
+                              capture_output=True, text=True, cwd=HERE)
+        lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT")]
+        print("\n".join(lines) if lines else done.stderr[-2000:], flush=True)
+        if done.returncode != 0:
+            failed.append(script)
+    sys.path.insert(0, str(HERE))
+    from common import machine
+
+    rows = table(a.quick)
+    md = ["| figure | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    md.append("")
+    md.append("machine: " + json.dumps(machine()))
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / ("SUMMARY-quick.md" if a.quick else "SUMMARY.md")).write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The benchmarks run in --quick mode so they cannot rot (figures are not asserted: they are noisy)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.engine
+
+
+def test_benchmarks_quick_mode_produce_every_figure(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (REPO / "bench/results/SUMMARY-quick.md").read_text()
+    for figure in ("raw vLLM vs factory", "log-prob vs text", "prefix cache on vs off", "ingest rows/s",
+                   "audit over AI labels"):
+        assert figure in summary, summary
+    assert "machine:" in summary and json.loads(summary.split("machine: ")[1])["cpus"] >= 1
