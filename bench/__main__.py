@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_audit.py"]
 
 
-def latest(name: str, quick: bool) -> dict | None:
+def latest(quick: bool, name: str) -> dict | None:
     """The newest recorded result of one benchmark in the given mode (quick or full)."""
     path = HERE / "results" / f"{name}.jsonl"
     if not path.exists():
@@ -27,25 +27,23 @@ def latest(name: str, quick: bool) -> dict | None:
 
 
 def table(quick: bool = False) -> list[tuple[str, str]]:
-    latest_ = latest
-    latest = lambda name: latest_(name, quick)  # noqa: E731
     rows = []
-    if r := latest("sl"):
+    if r := latest(quick, "sl"):
         rows.append(("critique→revise answer stage: raw vLLM vs factory tok/s",
                      f"{r['raw_tok_s']:.0f} vs {r['factory_tok_s']:.0f} (ratio {r['ratio']:.3f}; {r['prompts']}×{r['max_tokens']})"))
-    if r := latest("judge"):
+    if r := latest(quick, "judge"):
         rows.append(("judge: log-prob vs text verdict labels/s",
                      f"{r['logprob_labels_s']} vs {r['text_labels_s']} ({r['logprob_vs_text']}×; 1 vs "
                      f"{r['text_gen_tokens_per_label']} generated tokens/label)"))
         rows.append(("judge: prefix cache on vs off labels/s",
                      f"{r['cache_on_labels_s']} vs {r['cache_off_labels_s']} ({r['cache_on_vs_off']}×; "
                      f"{r['prompt_tokens_per_label']} prompt tokens/label)"))
-    if r := latest("server"):
+    if r := latest(quick, "server"):
         rows.append(("server (vllm serve) vs offline engine tok/s",
                      f"{r['server_tok_s']:.0f} vs {r['offline_tok_s']:.0f} (ratio {r['ratio']:.2f}; {r['requests']} requests)"))
-    if r := latest("ingest"):
+    if r := latest(quick, "ingest"):
         rows.append(("DuckDB ingest rows/s", f"{r['rows_s']:,} ({r['rows']:,} rows)"))
-    if r := latest("audit"):
+    if r := latest(quick, "audit"):
         rows.append(("audit over AI labels (s)", f"{r['seconds']} s for {r['labels']:,} labels"))
     return rows
 
