@@ -191,4 +191,8 @@ def load_kind(path: str | Path):
         from .prefs import run as run_prefs
 
         return run_prefs
+    if kind == "audit":
+        from .audit.run import run as run_audit
+
+        return run_audit
     return run
