@@ -65,10 +65,16 @@ def validate(path: Path):
         c = load_constitution(path)
         console.print(f"ok, {len(c.principles)} principles ({c.name} v{c.version}, hash {c.hash})")
     else:
-        from .pipeline import load
-
+        kind = data.get("kind", "sl") if isinstance(data, dict) else "sl"
+        if kind == "prefs":
+            from .prefs import load
+        elif kind == "audit":
+            from .audit.run import load
+        else:
+            from .pipeline import load
         lp = load(path)
-        console.print(f"ok, pipeline '{lp.cfg.name}': {len(lp.constitution.principles)} principles, run id {lp.run_id}")
+        console.print(f"ok, {kind} pipeline '{lp.cfg.name}': {len(lp.constitution.principles)} principles, "
+                      f"run id {lp.run_id}")
 
 
 @app.command()
@@ -266,6 +272,85 @@ def eval_dpo_cmd(model: Path = typer.Option(...), ref: str = typer.Option("smoll
     from .evaluate import eval_dpo
 
     console.print(eval_dpo(model, ref, human, beta=beta, limit=limit, offset=offset, db=db).summary())
+
+
+# -- human labels and audits (issue 4) --------------------------------------------------------
+from typer.core import TyperGroup  # noqa: E402
+
+
+class _DefaultRun(TyperGroup):
+    """`factory audit X.yaml` / `factory audit --run R --human S` mean `factory audit run …`;
+    `factory audit compare A B` is the subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+human_app = typer.Typer(no_args_is_help=True, help="Held-out human preference labels (for audits).")
+audit_app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
+                        help="AI labels vs human labels: `factory audit PIPELINE`, `--run R --human S`, `compare A B`.")
+app.add_typer(human_app, name="human")
+app.add_typer(audit_app, name="audit")
+
+
+@human_app.command("import")
+@user_errors
+def human_import_cmd(spec: str = typer.Argument(..., help="an hh-rlhf / JSONL(.gz) file, parquet, or HF dataset name"),
+                     db: Path = typer.Option(..., help="the DuckDB file"),
+                     format: str = typer.Option("auto", help="auto | hh-rlhf | jsonl"),
+                     name: Optional[str] = typer.Option(None, help="set id (default: file stem + content hash)"),
+                     limit: Optional[int] = typer.Option(None, help="the first N usable pairs"),
+                     split: str = typer.Option("test"), data_dir: Optional[str] = typer.Option(None)):
+    """Import human-labelled pairs; skipped rows are counted by reason (idempotent)."""
+    from .human import import_human, skip_counts
+
+    set_id, n, skips = import_human(db, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir)
+    console.print(f"human set [bold]{set_id}[/bold]: {n} pairs, {len(skips)} rows skipped ({db})")
+    for s in skip_counts(skips, max_rows=5):
+        console.print(f"  {s['count']}× {s['reason']} (rows {', '.join(map(str, s['rows']))}…)", markup=False)
+
+
+@human_app.command("list")
+@user_errors
+def human_list_cmd(db: Path = typer.Option(..., help="the DuckDB file")):
+    """The human sets in a database."""
+    from .human import list_sets
+
+    t = Table(show_edge=False)
+    rows = list_sets(db).to_pylist()
+    for col in ("set_id", "pairs", "skipped", "format", "source"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["set_id"], str(r["n_pairs"]), str(r["n_skipped"]), r["format"], r["source"])
+    console.print(t if rows else "no human sets; import one with `factory human import`")
+
+
+@audit_app.command("run")
+@user_errors
+def audit_cmd(pipeline: Optional[Path] = typer.Argument(None, help="a `kind: audit` pipeline YAML"),
+              run_id: Optional[str] = typer.Option(None, "--run", help="audit this run's stored judgements"),
+              human: Optional[str] = typer.Option(None, help="the human set id (with --run)"),
+              db: Optional[Path] = typer.Option(None, help="the DuckDB file (with --run)"),
+              naive_principle: Optional[str] = typer.Option(None, help="the naive baseline's principle"),
+              report_dir: Optional[Path] = typer.Option(None, help="HTML report folder (default: beside the db)"),
+              quiet: bool = typer.Option(False, help="no progress bar")):
+    """Label the human pairs (resumable), score the labels against humans, write the HTML report."""
+    from .audit.run import audit
+
+    audit(pipeline, db=db, run_id=run_id, human_set=human, quiet=quiet, naive_principle=naive_principle,
+          report_dir=report_dir)
+
+
+@audit_app.command("compare")
+@user_errors
+def audit_compare_cmd(a: str, b: str, db: Path = typer.Option(..., help="the DuckDB file holding audit A"),
+                      db_b: Optional[Path] = typer.Option(None, help="audit B's database, if another")):
+    """Two stored audits side by side (B − A per metric, overall, naive and per principle)."""
+    from .audit.run import compare_audits
+
+    console.print(compare_audits(db, a, b, db_b))
 
 
 def main() -> None:  # pragma: no cover
