@@ -33,6 +33,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .constitution import UnknownPrinciple
+        from .engines.base import EngineError
         from .models import ModelError
         from .stages.judge import OptionError
         from .sources import SourceError
@@ -42,7 +43,7 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, TemplateError, StoreError, SourceError, ModelError, UnknownPrinciple, OptionError) as e:
+        except (ConfigError, TemplateError, StoreError, SourceError, ModelError, UnknownPrinciple, OptionError, EngineError) as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:

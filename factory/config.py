@@ -45,9 +45,11 @@ class EngineSpec(Strict):
     max_concurrency: int = Field(32, ge=1)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    seed_per_request: bool = Field(True, description="send engine.seed with each request (the server needs --no-enable-chunked-prefill on CPU)")
     # Ray backend
     replicas: int = Field(1, ge=1)
     num_cpus: int | None = None
+    shard_dir: str | None = Field(None, description="Ray workers write Parquet shards here (shared filesystem on a cluster)")
 
 
 class SamplingSpec(Strict):

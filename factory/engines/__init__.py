@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Completion, Engine, Request, Sampling
+from .base import Completion, Engine, EngineError, Request, Sampling
 
-__all__ = ["Completion", "Engine", "Request", "Sampling", "make_engine"]
+__all__ = ["Completion", "Engine", "EngineError", "Request", "Sampling", "make_engine"]
 
 
 def make_engine(spec, model: str) -> Engine:
@@ -29,15 +29,16 @@ def make_engine(spec, model: str) -> Engine:
         from .openai import OpenAIEngine
 
         if not spec.base_url:
-            raise ValueError("engine.kind openai needs engine.base_url (e.g. http://127.0.0.1:8000/v1)")
+            raise EngineError("engine.kind openai needs engine.base_url (e.g. http://127.0.0.1:8000/v1)")
         api_key = None
         if spec.api_key_env:
             api_key = os.environ.get(spec.api_key_env)
             if not api_key:
-                raise ValueError(f"engine.api_key_env names ${spec.api_key_env}, which is not set")
+                raise EngineError(f"engine.api_key_env names ${spec.api_key_env}, which is not set")
         return OpenAIEngine(
             spec.base_url, model, api_key=api_key, seed=spec.seed, max_model_len=spec.max_model_len,
             max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s, max_retries=spec.max_retries,
+            seed_per_request=spec.seed_per_request,
         )
     if spec.kind == "ray":
         from .ray import RayEngine, vllm_factory
@@ -48,5 +49,5 @@ def make_engine(spec, model: str) -> Engine:
             enforce_eager=spec.enforce_eager,
             enable_prefix_caching=spec.enable_prefix_caching, max_num_seqs=spec.max_num_seqs,
         )
-        return RayEngine(factory, replicas=spec.replicas, num_cpus=spec.num_cpus)
+        return RayEngine(factory, replicas=spec.replicas, num_cpus=spec.num_cpus, shard_dir=spec.shard_dir)
     raise NotImplementedError(f"engine kind '{spec.kind}' is not available in this build yet")

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol, Sequence
 
 
+class EngineError(RuntimeError):
+    """An engine that cannot be used as configured (unreachable server, wrong model, …)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling parameters of one request. ``n`` > 1 asks for several samples of one prompt."""

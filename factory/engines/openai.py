@@ -9,16 +9,19 @@ Why it looks like this:
   are retried with exponential backoff and jitter (``Retry-After`` is honoured); after
   ``max_retries`` the request comes back ``failed`` with the last error. A 400 about the context
   length comes back ``skipped`` with the server's reason. Other 4xx are ``failed`` at once.
-- Whole-run misconfiguration raises ``EndpointError`` instead: unreachable at start-up, a model
-  name the endpoint does not serve, or an endpoint that ignores vLLM's choice-token log-probability
-  fields (``logprob_token_ids``) — a million failed rows would be worse than one clear error.
+- Whole-run problems raise ``EndpointError`` instead: unreachable at start-up, a model name the
+  endpoint does not serve, an endpoint that ignores vLLM's choice-token log-probability fields
+  (``logprob_token_ids``), or a server that went away mid-run (a request ran out of retries on
+  refused connections and ``/v1/models`` no longer answers). Stored ``failed`` rows are final on
+  resume, so a dead server must stop the run rather than record every remaining row as failed.
 - Prompt length: the server is the authority. Unlike the offline engine, vLLM's server clamps
   ``max_tokens`` to the room left in the context instead of rejecting, so a prompt that fits but
   leaves less than ``max_tokens`` room is generated (finish reason ``length``), not skipped.
 - Seeds: by default every request carries ``seed`` = the engine seed (reproducible per request).
   Caution: on the CPU build of vLLM 0.32, seeded requests whose sampled token is discarded
-  (chunked prefill) crash the server's engine ("CPU Generator does not use offset"); pass
-  ``seed_per_request=False`` for such servers and rely on the server's ``--seed``.
+  (a prompt prefilled in chunks) crash the server's engine ("CPU Generator does not use offset").
+  Start such a server with ``--no-enable-chunked-prefill`` (verified: 48 seeded 1.5k-token prompts
+  run clean), or pass ``seed_per_request=False`` and rely on the server's ``--seed``.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ from typing import Any, Iterator, Sequence
 
 import httpx
 
-from .base import Completion, Request
+from .base import Completion, EngineError, Request
 
 RETRY_STATUS = {408, 409, 425, 429}
 LENGTH_ERROR = re.compile(r"context length|too long|maximum.*tokens", re.I)
 NO_CHOICE_LOGPROBS = "this endpoint does not support choice-token log-probabilities; use a vLLM server"
 
 
-class EndpointError(RuntimeError):
+class EndpointError(EngineError):
     """The endpoint cannot serve this run at all (unreachable, wrong model, missing features)."""
 
 
@@ -228,13 +231,16 @@ class OpenAIEngine:
 
     async def _request(self, req: Request) -> Completion:
         body, error = self._body(req), "not attempted"
+        refused = False
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
                 resp = await self._client.post("/v1/chat/completions", json=body)
             except httpx.TransportError as e:  # timeouts, refused/dropped connections, protocol errors
                 error = f"{type(e).__name__}: {e or 'no detail'}"
+                refused = isinstance(e, httpx.ConnectError)
             else:
+                refused = False
                 if resp.status_code == 200:
                     try:
                         return self._completion(req, resp.json())
@@ -250,7 +256,16 @@ class OpenAIEngine:
                     return Completion(key=req.key, status=status, error=error)
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
+        if refused and not await self._alive():  # the server is gone: stop rather than record failures
+            raise EndpointError(f"the endpoint {self.root} went away mid-run ({error}); rows already written are kept: "
+                                "rerun the same command once the server is back to resume")
         return Completion(key=req.key, status="failed", error=f"gave up after {self.max_retries + 1} attempts: {error}")
+
+    async def _alive(self) -> bool:
+        try:
+            return (await self._client.get("/v1/models", timeout=10.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     async def _drive(self, requests: Sequence[Request], out: queue.Queue) -> None:
         slots = asyncio.Semaphore(self.max_concurrency)
