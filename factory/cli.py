@@ -11,7 +11,6 @@ Examples:
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Optional

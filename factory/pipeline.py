@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import Pipeline, load_pipeline
+from .config import load_pipeline
 from .constitution import Constitution, load_constitution
 from .engines import Engine, make_engine
 from .runner import WaveStats, progress, run_wave
@@ -53,10 +53,11 @@ class Summary:
 
 @dataclass
 class Loaded:
-    """A pipeline with everything it names loaded and checked (no engine, no database yet)."""
+    """A pipeline (SL, prefs or audit config) with everything it names loaded and checked (no engine,
+    no database yet). The run id hashes the whole configuration, constitution and templates."""
 
     path: str
-    cfg: Pipeline
+    cfg: Any  # config.Pipeline | config.PrefsPipeline | audit.run.AuditPipeline
     constitution: Constitution
     templates: dict[str, Template]
 

@@ -12,29 +12,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import prefmath
-from .config import PrefsPipeline, load_prefs_pipeline
+from .config import load_prefs_pipeline
 from .constitution import Constitution, load_constitution
 from .engines import Engine, make_engine
-from .pipeline import collect_failures, finish_run, load_prompts, open_run
+from .pipeline import Loaded, collect_failures, finish_run, load_prompts, open_run
 from .runner import WaveStats, progress, run_wave
 from .sources import Skip, read_pairs
 from .stages import judge as J
 from .stages import sl
 from .store import JUDGEMENT_SCHEMA, PAIR_SCHEMA, PREFERENCE_SCHEMA, SAMPLE_SCHEMA, Store, StoreError, now
-from .templates import Template, load_template
-
-
-@dataclass
-class PrefsLoaded:
-    path: str
-    cfg: PrefsPipeline
-    constitution: Constitution
-    templates: dict[str, Template]
-
-    @property
-    def run_id(self) -> str:
-        h = self.cfg.hash(constitution=self.constitution.hash, **{k: t.hash for k, t in self.templates.items()})
-        return f"{self.cfg.name}-{h[:10]}"
+from .templates import load_template
 
 
 @dataclass
@@ -56,15 +43,15 @@ class PrefsSummary:
     completion_tokens = property(lambda s: sum(w.completion_tokens for w in s.waves))
 
 
-def load(path: str | Path) -> PrefsLoaded:
+def load(path: str | Path) -> Loaded:
     cfg = load_prefs_pipeline(path)
     templates = {"judge": load_template(cfg.judge.template)}
     if cfg.pairs.source == "sample":
         templates["answer"] = load_template(cfg.answer_template)
-    return PrefsLoaded(str(path), cfg, load_constitution(cfg.constitution), templates)
+    return Loaded(str(path), cfg, load_constitution(cfg.constitution), templates)
 
 
-def _sampled_pairs(store: Store, lp: PrefsLoaded, engine: Engine, summary: PrefsSummary, bar, wave) -> list[dict]:
+def _sampled_pairs(store: Store, lp: Loaded, engine: Engine, summary: PrefsSummary, bar, wave) -> list[dict]:
     src = lp.cfg.pairs
     prompts, summary.input_skips = load_prompts(store, lp, src.prompts)
     summary.prompts = len(prompts)
@@ -80,7 +67,7 @@ def _sampled_pairs(store: Store, lp: PrefsLoaded, engine: Engine, summary: Prefs
     return J.pairs_from_samples(rows, dict(prompts))
 
 
-def _sl_pairs(store: Store, lp: PrefsLoaded) -> list[dict]:
+def _sl_pairs(store: Store, lp: Loaded) -> list[dict]:
     """Initial answer vs final (highest-round ok) revision of each prompt of the SL run(s)."""
     run = lp.cfg.pairs.run
     rows = store.con.execute(
@@ -101,7 +88,7 @@ def _sl_pairs(store: Store, lp: PrefsLoaded) -> list[dict]:
     return [J.pair_row(json.loads(m), a, b, source="sl", a_id=aid, b_id=bid) for m, aid, a, bid, b in rows]
 
 
-def _file_pairs(lp: PrefsLoaded, summary: PrefsSummary) -> list[dict]:
+def _file_pairs(lp: Loaded, summary: PrefsSummary) -> list[dict]:
     src = lp.cfg.pairs
     table, summary.input_skips = read_pairs(src.path, format=src.format, split=src.split, data_dir=src.data_dir,
                                             limit=src.limit)
@@ -111,7 +98,7 @@ def _file_pairs(lp: PrefsLoaded, summary: PrefsSummary) -> list[dict]:
     return out
 
 
-def judge_pairs(store: Store, lp: PrefsLoaded, engine: Engine, pair_rows: list[dict], summary, bar, wave) -> list[str]:
+def judge_pairs(store: Store, lp: Loaded, engine: Engine, pair_rows: list[dict], summary, bar, wave) -> list[str]:
     """Judge every ok pair (per principle, both orders); returns the judgement keys of this run."""
     cfg = lp.cfg.judge
     option_ids = J.option_token_ids(engine, cfg.options)
@@ -162,7 +149,7 @@ def aggregate(store: Store, run_id: str, constitution: Constitution, judge_keys:
     return out
 
 
-def build_pairs(store: Store, lp: PrefsLoaded, engine: Engine, summary, bar, wave) -> list[dict]:
+def build_pairs(store: Store, lp: Loaded, engine: Engine, summary, bar, wave) -> list[dict]:
     src = lp.cfg.pairs.source
     if src == "sample":
         rows = _sampled_pairs(store, lp, engine, summary, bar, wave)

@@ -18,7 +18,6 @@ exist raises; anything else is a Hugging Face dataset name for ``datasets.load_d
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import re

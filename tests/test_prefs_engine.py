@@ -6,7 +6,7 @@ import math
 import pytest
 
 from factory import prefs
-from factory.engines.base import Completion
+
 from factory.store import Store
 
 from conftest import REPO

@@ -1,6 +1,5 @@
 import multiprocessing as mp
 
-import pyarrow as pa
 import pytest
 
 from factory.store import GEN_SCHEMA, MIGRATIONS, Store, StoreError, content_key, now

@@ -35,11 +35,11 @@ from ..config import EngineSpec, JudgeSpec, Strict
 from ..constitution import Constitution, load_constitution
 from ..engines import Engine, make_engine
 from ..human import human_table, import_into, set_info, skip_counts
-from ..pipeline import collect_failures, finish_run, open_run
+from ..pipeline import Loaded, collect_failures, finish_run, open_run
 from ..prefs import PrefsSummary, aggregate, judge_pairs
 from ..runner import progress
 from ..store import Store, StoreError, content_key, now
-from ..templates import Template, load_template
+from ..templates import load_template
 from ..yamlconf import load_yaml_model
 from .metrics import AuditResult, compute_audit
 
@@ -89,21 +89,6 @@ class AuditPipeline(Strict):
 
 
 @dataclass
-class AuditLoaded:
-    """Duck-typed like prefs.PrefsLoaded, so prefs' judge_pairs/open_run run it unchanged."""
-
-    path: str
-    cfg: AuditPipeline
-    constitution: Constitution
-    templates: dict[str, Template]
-
-    @property
-    def run_id(self) -> str:
-        h = self.cfg.hash(constitution=self.constitution.hash, **{k: t.hash for k, t in self.templates.items()})
-        return f"{self.cfg.name}-{h[:10]}"
-
-
-@dataclass
 class AuditSummary(PrefsSummary):
     set_id: str = ""
     audit_id: str = ""
@@ -111,10 +96,10 @@ class AuditSummary(PrefsSummary):
     result: AuditResult | None = None
 
 
-def load(path: str | Path) -> AuditLoaded:
+def load(path: str | Path) -> Loaded:
     cfg = load_yaml_model(path, AuditPipeline, what="pipeline")
     constitution = load_constitution(cfg.constitution)
-    return AuditLoaded(str(path), cfg, constitution, {"judge": load_template(cfg.judge.template)})
+    return Loaded(str(path), cfg, constitution, {"judge": load_template(cfg.judge.template)})
 
 
 def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, naive_principle: str | None = None,
