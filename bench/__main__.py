@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = Path(os.environ.get("FACTORY_BENCH_RESULTS", HERE / "results"))
 SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_audit.py"]
 
 
 def latest(quick: bool, name: str) -> dict | None:
     """The newest recorded result of one benchmark in the given mode (quick or full)."""
-    path = HERE / "results" / f"{name}.jsonl"
+    path = RESULTS / f"{name}.jsonl"
     if not path.exists():
         return None
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -71,8 +73,8 @@ def main() -> None:
     md = ["| figure | measured |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     md.append("")
     md.append("machine: " + json.dumps(machine()))
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / ("SUMMARY-quick.md" if a.quick else "SUMMARY.md")).write_text("\n".join(md) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / ("SUMMARY-quick.md" if a.quick else "SUMMARY.md")).write_text("\n".join(md) + "\n")
     print("\n".join(md))
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HH = Path(os.environ.get("FACTORY_HH_RLHF", REPO.parent / "shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz"))
-RESULTS = REPO / "bench" / "results"
+RESULTS = Path(os.environ.get("FACTORY_BENCH_RESULTS", REPO / "bench" / "results"))
 
 
 def hh_prompts(n: int) -> list[list[dict]]:
