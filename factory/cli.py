@@ -141,17 +141,24 @@ def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB fi
             "SELECT run_id, kind, status, model, constitution_name, constitution_version, started_at FROM runs "
             + ("WHERE run_id = ? " if run_id else "") + "ORDER BY started_at", [run_id] if run_id else []).fetchall()
         for rid, kind, st, model, cname, cver, started in runs:
-            t = Table(title=f"{rid} [{kind}, {st}] model={model} constitution={cname} v{cver}", show_edge=False)
+            t = Table(title=f"{rid} ({kind}, {st}) model={model} constitution={cname} v{cver}", show_edge=False)
             for col in ("table", "ok", "failed", "skipped"):
                 t.add_column(col)
             for (table,) in store.con.execute('SELECT DISTINCT "table" FROM run_items WHERE run_id = ? ORDER BY 1', [rid]).fetchall():
+                key = "pair_id" if table == "pairs" else "id"
                 counts = dict(store.con.execute(
-                    f"""SELECT t.status, count(*) FROM {table} t JOIN run_items r ON r.id = t.id
+                    f"""SELECT t.status, count(*) FROM {table} t JOIN run_items r ON r.id = t.{key}
                         WHERE r.run_id = ? AND r."table" = ? GROUP BY 1""", [rid, table]).fetchall())
                 planned = store.count("run_items", 'run_id = ? AND "table" = ?', [rid, table])
                 ok = counts.get("ok", 0)
                 t.add_row(table, f"{ok}/{planned}", str(counts.get("failed", 0)), str(counts.get("skipped", 0)))
             console.print(t)
+            prefs = store.one("""SELECT count(*), count(*) FILTER (WHERE is_tie), avg(margin), avg(orders_agree),
+                                 count(*) FILTER (WHERE chosen = 'a') FROM preferences WHERE run_id = ?""", [rid])
+            if prefs and prefs[0]:
+                n, ties, margin, agree, a = prefs
+                console.print(f"  preferences: {n} pairs, {ties} ties, chose a {a}× / b {n - ties - a}×, "
+                              f"mean margin {margin or 0:.3f}, orders agree {agree or 0:.2f}")
             for stage, reason, n in store.con.execute(
                 "SELECT stage, reason, count(*) FROM skips WHERE run_id = ? GROUP BY 1, 2 ORDER BY 3 DESC", [rid]).fetchall():
                 console.print(f"  skipped input ({stage}): {n}× {reason}")

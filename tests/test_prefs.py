@@ -129,3 +129,23 @@ def test_truncate_keeps_last_turns():
             {"role": "user", "content": "c" * 30}]
     assert truncate(conv, 85) == conv[1:]
     assert truncate(conv, 10) == [{"role": "user", "content": "…" + "c" * 10}]
+
+
+def test_sl_pairs_initial_answer_vs_final_revision(tmp_path):
+    from factory import pipeline
+
+    from conftest import write_pipeline
+
+    sl_dir = tmp_path / "sl"
+    sl_dir.mkdir()
+    sl_path = write_pipeline(sl_dir, prompts=PROMPTS, rounds=2, engine="fake")
+    pipeline.run(sl_path, engine=fake(), quiet=True)
+    path = write(tmp_path, pairs="{source: sl}")
+    path.write_text(path.read_text().replace(f"db: {tmp_path / 'out.duckdb'}", f"db: {sl_dir / 'out.duckdb'}"))
+    s = prefs.run(path, engine=fake(), quiet=True)
+    assert s.pairs == 5
+    with Store(sl_dir / "out.duckdb", read_only=True) as st:
+        rows = st.con.execute("""SELECT r.round, v.round FROM pairs p JOIN responses r ON r.id = p.response_a_id
+                                 JOIN revisions v ON v.id = p.response_b_id WHERE p.source = 'sl'""").fetchall()
+        assert rows == [(0, 2)] * 5  # initial answer (a) vs the final round-2 revision (b)
+        assert st.count("judgements") == 5 * 2 * 2

@@ -1,0 +1,42 @@
+"""The CLI end to end on the fake engine: exit codes and messages a user sees."""
+
+
+from typer.testing import CliRunner
+
+from factory.cli import app
+
+from conftest import REPO, write_pipeline
+
+runner = CliRunner()
+
+
+def test_validate_ok_and_error_with_location(tmp_path):
+    r = runner.invoke(app, ["validate", str(REPO / "constitutions/harmless.yaml")])
+    assert r.exit_code == 0 and r.output.startswith("ok, 17 principles")
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: x\nversion: '1'\nprinciples:\n  - id: a\n    critique: c\n    revision: r\n")
+    r = runner.invoke(app, ["validate", str(bad)])
+    assert r.exit_code == 2 and "c.yaml:4:" in r.output and "comparison" in r.output and "Traceback" not in r.output
+
+
+def test_run_status_render_on_fake_engine(tmp_path):
+    prompts = [{"prompt": f"q {i}"} for i in range(3)] + [{"prompt": ""}]
+    path = write_pipeline(tmp_path, prompts=prompts, engine="fake")
+    r = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "rows written: 9" in r.output and "input rows skipped: 1" in r.output and "out.duckdb" in r.output
+    r = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert "rows written: 0, reused: 9" in r.output
+    r = runner.invoke(app, ["status", "--db", str(tmp_path / "out.duckdb")])
+    assert r.exit_code == 0 and "3/3" in r.output and "(sl, done)" in r.output and "empty prompt" in r.output
+    r = runner.invoke(app, ["render", str(path), "--stage", "critique", "--example", "1"])
+    assert r.exit_code == 0 and "q 1" in r.output and "<reply>" in r.output
+    r = runner.invoke(app, ["render", str(path), "--stage", "answer", "--example", "7"])
+    assert r.exit_code == 2 and "out of range" in r.output
+
+
+def test_missing_prompts_file_is_one_line_error(tmp_path):
+    path = write_pipeline(tmp_path, prompts=[{"prompt": "x"}], engine="fake")
+    (tmp_path / "prompts.jsonl").unlink()
+    r = runner.invoke(app, ["run", str(path)])
+    assert r.exit_code == 2 and "prompts.jsonl" in r.output and "Traceback" not in r.output
