@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from .config import load_pipeline
 from .constitution import Constitution, load_constitution
-from .engines import Engine, make_engine
+from .engines import Engine, ensure_engine
 from .runner import WaveStats, progress, run_wave
 from .sources import Skip, read_prompts
 from .stages import sl
@@ -140,11 +140,12 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False) 
     start = time.perf_counter()
     store = open_run(lp, "sl", cfg.model)
     summary = Summary(run_id=lp.run_id, db=str(cfg.db))
+    owned: list = []  # an engine this call built is closed by it; a passed-in one is the caller's
     try:
         prompts, summary.input_skips = load_prompts(store, lp)
         summary.prompts = len(prompts)
         conv = dict(prompts)
-        engine = engine or make_engine(cfg.engine, cfg.model)
+        engine = ensure_engine(engine, cfg.engine, cfg.model, owned)
         ctx = sl.Ctx(run_id=lp.run_id, model=engine.model, seed=engine.seed, constitution=c)
         samp = {name: getattr(cfg.sampling, name).to_sampling() for name in ("answer", "critique", "revise")}
         shash = {name: store.put_config("sampling", {**s.as_dict(), "engine_seed": engine.seed}) for name, s in samp.items()}
@@ -179,6 +180,8 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False) 
         finish_run(store, lp.run_id, summary)
     finally:
         store.close()
+        for e in owned:
+            e.close()
     return summary
 
 

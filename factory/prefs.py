@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from . import prefmath
 from .config import load_prefs_pipeline
 from .constitution import Constitution, load_constitution
-from .engines import Engine, make_engine
+from .engines import Engine, ensure_engine
 from .pipeline import Loaded, collect_failures, finish_run, load_prompts, open_run
 from .runner import WaveStats, progress, run_wave
 from .sources import Skip, read_pairs
@@ -175,14 +175,15 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False) 
     start = time.perf_counter()
     store = open_run(lp, "prefs", lp.cfg.model)
     summary = PrefsSummary(run_id=lp.run_id, db=lp.cfg.db)
+    owned: list = []  # an engine this call built is closed by it; a passed-in one is the caller's
     try:
         wave = dict(run_id=lp.run_id, chunk_rows=lp.cfg.chunk_rows)
         with progress(quiet) as bar:
             if lp.cfg.pairs.source in ("sl", "file"):
                 rows = build_pairs(store, lp, None, summary, bar, wave)
-                engine = engine or make_engine(lp.cfg.engine, lp.cfg.model)
+                engine = ensure_engine(engine, lp.cfg.engine, lp.cfg.model, owned)
             else:
-                engine = engine or make_engine(lp.cfg.engine, lp.cfg.model)
+                engine = ensure_engine(engine, lp.cfg.engine, lp.cfg.model, owned)
                 rows = build_pairs(store, lp, engine, summary, bar, wave)
             keys = judge_pairs(store, lp, engine, rows, summary, bar, wave)
         labels = aggregate(store, lp.run_id, lp.constitution, keys, lp.cfg.judge.tie_eps, lp.cfg.judge.clamp)
@@ -198,4 +199,6 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False) 
         finish_run(store, lp.run_id, summary)
     finally:
         store.close()
+        for e in owned:
+            e.close()
     return summary

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from ..config import EngineSpec, JudgeSpec, Strict
 from ..constitution import Constitution, load_constitution
-from ..engines import Engine, make_engine
+from ..engines import Engine, ensure_engine
 from ..human import human_table, import_into, set_info, skip_counts
 from ..pipeline import Loaded, collect_failures, finish_run, open_run
 from ..prefs import PrefsSummary, aggregate, judge_pairs
@@ -117,6 +117,7 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
     start = time.perf_counter()
     store = open_run(lp, "audit", cfg.model)
     summary = AuditSummary(run_id=lp.run_id, db=cfg.db)
+    owned: list = []  # an engine this call built is closed by it; a passed-in one is the caller's
     try:
         h = cfg.human
         summary.set_id, n, summary.input_skips = import_into(store, h.path, format=h.format, name=h.name,
@@ -126,7 +127,7 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
         rows = rows.append_column("status", pa.array(["ok"] * rows.num_rows, pa.string())).to_pylist()
         store.link_run(lp.run_id, "pairs", [r["pair_id"] for r in rows])
         summary.pairs = len(rows)
-        engine = engine or make_engine(cfg.engine, cfg.model)
+        engine = ensure_engine(engine, cfg.engine, cfg.model, owned)
         wave = dict(run_id=lp.run_id, chunk_rows=cfg.chunk_rows)
         naive_keys = None
         with progress(quiet) as bar:
@@ -158,6 +159,8 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
         finish_run(store, lp.run_id, summary)
     finally:
         store.close()
+        for e in owned:
+            e.close()
     if not quiet:
         show(summary.audit_id, summary.result, summary.report_path, skip_counts(summary.input_skips))
     return summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Completion, Engine, EngineError, Request, Sampling
 
-__all__ = ["Completion", "Engine", "EngineError", "Request", "Sampling", "make_engine"]
+__all__ = ["Completion", "Engine", "EngineError", "Request", "Sampling", "ensure_engine", "make_engine"]
 
 
 def make_engine(spec, model: str) -> Engine:
@@ -51,3 +51,12 @@ def make_engine(spec, model: str) -> Engine:
         )
         return RayEngine(factory, replicas=spec.replicas, num_cpus=spec.num_cpus, shard_dir=spec.shard_dir)
     raise NotImplementedError(f"engine kind '{spec.kind}' is not available in this build yet")
+
+
+def ensure_engine(engine: Engine | None, spec, model: str, owned: list) -> Engine:
+    """``engine`` when the caller passed one; else a new one from ``spec``, appended to ``owned`` so
+    the function that built it closes it."""
+    if engine is None:
+        engine = make_engine(spec, model)
+        owned.append(engine)
+    return engine
