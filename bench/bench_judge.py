@@ -47,11 +47,15 @@ def logprob_pass(eng, J, c, tmpl, pairs, chosen, tag) -> tuple[int, float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "j.duckdb", writer_run="bench")
         t = time.perf_counter()
-        w = run_wave(store, eng, "judgements", jobs, to_rows=J.judgement_row(ids), schema=JUDGEMENT_SCHEMA, run_id="bench")
+        ptoks = 0
+        for batch in J.cache_waves(jobs):  # the same two waves the preference pipeline sends
+            w = run_wave(store, eng, "judgements", batch, to_rows=J.judgement_row(ids), schema=JUDGEMENT_SCHEMA,
+                         run_id="bench")
+            ptoks += w.prompt_tokens
         dt = time.perf_counter() - t
         ok = store.count("judgements", "status = 'ok'")
         store.close()
-    return ok, dt, w.prompt_tokens
+    return ok, dt, ptoks
 
 
 def text_pass(eng, J, c, tmpl, pairs, chosen) -> tuple[int, float, int, int]:

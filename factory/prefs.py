@@ -121,8 +121,9 @@ def judge_pairs(store: Store, lp: Loaded, engine: Engine, pair_rows: list[dict],
         rationales = {(j.row["pair_id"], j.row["principle_id"], j.row["order"]): got[j.request.key]["text"].strip()
                       for j in rjobs if got[j.request.key]["status"] == "ok"}
     jobs = J.judge_jobs(ctx, pairs, chosen, rationales)
-    summary.waves.append(run_wave(store, engine, "judgements", jobs, to_rows=J.judgement_row(option_ids),
-                                  schema=JUDGEMENT_SCHEMA, bar=bar, **wave))
+    for batch in J.cache_waves(jobs):
+        summary.waves.append(run_wave(store, engine, "judgements", batch, to_rows=J.judgement_row(option_ids),
+                                      schema=JUDGEMENT_SCHEMA, bar=bar, **wave))
     return [j.request.key for j in jobs]
 
 

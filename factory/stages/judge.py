@@ -135,6 +135,19 @@ def judge_jobs(ctx: JudgeCtx, pairs: list[Pair], chosen: dict[str, list[Principl
     return jobs
 
 
+def cache_waves(jobs: list[Job]) -> list[list[Job]]:
+    """Split judge jobs so vLLM's prefix cache can pay: the first principle of every (pair, order)
+    goes in a first wave, which fills the cache with the shared [instructions][conversation][A][B]
+    prefix; the remaining principles follow and hit it. (Identical prefixes scheduled in the same
+    engine step are each computed, so sending everything at once reuses far less.)"""
+    first, rest, seen = [], [], set()
+    for j in jobs:
+        k = (j.row["pair_id"], j.row["order"])
+        (rest if k in seen else first).append(j)
+        seen.add(k)
+    return [w for w in (first, rest) if w]
+
+
 def judgement_row(option_ids: list[int]):
     """Completion → judgements row: option log-probs, renormalised P(first), P(a)."""
 
