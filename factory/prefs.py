@@ -15,9 +15,9 @@ from . import prefmath
 from .config import load_prefs_pipeline
 from .constitution import Constitution, load_constitution
 from .engines import Engine, ensure_engine
-from .pipeline import Loaded, collect_failures, finish_run, load_prompts, open_run
-from .runner import WaveStats, progress, run_wave
-from .sources import Skip, read_pairs
+from .pipeline import Loaded, Summary, collect_failures, finish_run, load_prompts, open_run
+from .runner import progress, run_wave
+from .sources import read_pairs
 from .stages import judge as J
 from .stages import sl
 from .store import JUDGEMENT_SCHEMA, PAIR_SCHEMA, PREFERENCE_SCHEMA, SAMPLE_SCHEMA, Store, StoreError, now
@@ -25,22 +25,10 @@ from .templates import load_template
 
 
 @dataclass
-class PrefsSummary:
-    run_id: str
-    db: str
-    waves: list[WaveStats] = field(default_factory=list)
-    input_skips: list[Skip] = field(default_factory=list)
-    prompts: int = 0
+class PrefsSummary(Summary):
     pairs: int = 0
     pairs_skipped: dict[str, int] = field(default_factory=dict)
     labels: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    failures: dict[str, int] = field(default_factory=dict)
-
-    written = property(lambda s: sum(w.written for w in s.waves))
-    reused = property(lambda s: sum(w.reused for w in s.waves))
-    requests = property(lambda s: sum(w.requests for w in s.waves))
-    completion_tokens = property(lambda s: sum(w.completion_tokens for w in s.waves))
 
 
 def load(path: str | Path) -> Loaded:
