@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .engines.base import Sampling
 from .store import content_key
 from .yamlconf import load_yaml_model
+
+
+# A run's name starts its run id and file names: letters, digits, ".", "_" and "-".
+RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short name for the run")]
 
 
 class Strict(BaseModel):
@@ -85,7 +89,7 @@ class PrincipleChoice(Strict):
 
 class Pipeline(Strict):
     kind: Literal["sl"] = Field("sl", description="sl: critique→revise; prefs: AI preference labels")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short name for the run")
+    name: RunName
     prompts: PromptSource
     constitution: str = Field(description="path to a constitution YAML (or a name in constitutions/)")
     templates: Templates = Templates()
@@ -146,7 +150,7 @@ class JudgeSpec(Strict):
 
 class PrefsPipeline(Strict):
     kind: Literal["prefs"]
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: RunName
     constitution: str
     pairs: PairSource
     judge: JudgeSpec = JudgeSpec()

@@ -95,11 +95,20 @@ def open_run(lp, kind: str, model: str) -> Store:
     return store
 
 
-def finish_run(store: Store, run_id: str, summary: Any) -> None:
+def finish_run(store: Store, run_id: str, summary: Any, tables: list[str] = ()) -> None:
+    """Count the run's failed/skipped rows in ``tables`` into the summary and mark the run done."""
+    collect_failures(store, summary, list(tables), run_id)
     body = {"written": summary.written, "reused": summary.reused, "failures": summary.failures,
             "input_skips": len(summary.input_skips), "seconds": round(summary.seconds, 2)}
     store.con.execute("UPDATE runs SET status = 'done', finished_at = ?, summary_json = ? WHERE run_id = ?",
                       [now(), json.dumps(body), run_id])
+
+
+def release(store: Store, owned: list) -> None:
+    """Close the store (freeing the writer lock) and any engine the run built itself."""
+    store.close()
+    for engine in owned:
+        engine.close()
 
 
 def load_prompts(store: Store, lp: Loaded, src=None) -> tuple[list[tuple[str, list[dict]]], list[Skip]]:
@@ -176,12 +185,9 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False) 
                 summary.waves.append(run_wave(store, engine, "revisions", rjobs, bar=bar, **wave))
                 heads = _heads(store, "revisions", [j.request.key for j in rjobs], conv)
         summary.seconds = time.perf_counter() - start
-        collect_failures(store, summary, ["responses", "critiques", "revisions"], lp.run_id)
-        finish_run(store, lp.run_id, summary)
+        finish_run(store, lp.run_id, summary, ["responses", "critiques", "revisions"])
     finally:
-        store.close()
-        for e in owned:
-            e.close()
+        release(store, owned)
     return summary
 
 

@@ -15,7 +15,7 @@ from . import prefmath
 from .config import load_prefs_pipeline
 from .constitution import Constitution, load_constitution
 from .engines import Engine, ensure_engine
-from .pipeline import Loaded, Summary, collect_failures, finish_run, load_prompts, open_run
+from .pipeline import Loaded, Summary, finish_run, load_prompts, open_run, release
 from .runner import progress, run_wave
 from .sources import read_pairs
 from .stages import judge as J
@@ -184,10 +184,7 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False) 
                 "mean margin": float(pc.mean(labels.column("margin")).as_py() or 0.0),
             }
         summary.seconds = time.perf_counter() - start
-        collect_failures(store, summary, ["samples", "judgements", "rationales"], lp.run_id)
-        finish_run(store, lp.run_id, summary)
+        finish_run(store, lp.run_id, summary, ["samples", "judgements", "rationales"])
     finally:
-        store.close()
-        for e in owned:
-            e.close()
+        release(store, owned)
     return summary

@@ -31,11 +31,11 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from ..config import EngineSpec, JudgeSpec, Strict
+from ..config import EngineSpec, JudgeSpec, RunName, Strict
 from ..constitution import Constitution, load_constitution
 from ..engines import Engine, ensure_engine
 from ..human import human_table, import_into, set_info, skip_counts
-from ..pipeline import Loaded, collect_failures, finish_run, open_run
+from ..pipeline import Loaded, finish_run, open_run, release
 from ..prefs import PrefsSummary, aggregate, judge_pairs
 from ..runner import progress
 from ..store import Store, StoreError, content_key, now
@@ -69,7 +69,7 @@ class AuditSettings(Strict):
 
 class AuditPipeline(Strict):
     kind: Literal["audit"]
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: RunName
     constitution: str
     human: HumanSpec
     judge: JudgeSpec = JudgeSpec()
@@ -144,7 +144,6 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
                 summary.waves[-1].table = f"judgements (naive: {naive})"
         labels = aggregate(store, lp.run_id, c, keys, cfg.judge.tie_eps, cfg.judge.clamp)
         summary.labels = {"pairs labelled": labels.num_rows}
-        collect_failures(store, summary, ["judgements", "rationales"], lp.run_id)
         clamp = cfg.judge.clamp
         judgements = judgement_table(store, store.fetch("judgements", keys, _JCOLS), clamp)
         naive_j = None
@@ -156,11 +155,9 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
             store, lp.run_id, summary.set_id, judgements, naive_j, _weights(c), cfg.judge.tie_eps,
             settings.model_copy(update={"naive_principle": naive}), meta)
         summary.seconds = time.perf_counter() - start
-        finish_run(store, lp.run_id, summary)
+        finish_run(store, lp.run_id, summary, ["judgements", "rationales"])
     finally:
-        store.close()
-        for e in owned:
-            e.close()
+        release(store, owned)
     if not quiet:
         show(summary.audit_id, summary.result, summary.report_path, skip_counts(summary.input_skips))
     return summary
