@@ -14,6 +14,18 @@ HH_RLHF = Path(os.environ.get("FACTORY_HH_RLHF", REPO.parent / "shared/data/hh-r
 ENGINE_KW = dict(seed=0, max_model_len=2048, kv_cache_gib=1.0)
 
 
+SLOW_MARKERS = ("engine", "server", "train", "ray", "browser")
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (`-m "not slow"`) leaves out every test that starts an engine, a server, Ray or a
+    browser, loads a model or trains: marked by hand as ``slow``, by one of SLOW_MARKERS, or by using
+    the session's real ``engine`` fixture."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in SLOW_MARKERS) or "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def engine():
     """The real vLLM engine on the embedded model, started once (≈40 s on 2 CPU cores)."""

@@ -1,14 +1,17 @@
 """The engine protocol: what every backend (vLLM offline, OpenAI-compatible server, Ray, fake) offers.
 
 Stages build ``Request``s and read ``Completion``s; they never know which backend answered.
-``generate`` takes a whole batch and yields completions as they finish (any order), so the
-caller can write results in chunks while the engine keeps its batch full.
+``generate`` takes any iterable of requests, possibly a lazy generator over a whole run, and
+yields completions as they finish (any order). An engine pulls requests only as it has room (a
+bounded window in flight), and only from the caller's thread (the iterator may do database work),
+so a run of millions of requests costs bounded memory and the engine's batch never drains between
+chunks. ``capabilities`` says how the engine can score option tokens (see :class:`Capabilities`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Literal, Protocol
 
 
 class EngineError(RuntimeError):
@@ -49,16 +52,35 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_logprobs: dict[int, float] | None = None
+    # score_token_ids that were not among the returned top-k and got the documented floor value
+    floored: tuple[int, ...] = ()
     error: str | None = None  # set when the request could not run (e.g. prompt too long)
     status: str = "ok"  # ok | failed | skipped
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do for a judge, detected or known at start-up (recorded in run lineage).
+
+    ``scoring``: how the log-probabilities of given option tokens are obtained:
+    ``token_ids`` (exactly those ids: vLLM offline, or vLLM's ``logprob_token_ids`` server
+    extension), ``top_k`` (the standard OpenAI ``top_logprobs``: an option outside the top k gets
+    a floor and is flagged on the completion), or ``none`` (no log-probs: only sampled verdicts).
+    ``prefill``: the engine can continue a final assistant message (the judge's answer prefix).
+    """
+
+    scoring: Literal["token_ids", "top_k", "none"] = "token_ids"
+    top_k: int = 0
+    prefill: bool = True
+
+
 class Engine(Protocol):
-    model: str  # what produced the rows (lineage)
+    model: str  # what really answers: a content fingerprint or the server's model id (lineage, keys)
     seed: int | None  # the engine seed actually applied (part of content keys)
     max_model_len: int
+    capabilities: Capabilities
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]: ...
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]: ...
 
     def token_ids(self, text: str) -> list[int]: ...
 
