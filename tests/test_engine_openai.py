@@ -58,9 +58,9 @@ def test_scoring_maps_token_ids(server):
     eng = OpenAIEngine(server.url, "fake-model", **FAST)
     try:
         r = Request(key="s", messages=[{"role": "user", "content": "A or B?"}], sampling=Sampling(max_tokens=1),
-                    score_token_ids=[5, 12])
+                    options=("x", "y"), option_ids=(5, 12))
         (c,) = list(eng.generate([r]))
-        assert c.token_logprobs[5] == pytest.approx(-0.5) and c.token_logprobs[12] == pytest.approx(-1.2)
+        assert c.option_logprobs[0] == pytest.approx(-0.5) and c.option_logprobs[1] == pytest.approx(-1.2)
         body = server.bodies[-1]
         assert body["logprobs"] is True and body["logprob_token_ids"] == [5, 12] and body["return_tokens_as_token_ids"]
         assert eng.token_ids("AB") == [65, 66]  # no local tokenizer for "fake-model": the server's /tokenize
@@ -72,7 +72,7 @@ def test_endpoint_without_choice_logprobs_fails_clearly():
     with FakeServer(supports_logprob_ids=False) as s:
         eng = OpenAIEngine(s.url, "fake-model", **FAST)
         try:
-            r = Request(key="s", messages=[{"role": "user", "content": "x"}], sampling=Sampling(max_tokens=1), score_token_ids=[1])
+            r = Request(key="s", messages=[{"role": "user", "content": "x"}], sampling=Sampling(max_tokens=1), options=("x",), option_ids=(1,))
             with pytest.raises(EndpointError, match="choice-token log-probabilities"):
                 list(eng.generate([r]))
             assert NO_CHOICE_LOGPROBS.endswith("use a vLLM server")
@@ -260,16 +260,16 @@ def test_vllm_serve_generation_scoring_and_limits(vllm_server):
         assert len(a) == len(b) == 1
         msgs = [{"role": "user", "content": "Which is a fruit? Reply with A or B only.\nA: apple\nB: hammer"}]
         (s,) = list(eng.generate([Request(key="s", messages=msgs, sampling=Sampling(max_tokens=1, temperature=0.0),
-                                          score_token_ids=[a[0], b[0]])]))
-        assert s.status == "ok" and set(s.token_logprobs) >= {a[0], b[0]}
+                                          options=(" A", " B"), option_ids=(a[0], b[0]))]))
+        assert s.status == "ok" and len(s.option_logprobs) == 2
         tok = AutoTokenizer.from_pretrained(vllm_server.model_path)
         model = AutoModelForCausalLM.from_pretrained(vllm_server.model_path, dtype=torch.float32)
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
             ref = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
-        for t in (a[0], b[0]):
-            assert s.token_logprobs[t] == pytest.approx(ref[t].item(), abs=0.15)  # bf16 server vs fp32 reference
-        assert math.exp(s.token_logprobs[a[0]]) + math.exp(s.token_logprobs[b[0]]) <= 1 + 1e-6
+        for i, t in enumerate((a[0], b[0])):
+            assert s.option_logprobs[i] == pytest.approx(ref[t].item(), abs=0.15)  # bf16 server vs fp32 reference
+        assert math.exp(s.option_logprobs[0]) + math.exp(s.option_logprobs[1]) <= 1 + 1e-6
     finally:
         eng.close()
 

@@ -47,14 +47,15 @@ def local_ray():
 def reqs(n: int) -> list[Request]:
     out = []
     for i in range(n):
-        score = [65, 66] if i % 5 == 0 else None
+        score = i % 5 == 0
         out.append(Request(key=f"k{i:03d}", messages=[{"role": "user", "content": f"question {i}"}],
-                           sampling=Sampling(max_tokens=16, n=1 + i % 2), score_token_ids=score))
+                           sampling=Sampling(max_tokens=16, n=1 + i % 2), options=("A", "B") if score else None,
+                           option_ids=(65, 66) if score else None))
     return out
 
 
 def expected(requests: list[Request]) -> dict:
-    return {c.key: (c.texts, c.token_logprobs, c.status) for c in FakeEngine(model="fake", seed=3).generate(requests)}
+    return {c.key: (c.texts, c.option_logprobs, c.status) for c in FakeEngine(model="fake", seed=3).generate(requests)}
 
 
 def collect(engine: RayEngine, requests: list[Request]) -> dict:
@@ -70,7 +71,7 @@ def test_two_replicas_match_in_process_fake():
         assert (eng.model, eng.seed, eng.max_model_len) == ("fake", 3, 2048)
         assert eng.token_ids("AB") == [65, 66]
         got = collect(eng, rs)
-        assert {k: (c.texts, c.token_logprobs, c.status) for k, c in got.items()} == expected(rs)
+        assert {k: (c.texts, c.option_logprobs, c.status) for k, c in got.items()} == expected(rs)
         assert len({ray.get(a.info.remote())["pid"] for a in eng.actors}) == 2  # two separate processes
     finally:
         eng.close()
@@ -85,7 +86,7 @@ def test_parquet_shards_are_written_atomically_and_reused(tmp_path):
         eng.close()
     shards = sorted(tmp_path.iterdir())
     assert len(shards) == 5 and all(p.suffix == ".parquet" for p in shards)  # ceil(24/5) chunks, no .tmp left
-    assert {k: (c.texts, c.token_logprobs, c.status) for k, c in got.items()} == expected(rs)
+    assert {k: (c.texts, c.option_logprobs, c.status) for k, c in got.items()} == expected(rs)
 
     # The owner "crashed" before ingesting: a new run finds the rows in the shards and never asks the
     # replicas, except for the chunk whose shard is gone (its requests reach the broken engine).
@@ -114,7 +115,7 @@ def test_killed_replica_is_restarted_and_its_chunk_rerun():
                 ray.kill(eng.actors[0], no_restart=False)  # mid-chunk: its current chunk is lost
                 killed = True
         assert collections.Counter(c.key for c in got) == collections.Counter(r.key for r in rs)
-        assert {c.key: (c.texts, c.token_logprobs, c.status) for c in got} == expected(rs)
+        assert {c.key: (c.texts, c.option_logprobs, c.status) for c in got} == expected(rs)
         assert ray.get(eng.actors[0].info.remote())["pid"] != pid  # a new process took over
     finally:
         eng.close()
@@ -136,7 +137,7 @@ def test_replica_gone_for_good_fails_only_its_unfinished_chunks():
         # replica 0 held at most 2 chunks (inflight_per_replica) when it died: those fail, the rest is done by replica 1
         assert 1 <= len(failed) <= 8 and all("lost the chunk" in c.error for c in failed)
         ok = expected(rs)
-        assert all((c.texts, c.token_logprobs) == ok[c.key][:2] for c in got if c.status == "ok")
+        assert all((c.texts, c.option_logprobs) == ok[c.key][:2] for c in got if c.status == "ok")
     finally:
         eng.close()
 
@@ -159,11 +160,11 @@ def test_one_vllm_replica_in_ray():
         rs = [Request(key=f"g{i}", messages=[{"role": "user", "content": f"Name a colour, number {i}."}],
                       sampling=Sampling(max_tokens=12, temperature=0.7)) for i in range(6)]
         rs.append(Request(key="score", messages=[{"role": "user", "content": "Answer with A or B: is 2+2=4? (A) yes (B) no"}],
-                          sampling=Sampling(max_tokens=1, temperature=0.0), score_token_ids=[a[0], b[0]]))
+                          sampling=Sampling(max_tokens=1, temperature=0.0), options=(" A", " B"), option_ids=(a[0], b[0])))
         got = collect(eng, rs)
         assert all(c.status == "ok" and c.texts[0].strip() for c in got.values())
-        lp = got["score"].token_logprobs
-        assert all(x <= 0 for x in lp.values()) and math.exp(lp[a[0]]) + math.exp(lp[b[0]]) <= 1 + 1e-6
+        lp = got["score"].option_logprobs
+        assert all(x <= 0 for x in lp) and math.exp(lp[0]) + math.exp(lp[1]) <= 1 + 1e-6
     finally:
         eng.close()
 

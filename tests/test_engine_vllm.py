@@ -27,13 +27,13 @@ def test_engine_scores_option_tokens_and_skips_overlength(engine):
     assert len(a) == len(b) == 1
     reqs = [
         Request("judge", [{"role": "user", "content": "Pick A or B."}, {"role": "assistant", "content": "My pick: ("}],
-                Sampling(max_tokens=1, temperature=0), score_token_ids=a + b, continue_final=True),
+                Sampling(max_tokens=1, temperature=0), options=("A", "B"), option_ids=(a[0], b[0]), continue_final=True),
         Request("long", [{"role": "user", "content": "hello " * 2500}], Sampling(max_tokens=8)),
         Request("gen", [{"role": "user", "content": "Say hi."}], Sampling(max_tokens=8, n=2)),
     ]
     got = {c.key: c for c in engine.generate(reqs)}
-    lp = got["judge"].token_logprobs
-    assert set(lp) == {a[0], b[0]} and all(v <= 0 for v in lp.values())
+    lp = got["judge"].option_logprobs
+    assert len(lp) == 2 and all(v <= 0 for v in lp)
     assert got["long"].status == "skipped" and "prompt too long" in got["long"].error
     assert len(got["gen"].texts) == 2 and got["gen"].completion_tokens > 0
 

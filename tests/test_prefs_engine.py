@@ -89,6 +89,6 @@ def _judge_interrupt(engine):
     """Let the sampling wave finish, then interrupt the judging wave after 6 completions."""
     class _I(Interrupt):
         def generate(self, requests):
-            self.after = 6 if requests and requests[0].score_token_ids else None
+            self.after = 6 if requests and requests[0].options else None
             return super().generate(requests)
     return _I(engine, None)

@@ -37,9 +37,12 @@ class Request:
     key: str  # content key; echoed back on the completion
     messages: list[dict]
     sampling: Sampling
-    # Return the log-probabilities of exactly these token ids at the first generated position
-    # (the preference judge reads its answer from them; use max_tokens=1).
-    score_token_ids: list[int] | None = None
+    # Score these option labels at the first generated position (use max_tokens=1): the engine
+    # answers with one log-prob per option in ``Completion.option_logprobs``. ``option_ids`` are the
+    # labels' single token ids where a tokenizer is known (vLLM offline and vLLM's token-id server
+    # extension use them); a standard top-k endpoint matches the labels by token text instead.
+    options: tuple[str, ...] | None = None
+    option_ids: tuple[int, ...] | None = None
     # Continue the final (assistant) message instead of starting a new turn.
     continue_final: bool = False
 
@@ -51,8 +54,9 @@ class Completion:
     finish_reasons: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    token_logprobs: dict[int, float] | None = None
-    # score_token_ids that were not among the returned top-k and got the documented floor value
+    # one log-prob per ``Request.options`` entry (None when the request scored nothing)
+    option_logprobs: tuple[float, ...] | None = None
+    # indexes into ``Request.options`` that were not among a top-k answer and got the floor value
     floored: tuple[int, ...] = ()
     error: str | None = None  # set when the request could not run (e.g. prompt too long)
     status: str = "ok"  # ok | failed | skipped

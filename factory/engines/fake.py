@@ -43,13 +43,13 @@ class FakeEngine:
                 words = [d[j:j + 5] for j in range(0, min(len(d), 5 * max(1, req.sampling.max_tokens // 8)), 5)]
                 texts.append("" if self.empty_every and k % self.empty_every == 0 else "fake " + " ".join(words))
             logprobs = None
-            if req.score_token_ids:
+            if req.options:
                 d = self._digest(req)
-                raw = [-(int(d[2 * j:2 * j + 2], 16) / 64.0) for j in range(len(req.score_token_ids))]
+                raw = [-(int(d[2 * j:2 * j + 2], 16) / 64.0) for j in range(len(req.options))]
                 z = math.log(sum(math.exp(x) for x in raw)) + 0.1
-                logprobs = {t: x - z for t, x in zip(req.score_token_ids, raw)}
+                logprobs = tuple(x - z for x in raw)
             yield Completion(key=req.key, texts=texts, finish_reasons=["length"] * len(texts), prompt_tokens=n_prompt,
-                             completion_tokens=sum(len(t.split()) for t in texts), token_logprobs=logprobs)
+                             completion_tokens=sum(len(t.split()) for t in texts), option_logprobs=logprobs)
 
     def close(self) -> None:
         pass

@@ -197,30 +197,31 @@ class OpenAIEngine:
             body["seed"] = self.seed
         if req.continue_final:
             body.update(continue_final_message=True, add_generation_prompt=False)
-        if req.score_token_ids:  # vLLM: log-probs of exactly these ids, reported as "token_id:<id>"
-            body.update(logprobs=True, logprob_token_ids=list(req.score_token_ids), return_tokens_as_token_ids=True)
+        if req.option_ids:  # vLLM: log-probs of exactly these ids, reported as "token_id:<id>"
+            body.update(logprobs=True, logprob_token_ids=list(req.option_ids), return_tokens_as_token_ids=True)
         return body
 
     def _completion(self, req: Request, data: dict) -> Completion:
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
         usage = data.get("usage") or {}
         logprobs = None
-        if req.score_token_ids:
+        if req.option_ids:
             logprobs = {}
             content = ((choices[0].get("logprobs") or {}).get("content") or []) if choices else []
             for entry in content[0].get("top_logprobs", []) if content else []:
                 tok = str(entry.get("token", ""))
                 if tok.startswith("token_id:"):
                     logprobs[int(tok.split(":", 1)[1])] = float(entry["logprob"])
-            if not set(req.score_token_ids) <= set(logprobs):
+            if not set(req.option_ids) <= set(logprobs):
                 raise EndpointError(NO_CHOICE_LOGPROBS)
+            logprobs = tuple(logprobs[t] for t in req.option_ids)
         return Completion(
             key=req.key,
             texts=[(c.get("message") or {}).get("content") or "" for c in choices],
             finish_reasons=[str(c.get("finish_reason")) for c in choices],
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
-            token_logprobs=logprobs,
+            option_logprobs=logprobs,
         )
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -250,7 +251,7 @@ class OpenAIEngine:
                     error, retry_after = _error_text(resp), _retry_after(resp)
                 else:
                     error = _error_text(resp)
-                    if req.score_token_ids and "logprob_token_ids" in error:
+                    if req.option_ids and "logprob_token_ids" in error:
                         raise EndpointError(f"{NO_CHOICE_LOGPROBS} ({error})")
                     status = "skipped" if resp.status_code == 400 and LENGTH_ERROR.search(error) else "failed"
                     return Completion(key=req.key, status=status, error=error)

@@ -41,8 +41,8 @@ SHARD_SCHEMA = pa.schema([
     ("finish_reasons", pa.list_(pa.string())),
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
-    ("logprob_ids", pa.list_(pa.int64())),
-    ("logprob_values", pa.list_(pa.float64())),
+    ("option_logprobs", pa.list_(pa.float64())),
+    ("floored", pa.list_(pa.int64())),
     ("error", pa.string()),
     ("status", pa.string()),
 ])
@@ -52,8 +52,8 @@ def to_table(completions: Sequence[Completion]) -> pa.Table:
     rows = [{
         "key": c.key, "texts": c.texts, "finish_reasons": c.finish_reasons, "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
-        "logprob_ids": None if c.token_logprobs is None else list(c.token_logprobs),
-        "logprob_values": None if c.token_logprobs is None else list(c.token_logprobs.values()),
+        "option_logprobs": None if c.option_logprobs is None else list(c.option_logprobs),
+        "floored": list(c.floored),
         "error": c.error, "status": c.status,
     } for c in completions]
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
@@ -62,10 +62,10 @@ def to_table(completions: Sequence[Completion]) -> pa.Table:
 def from_table(table: pa.Table) -> list[Completion]:
     out = []
     for r in table.to_pylist():
-        lp = None if r["logprob_ids"] is None else dict(zip(r["logprob_ids"], r["logprob_values"]))
+        lp = None if r["option_logprobs"] is None else tuple(r["option_logprobs"])
         out.append(Completion(key=r["key"], texts=r["texts"] or [], finish_reasons=r["finish_reasons"] or [],
                               prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
-                              token_logprobs=lp, error=r["error"], status=r["status"]))
+                              option_logprobs=lp, floored=tuple(r["floored"] or ()), error=r["error"], status=r["status"]))
     return out
 
 

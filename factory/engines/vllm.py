@@ -83,11 +83,11 @@ class VLLMEngine:
             temperature=s.temperature,
             top_p=s.top_p,
             stop=list(s.stop) or None,
-            logprob_token_ids=req.score_token_ids,
+            logprob_token_ids=list(req.option_ids) if req.option_ids else None,
         )
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
-        prompts, params, keys = [], [], []
+        prompts, params, keys, options_of = [], [], [], {}
         for req in requests:
             ids = self.render(req.messages, req.continue_final)
             if len(ids) + req.sampling.max_tokens > self.max_model_len:
@@ -100,6 +100,7 @@ class VLLMEngine:
             prompts.append({"prompt_token_ids": ids})
             params.append(self._params(req))
             keys.append(req.key)
+            options_of[req.key] = req.option_ids
         if not prompts:
             return
         internal_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
@@ -111,24 +112,25 @@ class VLLMEngine:
                 for out in engine.step():
                     if out.finished and out.request_id in by_id:
                         _, key = by_id.pop(out.request_id)
-                        yield self._completion(key, out)
+                        yield self._completion(key, out, options_of[key])
         finally:
             if by_id:  # the consumer stopped early: leave the engine clean for the next batch
                 engine.abort_request([rid for rid, _ in by_id.values()], internal=True)
 
     @staticmethod
-    def _completion(key: str, out: Any) -> Completion:
+    def _completion(key: str, out: Any, option_ids: tuple[int, ...] | None) -> Completion:
         seqs = out.outputs
         logprobs = None
-        if seqs and seqs[0].logprobs:
-            logprobs = {tid: lp.logprob for tid, lp in seqs[0].logprobs[0].items()}
+        if option_ids and seqs and seqs[0].logprobs:
+            first = seqs[0].logprobs[0]
+            logprobs = tuple(first[t].logprob if t in first else float("-inf") for t in option_ids)
         return Completion(
             key=key,
             texts=[s.text for s in seqs],
             finish_reasons=[str(s.finish_reason) for s in seqs],
             prompt_tokens=len(out.prompt_token_ids or []),
             completion_tokens=sum(len(s.token_ids) for s in seqs),
-            token_logprobs=logprobs,
+            option_logprobs=logprobs,
         )
 
     def close(self) -> None:

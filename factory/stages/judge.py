@@ -131,7 +131,7 @@ def judge_jobs(ctx: JudgeCtx, pairs: list[Pair], chosen: dict[str, list[Principl
                 key = content_key("judgements", ctx.model, ctx.seed, ctx.sampling_hash, m, pair.pair_id, p.hash, order,
                                   ctx.options)
                 row = {**_base(ctx, pair, p, order, m), "rationale": rationale}
-                jobs.append(Job(Request(key, m, SCORE, score_token_ids=ctx.option_ids, continue_final=True), row))
+                jobs.append(Job(Request(key, m, SCORE, options=tuple(ctx.options), option_ids=tuple(ctx.option_ids), continue_final=True), row))
     return jobs
 
 
@@ -156,11 +156,11 @@ def judgement_row(option_ids: list[int]):
                "completion_tokens": c.completion_tokens, "created_at": now(),
                "logprob_first": None, "logprob_second": None, "p_first": None, "p_a": None}
         if c.status == "ok":
-            lp = c.token_logprobs or {}
-            if not all(t in lp for t in option_ids):
+            lp = c.option_logprobs
+            if not lp or len(lp) != 2:
                 row.update(status="failed", error=f"engine returned no log-probabilities for option tokens {option_ids}")
             else:
-                first, second = lp[option_ids[0]], lp[option_ids[1]]
+                first, second = lp
                 p_first = float(renormalize(first, second))
                 row.update(logprob_first=first, logprob_second=second, p_first=p_first,
                            p_a=p_first if job.row["order"] == "ab" else 1.0 - p_first)
