@@ -65,67 +65,104 @@ def validate(path: Path):
         c = load_constitution(path)
         console.print(f"ok, {len(c.principles)} principles ({c.name} v{c.version}, hash {c.hash})")
     else:
-        kind = data.get("kind", "sl") if isinstance(data, dict) else "sl"
-        if kind == "prefs":
-            from .prefs import load
-        elif kind == "audit":
-            from .audit.run import load
-        else:
-            from .pipeline import load
-        lp = load(path)
-        console.print(f"ok, {kind} pipeline '{lp.cfg.name}': {len(lp.constitution.principles)} principles, "
-                      f"run id {lp.run_id}")
+        from .runs import load
+
+        kind, lp = load(path)
+        console.print(f"ok, {kind.name} pipeline '{lp.cfg.name}': {kind.describe(lp)}, run id {lp.run_id}")
 
 
 @app.command()
 @user_errors
 def render(
     pipeline: Path,
-    stage: str = typer.Option("answer", help="answer | critique | revise (or judge for preference pipelines)"),
+    stage: str = typer.Option("answer", help="answer | critique | revise (SL pipelines; preference and audit "
+                              "pipelines always show the judge prompt)"),
     example: int = typer.Option(0, help="index of the prompt (or pair) among the valid ones"),
 ):
     """Show exactly the chat messages the model will receive for one example."""
     from .render import render_example
 
-    for m in render_example(pipeline, stage, example):
+    _print_messages(render_example(pipeline, stage, example))
+
+
+def _print_messages(messages: list[dict]) -> None:
+    for m in messages:
         console.rule(f"[bold]{m['role']}")
         console.print(m["content"], markup=False, highlight=False)
 
 
 @app.command()
 @user_errors
-def run(pipeline: Path, quiet: bool = typer.Option(False, help="no progress bar")):
-    """Run a pipeline (or continue it: stored rows are never recomputed)."""
-    from .pipeline import load_kind
+def show(row_id: str, db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB file")):
+    """The exact messages the model received for any stored row, re-rendered and checked against the
+    row's key and messages hash (e.g. `factory show 3f2a… --db data/hh.duckdb`)."""
+    from .lineage import show_row
+    from .store import Store
 
-    summary = load_kind(pipeline)(pipeline, quiet=quiet)
+    with Store(db, read_only=True) as store:
+        lin = show_row(store, row_id)
+    r = lin.row
+    console.print(f"[bold]{lin.table}[/bold] {r['id']}  run {r.get('run_id')}  model {r.get('model')}  "
+                  f"status {r.get('status')}", highlight=False)
+    _print_messages(lin.messages)
+    out = r.get("text") if r.get("text") is not None else (
+        f"p_first {r.get('p_first')}, p_a {r.get('p_a')}" if "p_a" in r else None)
+    if out is not None:
+        console.rule("[bold]answer")
+        console.print(str(out), markup=False, highlight=False)
+    checks = ", ".join(f"{k} {'ok' if v else ('MISMATCH' if v is False else 'not checkable')}"
+                       for k, v in lin.checks.items())
+    console.print(("[green]verified[/green]: " if lin.ok else "[red]does not match[/red]: ") + checks)
+    if not lin.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def run(pipeline: Path, quiet: bool = typer.Option(False, help="no progress bar"),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="run rows stored as failed again "
+                                          "(they count as done otherwise)")):
+    """Run a pipeline (or continue it: stored rows are never recomputed)."""
+    from .runs import run as run_any
+
+    summary = run_any(pipeline, quiet=quiet, retry_failed=retry_failed)
     print_summary(summary)
+    if summary.kind == "audit" and not quiet and summary.extra.get("result") is not None:
+        from .audit.run import show as show_audit
+        from .human import set_info
+        from .store import Store
+
+        with Store(summary.db, read_only=True) as store:
+            skips = set_info(store, summary.extra["set_id"])["skips"].get("by_reason", [])
+        show_audit(summary.extra["audit_id"], summary.extra["result"], summary.extra["report_path"], skips)
+    if summary.status == "stopped":
+        err.print(f"[yellow]stopped[/yellow]: everything completed is stored; resume with `factory run {pipeline}`")
+        raise typer.Exit(130)
 
 
 def print_summary(s) -> None:
-    t = Table(title=f"run {s.run_id}", show_edge=False)
-    for col in ("stage", "planned", "new rows", "reused", "req/s", "gen tok/s"):
-        t.add_column(col, justify="right" if col != "stage" else "left")
-    for w in s.waves:
+    t = Table(title=f"run {s.run_id} ({s.status})", show_edge=False)
+    for col in ("table", "planned", "new rows", "reused", "req/s", "gen tok/s"):
+        t.add_column(col, justify="right" if col != "table" else "left")
+    for w in s.stages:
         rps = w.requests / w.seconds if w.seconds else 0.0
         tps = w.completion_tokens / w.seconds if w.seconds else 0.0
         t.add_row(w.table, str(w.planned), str(w.written), str(w.reused), f"{rps:.1f}", f"{tps:.0f}")
     console.print(t)
     tps = s.completion_tokens / s.seconds if s.seconds else 0.0
-    console.print(f"rows written: {s.written}, reused: {s.reused}, prompts: {s.prompts}, "
-                  f"{s.requests} requests, {s.completion_tokens} generated tokens in {s.seconds:.1f} s ({tps:.0f} tok/s)")
+    console.print(f"rows written: {s.written}, reused: {s.reused}, prompts: {s.prompts}, pairs: {s.pairs}, "
+                  f"{s.requests} requests, {s.prompt_tokens} prompt + {s.completion_tokens} generated tokens in "
+                  f"{s.seconds:.1f} s ({tps:.0f} tok/s)")
     if s.input_skips:
-        reasons: dict[str, int] = {}
-        for k in s.input_skips:
-            reasons[k.reason.split(":", 1)[-1].strip()] = reasons.get(k.reason.split(":", 1)[-1].strip(), 0) + 1
-        console.print(f"input rows skipped: {len(s.input_skips)}: " + "; ".join(f"{n}× {r}" for r, n in reasons.items()))
+        console.print(f"input rows skipped: {sum(s.input_skips.values())}: "
+                      + "; ".join(f"{n}× {r}" for r, n in s.input_skips.items()), markup=False)
     for reason, n in s.failures.items():
-        console.print(f"  {n}× {reason}")
-    for reason, n in getattr(s, "pairs_skipped", {}).items():
-        console.print(f"  pairs skipped: {n}× {reason}")
-    if getattr(s, "labels", None):
+        console.print(f"  {n}× {reason}", markup=False)
+    if s.labels:
         console.print("preferences: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in s.labels.items()))
+                                                  for k, v in s.labels.items()), markup=False)
+    if s.error:
+        err.print(f"[red]{s.status}[/red]: {s.error}", markup=True, highlight=False)
     console.print(f"database: [bold]{s.db}[/bold]")
 
 
@@ -133,26 +170,30 @@ def print_summary(s) -> None:
 @user_errors
 def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB file"),
            run_id: Optional[str] = typer.Option(None, "--run", help="one run (default: all)")):
-    """Progress of runs from the database: rows per table and status, skips."""
+    """Progress of runs from the database: rows per table and status, finished chunks, skips."""
     from .store import Store
 
     with Store(db, read_only=True) as store:
         runs = store.con.execute(
-            "SELECT run_id, kind, status, model, constitution_name, constitution_version, started_at FROM runs "
+            "SELECT run_id, kind, status, model, constitution_name, constitution_version, started_at, error FROM runs "
             + ("WHERE run_id = ? " if run_id else "") + "ORDER BY started_at", [run_id] if run_id else []).fetchall()
-        for rid, kind, st, model, cname, cver, started in runs:
+        for rid, kind, st, model, cname, cver, started, error in runs:
             t = Table(title=f"{rid} ({kind}, {st}) model={model} constitution={cname} v{cver}", show_edge=False)
             for col in ("table", "ok", "failed", "skipped"):
                 t.add_column(col)
-            for (table,) in store.con.execute('SELECT DISTINCT "table" FROM run_items WHERE run_id = ? ORDER BY 1', [rid]).fetchall():
-                key = "pair_id" if table == "pairs" else "id"
-                counts = dict(store.con.execute(
-                    f"""SELECT t.status, count(*) FROM {table} t JOIN run_items r ON r.id = t.{key}
-                        WHERE r.run_id = ? AND r."table" = ? GROUP BY 1""", [rid, table]).fetchall())
-                planned = store.count("run_items", 'run_id = ? AND "table" = ?', [rid, table])
-                ok = counts.get("ok", 0)
-                t.add_row(table, f"{ok}/{planned}", str(counts.get("failed", 0)), str(counts.get("skipped", 0)))
+            for table in store.run_tables(rid):
+                counts = dict(store.con.execute(f"SELECT t.status, count(*) FROM {store.run_rows(table, '$run')} t "
+                                                "GROUP BY 1", {"run": rid}).fetchall()) if table != "prompts" else \
+                    {"ok": store.count("run_prompts", "run_id = ?", [rid])}
+                total = sum(counts.values())
+                t.add_row(table, f"{counts.get('ok', 0)}/{total}", str(counts.get("failed", 0)),
+                          str(counts.get("skipped", 0)))
             console.print(t)
+            if error:
+                console.print(f"  [red]error[/red]: {error}", highlight=False)
+            chunks = store.one("SELECT count(*), sum(n_jobs), sum(n_new) FROM chunks WHERE run_id = ?", [rid])
+            if chunks and chunks[0]:
+                console.print(f"  finished input chunks: {chunks[0]} ({chunks[1]} jobs, {chunks[2]} made new)")
             prefs = store.one("""SELECT count(*), count(*) FILTER (WHERE is_tie), avg(margin), avg(orders_agree),
                                  count(*) FILTER (WHERE chosen = 'a') FROM preferences WHERE run_id = ?""", [rid])
             if prefs and prefs[0]:
@@ -161,7 +202,7 @@ def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB fi
                               f"mean margin {margin or 0:.3f}, orders agree {agree or 0:.2f}")
             for stage, reason, n in store.con.execute(
                 "SELECT stage, reason, count(*) FROM skips WHERE run_id = ? GROUP BY 1, 2 ORDER BY 3 DESC", [rid]).fetchall():
-                console.print(f"  skipped input ({stage}): {n}× {reason}")
+                console.print(f"  skipped input ({stage}): {n}× {reason}", markup=False)
 
 
 @model_app.command("pull")

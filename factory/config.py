@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engines.base import Sampling
 from .store import content_key
@@ -87,25 +87,29 @@ class PrincipleChoice(Strict):
     only: list[str] | None = Field(None, description="restrict to these principle ids")
 
 
-class Pipeline(Strict):
-    kind: Literal["sl"] = Field("sl", description="sl: critique→revise; prefs: AI preference labels")
+class RunConfig(Strict):
+    """What every pipeline kind shares: its name, constitution, model, engine, database and chunking."""
+
     name: RunName
-    prompts: PromptSource
     constitution: str = Field(description="path to a constitution YAML (or a name in constitutions/)")
-    templates: Templates = Templates()
     model: str = Field("smollm2-135m", description="the embedded alias, a local folder or a hub id")
     engine: EngineSpec = EngineSpec()
-    rounds: int = Field(1, ge=1, le=4, description="critique→revision rounds (1–4)")
-    principles: PrincipleChoice = PrincipleChoice()
-    sampling: StageSampling = StageSampling()
     db: str = Field(description="the DuckDB file results go to")
-    chunk_rows: int = Field(256, ge=1, description="rows per write transaction")
+    chunk_rows: int = Field(1024, ge=1, description="rows per write transaction (not part of the run id)")
+    chunk_inputs: int = Field(1024, ge=1, description="input records per chunk: the unit of planning and of the "
+                              "completion records that let a restart skip finished work (not part of the run id)")
 
     def snapshot(self) -> dict:
         return json.loads(self.model_dump_json())
 
-    def hash(self, **extra: str) -> str:
-        return content_key("pipeline", self.snapshot(), extra)
+
+class Pipeline(RunConfig):
+    kind: Literal["sl"] = Field("sl", description="sl: critique→revise; prefs: AI preference labels")
+    prompts: PromptSource
+    templates: Templates = Templates()
+    rounds: int = Field(1, ge=1, le=4, description="critique→revision rounds (1–4)")
+    principles: PrincipleChoice = PrincipleChoice()
+    sampling: StageSampling = StageSampling()
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -137,34 +141,47 @@ class PairSource(Strict):
 
 class JudgeSpec(Strict):
     template: str = "prompts/judge.j2"
-    mode: Literal["logprob", "cot"] = Field("logprob", description="logprob: one decode step; cot: rationale first")
+    mode: str = Field("logprob", description="a judge mode of factory.judges.MODES: logprob (one decode step), "
+                      "cot (rationale first), vote (sampled verdicts, for endpoints without log-probs)")
     per_pair: int | None = Field(None, ge=1, description="principles judged per pair (seeded sample); default all")
     seed: int = 0
     options: list[str] = Field(["A", "B"], min_length=2, max_length=2)
     tie_eps: float = Field(0.05, ge=0, lt=0.5, description="|p - 0.5| below this is marked a tie (kept, not dropped)")
     clamp: tuple[float, float] | None = Field(None, description="clamp each judgement's probability (CoT: [0.2, 0.8])")
+    calibrate: bool = Field(False, description="label with batch-calibrated probabilities (each principle and order's "
+                            "mean P(first) divided out); raw and calibrated labels are both stored either way")
+    weights: str | None = Field(None, description="a weight set fitted to human labels (`factory audit fit`) instead "
+                                "of the constitution's weights")
     cot_max_tokens: int = Field(96, ge=8)
     cot_temperature: float = Field(0.0, ge=0)
+    votes: int = Field(5, ge=1, le=64, description="vote mode: sampled verdicts per order")
+    vote_temperature: float = Field(1.0, ge=0, description="vote mode: sampling temperature")
+    vote_max_tokens: int = Field(3, ge=1, le=16, description="vote mode: tokens per sampled verdict")
     max_conversation_chars: int = Field(3000, ge=100, description="keep the last turns of long conversations")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        from .judges import MODES
 
-class PrefsPipeline(Strict):
+        if v not in MODES:
+            raise ValueError(f"unknown judge mode '{v}'; use one of {', '.join(MODES)}")
+        return v
+
+    @field_validator("clamp")
+    @classmethod
+    def _clamp(cls, v):
+        if v is not None and not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"clamp must satisfy 0 <= lo <= hi <= 1; got {list(v)}")
+        return v
+
+
+class PrefsPipeline(RunConfig):
     kind: Literal["prefs"]
-    name: RunName
-    constitution: str
     pairs: PairSource
     judge: JudgeSpec = JudgeSpec()
     answer_template: str = "prompts/answer.j2"
     model: str = Field("smollm2-135m", description="policy (for sampling) and feedback model")
-    engine: EngineSpec = EngineSpec()
-    db: str
-    chunk_rows: int = Field(256, ge=1)
-
-    def snapshot(self) -> dict:
-        return json.loads(self.model_dump_json())
-
-    def hash(self, **extra: str) -> str:
-        return content_key("prefs", self.snapshot(), extra)
 
 
 def load_prefs_pipeline(path: str | Path) -> PrefsPipeline:

@@ -95,3 +95,63 @@ def pull_embedded(force: bool = False) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)  # atomic: a killed pull never leaves a half folder behind
     return target
+
+
+# Files whose content decides what a model answers (weights, config, tokenizer, chat template).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".gguf", ".tiktoken")
+
+
+def fingerprint(path: str | Path) -> str:
+    """A content fingerprint of a model folder (sha256 over its config, tokenizer and weights files),
+    cached by (path, size, mtime) so a 100 GB model is hashed once. A checkpoint retrained in the same
+    folder gets a new fingerprint, hence new row keys. A hub id that is not a local folder is
+    identified by its name and the snapshot revision in the local Hugging Face cache, if any."""
+    import hashlib
+    import json
+
+    p = Path(path)
+    if not p.is_dir():
+        rev = _hub_revision(str(path))
+        return hashlib.sha256(f"hub:{path}@{rev}".encode()).hexdigest()[:16]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _IDENTITY_SUFFIXES)
+    stamp = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    cache_file = cache_dir() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key = hashlib.sha256(json.dumps([str(p.resolve()), stamp]).encode()).hexdigest()
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    fp = h.hexdigest()[:16]
+    cache[key] = fp
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    except OSError:
+        pass
+    return fp
+
+
+def _hub_revision(name: str) -> str:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        got = try_to_load_from_cache(name, "config.json")
+        return Path(got).parent.name if isinstance(got, str) else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def identity(name: str | None, path: str) -> str:
+    """What goes into row keys and the ``model`` column for a model loaded from ``path``: the name the
+    pipeline used, for people, and the content fingerprint, for keys (``smollm2-135m@3f2a…``)."""
+    return f"{name or EMBEDDED_ALIAS}@{fingerprint(path)}"

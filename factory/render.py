@@ -1,11 +1,17 @@
-"""``factory render``: the exact chat messages one example sends to the model, without an engine."""
+"""``factory render``: the exact chat messages one example sends to the model, without an engine.
+
+Each run kind's ``render`` calls one of these: SL pipelines show the answer, critique or revise
+prompt of a prompt; preference and audit pipelines show the judge prompt of a pair (a file's pair,
+a human set's pair, or placeholders where pairs are sampled or come from SL runs).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .sources import read_prompts
+from .sources import read_pairs, read_prompts
+from .stages import judge as J
 from .stages import sl
 from .store import Store, StoreError
 
@@ -21,20 +27,16 @@ def _stored_text(db: str, table: str, prompt_id: str) -> str | None:
             row = store.one(
                 f"SELECT text FROM {table} WHERE prompt_id = ? AND status = 'ok' ORDER BY round DESC, created_at DESC LIMIT 1",
                 [prompt_id])
-    except StoreError:
+    except Exception:  # in use by a run, or an older schema: placeholders will do
         return None
     return row[0] if row else None
 
 
-def render_judge(path: str | Path, example: int, order: str = "ab") -> list[dict]:
-    """The judge's messages for one pair of a file-sourced or sampled preference pipeline."""
-    from . import prefs
-    from .sources import read_pairs
-    from .stages import judge as J
-
-    lp = prefs.load(path)
-    src, cfg = lp.cfg.pairs, lp.cfg.judge
-    if src.source == "file":
+def render_judge(lp, example: int, order: str = "ab") -> list[dict]:
+    """The judge's messages for one pair of a preference or audit pipeline."""
+    cfg = lp.cfg.judge
+    src = getattr(lp.cfg, "pairs", None) or lp.cfg.human
+    if getattr(src, "source", "file") == "file":
         table, _ = read_pairs(src.path, format=src.format, split=src.split, data_dir=src.data_dir, limit=src.limit)
         if not 0 <= example < table.num_rows:
             raise StoreError(f"--example {example} is out of range: the file has {table.num_rows} valid pairs")
@@ -45,21 +47,14 @@ def render_judge(path: str | Path, example: int, order: str = "ab") -> list[dict
                       PLACEHOLDER.format(what="second response"))
     p = J.choose(lp.constitution, cfg.per_pair, cfg.seed, pair.pair_id)[0]
     ctx = J.JudgeCtx(run_id="", model="", seed=None, constitution=lp.constitution, template=lp.templates["judge"],
-                     options=cfg.options, option_ids=[], sampling_hash="", max_chars=cfg.max_conversation_chars,
-                     cot=cfg.mode == "cot")
-    return J._messages(ctx, pair, p, order, None)
+                     options=cfg.options, option_ids=[], sampling_hash="", max_chars=cfg.max_conversation_chars)
+    return ctx.messages(pair, p, order, cot=cfg.mode == "cot")
 
 
-def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
-    from .pipeline import load
-    from .yamlconf import load_yaml_data
-
-    data, _ = load_yaml_data(path)
-    if isinstance(data, dict) and data.get("kind") == "prefs":
-        return render_judge(path, example)
-    lp = load(path)
+def render_sl(kind, lp, stage: str, example: int) -> list[dict]:
     src = lp.cfg.prompts
-    table, _ = read_prompts(src.path, field=src.field, split=src.split, data_dir=src.data_dir, limit=src.limit)
+    table, _ = read_prompts(src.path, field=src.field, split=src.split, data_dir=src.data_dir,
+                            limit=max(example + 1, 1) if src.limit is None else min(src.limit, example + 1))
     if not 0 <= example < table.num_rows:
         raise StoreError(f"--example {example} is out of range: the prompts have {table.num_rows} valid rows")
     pid = table.column("prompt_id")[example].as_py()
@@ -67,8 +62,7 @@ def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
     if stage == "answer":
         return lp.templates["answer"].render(conversation=conv)
     pc = lp.cfg.principles
-    order = table.column("prompt_id").to_pylist()
-    principles = sl.choose_principles(lp.constitution, pc.strategy, pc.per_round, pc.seed, order, 1, pc.only)[pid]
+    principles = sl.principles_for(lp.constitution, pc.strategy, pc.per_round, pc.seed, pid, example, 1, pc.only)
     response = _stored_text(lp.cfg.db, "responses", pid) or PLACEHOLDER.format(what="initial answer")
     if stage == "critique":
         return lp.templates["critique"].render(conversation=conv, response=response, principle=principles[0], round=1)
@@ -77,3 +71,11 @@ def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
         crits = [{"principle": p, "text": critique} for p in principles]
         return lp.templates["revise"].render(conversation=conv, response=response, critiques=crits, round=1)
     raise StoreError(f"unknown --stage '{stage}'; use answer, critique or revise")
+
+
+def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
+    """Any pipeline kind, looked up in the run-kind registry."""
+    from .runs import load
+
+    kind, lp = load(path)
+    return kind.render(lp, stage, example)

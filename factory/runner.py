@@ -1,33 +1,94 @@
-"""Running one wave of requests through an engine into a store table.
+"""Streaming runs: plan → key → skip done → engine → write, in bounded chunks.
 
-A wave is every request of one stage (all initial answers, all round-2 critiques, …) handed to the
-engine at once. Keys already stored are skipped (that is what makes runs resumable); completions
-are written back in chunks, one transaction each, every ``chunk_rows`` rows or ``chunk_seconds``
-seconds, whichever comes first, so a killed run loses at most the unwritten tail.
+A run kind (SL, prefs, audit) hands :meth:`Runner.run` a stream of input chunks; each chunk
+expands into jobs (one engine request each) and a job's stored rows may create follow-up jobs (an
+answer's critiques, a prompt's pairs, a rationale's scoring request). The runner:
+
+- probes the store for a batch of planned keys at once (one scan per batch; when no other run
+  could have made these rows, only this run's rows of the chunks at hand are read) and reuses what
+  is stored (its follow-ups are planned from the stored rows); the rest goes to the engine, each
+  request rendered only when the engine asks for it;
+- keeps the engine fed through one lazy request stream over the whole run, so its batch never
+  drains between chunks (the stream yields ``None``, "nothing right now", only while requests are
+  in flight whose completions may create more);
+- writes completions in transactions of ``chunk_rows`` rows (or every ``chunk_seconds``) and, in
+  the same transaction, the completion record of every input chunk whose jobs and follow-ups are
+  all stored: a restart skips finished chunks without reading, rendering or probing them;
+- holds at most ``max_open_chunks`` input chunks open, so memory does not depend on the run's size;
+- stops gracefully: after :meth:`request_stop` it sends nothing new, writes what has completed and
+  returns (requests still inside the engine are left for the resume). An exception from the
+  engine is :class:`EngineFailed` after the same write.
+
+A stored ``failed`` row counts as done unless ``retry_failed``: then its job runs again and the
+new row replaces it.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .engines.base import Completion, Engine, Request
-from .store import GEN_SCHEMA, Store, now
+from .engines.base import Completion, Engine, EngineError, Request
+from .store import CHUNK_SCHEMA, TABLE_SCHEMAS, Store, now
 
 
-@dataclass
+class EngineFailed(EngineError):
+    """The engine died (or a server went away) mid-run; what completed before is stored."""
+
+
+@dataclass(eq=False)
+class ChunkState:
+    """An input chunk in progress: done when every job it planned (follow-ups included) is stored."""
+
+    index: int
+    meta: dict = field(default_factory=dict)
+    pending: int = 0
+    closed: bool = False
+    n_jobs: int = 0
+    n_new: int = 0
+
+
+@dataclass(eq=False)
 class Job:
-    """One request and the row fields (besides the outcome) it will be stored with."""
+    """One request and the row fields (besides the outcome) it will be stored with.
 
-    request: Request
+    ``build`` renders the request; it is called only if the rows are not stored yet. ``row_ids`` are
+    the ids of the rows it produces (default: its key alone; n samples give n ids). ``then`` plans
+    follow-up jobs from the job's stored rows (dicts with ``id``, ``status`` and the ``need``
+    columns), whether just generated or reused."""
+
+    table: str
+    key: str
     row: dict
+    build: Callable[[], Request]
+    to_rows: Callable[["Job", Completion], list[dict]]
+    row_ids: tuple[str, ...] | None = None
+    then: Callable[[list[dict]], Iterable["Job"]] | None = None
+    need: tuple[str, ...] = ()
+    chunk: ChunkState | None = None
+    replace: bool = False
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self.row_ids or (self.key,)
 
 
 @dataclass
-class WaveStats:
+class Write:
+    """Rows a follow-up step stores alongside its jobs (e.g. the pairs made from a prompt's samples):
+    buffered with the run's rows and written in the same transactions (insert or ignore)."""
+
+    table: str
+    rows: list[dict]
+
+
+@dataclass
+class TableStats:
     table: str
     planned: int = 0
     reused: int = 0
@@ -45,80 +106,289 @@ def gen_row(job: Job, c: Completion) -> list[dict]:
     status, error = c.status, c.error
     if status == "ok" and not (text or "").strip():
         status, error = "failed", "empty model output"
-    return [
-        {
-            **job.row,
-            "id": job.request.key,
-            "messages": job.row.get("messages"),
-            "text": text,
-            "status": status,
-            "error": error,
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "finish_reason": c.finish_reasons[0] if c.finish_reasons else None,
-            "created_at": now(),
-        }
-    ]
+    return [{**job.row, "id": job.key, "text": text, "status": status, "error": error,
+             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+             "finish_reason": c.finish_reasons[0] if c.finish_reasons else None, "created_at": now()}]
 
 
-def progress(quiet: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rps]:.1f} req/s  {task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(),
-        disable=quiet,
-    )
+@dataclass
+class InputChunk:
+    """What a run kind hands the runner per chunk: its index (stable for an unchanged input), where
+    it lies (recorded when it finishes) and a function planning its root jobs (which may also do
+    the chunk's own writes, such as its pairs)."""
+
+    index: int
+    meta: dict
+    plan: Callable[[], list[Job]]
 
 
-def run_wave(
-    store: Store,
-    engine: Engine,
-    table: str,
-    jobs: Sequence[Job],
-    *,
-    run_id: str,
-    to_rows: Callable[[Job, Completion], list[dict]] = gen_row,
-    schema=GEN_SCHEMA,
-    chunk_rows: int = 256,
-    chunk_seconds: float = 5.0,
-    bar: Progress | None = None,
-    row_keys: Callable[[str], list[str]] = lambda key: [key],
-) -> WaveStats:
-    """``row_keys`` maps a request key to the row ids it produces (one unless a request has n > 1
-    samples); a request is done when its first row is stored (all its rows share one transaction)."""
-    stats = WaveStats(table=table, planned=len(jobs))
-    rows_of = {j.request.key: row_keys(j.request.key) for j in jobs}
-    store.link_run(run_id, table, [k for ks in rows_of.values() for k in ks])
-    done = store.existing(table, [ks[0] for ks in rows_of.values()])
-    todo = [j for j in jobs if rows_of[j.request.key][0] not in done]
-    stats.reused = len(jobs) - len(todo)
-    if not todo:
-        return stats
-    by_key = {j.request.key: j for j in todo}
-    task = bar.add_task(table, total=len(todo), rps=0.0, tps=0.0) if bar else None
-    pending: list[dict] = []
-    start = last_flush = time.perf_counter()
+class Runner:
+    def __init__(self, store: Store, engine: Engine, run_id: str, *, stage: str, chunk_rows: int = 1024,
+                 chunk_seconds: float = 5.0, retry_failed: bool = False, max_open_chunks: int = 4,
+                 probe_rows: int = 4096, own_runs: Iterable[str] = (), full_probe: bool = False,
+                 progress: Callable[[], float | None] = lambda: None, quiet: bool = True):
+        self.store, self.engine, self.run_id, self.stage = store, engine, run_id, stage
+        self.chunk_rows, self.chunk_seconds = chunk_rows, chunk_seconds
+        self.retry_failed, self.max_open_chunks, self.probe_rows = retry_failed, max_open_chunks, probe_rows
+        self.own_runs = {run_id, *own_runs}  # run ids whose rows this run makes (e.g. "<run>-naive")
+        self.full_probe = full_probe  # the input changed since chunks were recorded: look everywhere
+        self.input_progress = progress
+        self.stats: dict[str, TableStats] = {}
+        self.chunks_done = 0
+        self.stopped = False
+        self._stop = False
+        self._todo: deque[Job] = deque()
+        self._followups: list[Job] = []
+        self._planned: dict[str, Job] = {}  # key -> the job that will store it (in todo or in flight)
+        self._waiting: dict[str, list[Job]] = {}  # key -> jobs with the same key, resolved with it
+        self._inflight: dict[str, Job] = {}
+        self._open: list[ChunkState] = []
+        self._inputs: Iterator[InputChunk] | None = None
+        self._foreign: dict[tuple, bool] = {}
+        self._buf: dict[tuple[str, bool], list[dict]] = {}
+        self._links: dict[tuple[str, str], list[str]] = {}
+        self._records: list[dict] = []
+        self._buffered = 0
+        self._last_flush = time.perf_counter()
+        self._start = time.perf_counter()
+        self._progress = _bar(quiet)
+        self._task = None
+        self._eta_from: tuple[float, float] | None = None
 
-    def flush() -> None:
-        nonlocal pending, last_flush
-        stats.written += store.insert(table, pending, schema)
-        pending, last_flush = [], time.perf_counter()
+    # -- public ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Send nothing new; write what has completed and return (the first Ctrl-C / SIGTERM)."""
+        self._stop = True
 
-    for c in engine.generate([j.request for j in todo]):
-        rows = to_rows(by_key[c.key], c)
-        pending.extend(rows)
-        stats.requests += 1
-        stats.completion_tokens += c.completion_tokens
-        stats.prompt_tokens += c.prompt_tokens
+    def run(self, inputs: Iterable[InputChunk]) -> None:
+        self._inputs = iter(inputs)
+        self._start = time.perf_counter()
+        with self._progress:
+            self._task = self._progress.add_task(self.stage, total=1000, status="")
+            completions = self.engine.generate(self._requests())
+            try:
+                while True:
+                    try:
+                        c = next(completions)
+                    except StopIteration:
+                        break
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:  # the engine (or the server behind it) died
+                        raise EngineFailed(f"{type(e).__name__}: {str(e)[:500]}") from e
+                    self._complete(c)
+                    if self._stop:
+                        break
+                    self._maybe_flush()
+            finally:
+                completions.close()  # the engine aborts what is still in flight: left for the resume
+                self._flush()
+                self.stopped = self._stop
+                elapsed = time.perf_counter() - self._start
+                for s in self.stats.values():
+                    s.seconds = elapsed
+                self._show()
+
+    # -- the request stream ----------------------------------------------------------------------
+    def _requests(self) -> Iterator[Request | None]:
+        while not self._stop:
+            if self._todo:
+                job = self._todo.popleft()
+                self._inflight[job.key] = job
+                yield job.build()
+                continue
+            more_input = self._inputs is not None and len(self._open) < self.max_open_chunks
+            if self._followups and (len(self._followups) >= self.probe_rows or not more_input or not self._inflight):
+                batch, self._followups = self._followups, []
+                self._resolve(batch)
+                continue
+            if more_input and self._open_next():
+                continue
+            if self._followups:
+                batch, self._followups = self._followups, []
+                self._resolve(batch)
+                continue
+            if self._inflight:
+                yield None
+                continue
+            return
+
+    def _open_next(self) -> bool:
+        try:
+            chunk = next(self._inputs)
+        except StopIteration:
+            self._inputs = None
+            return False
+        state = ChunkState(chunk.index, chunk.meta)
+        self._open.append(state)
+        jobs = chunk.plan()
+        state.closed = True
+        for j in jobs:
+            j.chunk = state
+        state.pending = state.n_jobs = len(jobs)
+        if not jobs:
+            self._chunk_done(state)
+        for i in range(0, len(jobs), self.probe_rows * 4):
+            self._resolve(jobs[i:i + self.probe_rows * 4])
+        self._update()
+        return True
+
+    # -- planning: probe, reuse or send ----------------------------------------------------------
+    def _resolve(self, jobs: list[Job]) -> None:
+        by_table: dict[str, list[Job]] = {}
+        for j in jobs:
+            by_table.setdefault(j.table, []).append(j)
+        for table, group in by_table.items():
+            st = self._stat(table)
+            st.planned += len(group)
+            need = sorted({c for j in group for c in j.need})
+            found = self._probe(table, group, need)
+            for job in group:
+                if job.key in self._planned:  # the same row planned twice (e.g. an audit's naive pass)
+                    self._waiting.setdefault(job.key, []).append(job)
+                    continue
+                stored = [found.get(i) for i in job.ids]
+                if stored[0] is not None and not (self.retry_failed and any(s is None or s[0] == "failed" for s in stored)):
+                    rows = [{"id": i, "status": s[0], "run_id": s[1], **dict(zip(need, s[2:]))}
+                            for i, s in zip(job.ids, stored) if s is not None]
+                    self._reuse(job, rows)
+                else:
+                    job.replace = stored[0] is not None
+                    self._planned[job.key] = job
+                    self._todo.append(job)
+
+    def _probe(self, table: str, jobs: list[Job], need: list[str]) -> dict[str, tuple]:
+        cols = ", ".join(["t.status", "t.run_id", *(f"t.{c}" for c in need)])
+        keys = [i for j in jobs for i in j.ids]
+        sig = (table, jobs[0].row.get("model"), jobs[0].row.get("sampling_hash"))
+        if sig not in self._foreign:  # could any other run have stored rows with these keys?
+            own = ", ".join(f"'{r}'" for r in self.own_runs)
+            self._foreign[sig] = self.full_probe or bool(self.store.one(
+                f"SELECT 1 FROM {table} WHERE model IS NOT DISTINCT FROM ? AND sampling_hash IS NOT DISTINCT FROM ? "
+                f"AND (run_id NOT IN ({own}) OR chunk IS NULL) LIMIT 1", list(sig[1:])))
+        if self._foreign[sig]:
+            return self.store.probe(table, keys, cols)
+        # only this run can have made them, and only for these chunks: zone maps skip the rest
+        idx = [j.chunk.index for j in jobs if j.chunk is not None]
+        where = f"t.run_id IN ({', '.join(repr(r) for r in self.own_runs)})"
+        if idx:
+            where += f" AND t.chunk BETWEEN {min(idx)} AND {max(idx)}"
+        return self.store.probe(table, keys, cols, where=where)
+
+    def _reuse(self, job: Job, rows: list[dict], producer: str | None = None) -> None:
+        self._stat(job.table).reused += 1
+        mine = job.row.get("run_id", self.run_id)
+        foreign = [r["id"] for r in rows if (r.get("run_id") or producer) != mine]
+        if foreign:
+            self._links.setdefault((mine, job.table), []).extend(foreign)
+            self._buffered += len(foreign)
+        self._resolved(job, rows)
+
+    def _resolved(self, job: Job, rows: list[dict]) -> None:
+        chunk = job.chunk
+        if job.then is not None:
+            follow = []
+            for f in job.then(rows):
+                if isinstance(f, Write):
+                    self._buf.setdefault((f.table, False), []).extend(f.rows)
+                    self._buffered += len(f.rows)
+                else:
+                    follow.append(f)
+            for f in follow:
+                f.chunk = chunk
+            if chunk is not None:
+                chunk.pending += len(follow)
+                chunk.n_jobs += len(follow)
+            self._followups.extend(follow)
+        for w in self._waiting.pop(job.key, []):
+            self._reuse(w, [{**r, "run_id": None} for r in rows], producer=job.row.get("run_id"))
+        if chunk is not None:
+            chunk.pending -= 1
+            if chunk.pending == 0 and chunk.closed:
+                self._chunk_done(chunk)
+
+    def _chunk_done(self, chunk: ChunkState) -> None:
+        self._open.remove(chunk)
+        self._records.append({"run_id": self.run_id, "stage": self.stage, "chunk": chunk.index, "source": "",
+                              "meta_json": json.dumps(chunk.meta), "n_jobs": chunk.n_jobs, "n_new": chunk.n_new,
+                              "done_at": now()})
+        self._buffered += 1
+        self.chunks_done += 1
+
+    # -- completions and writes ------------------------------------------------------------------
+    def _complete(self, c: Completion) -> None:
+        job = self._inflight.pop(c.key)
+        self._planned.pop(c.key, None)
+        rows = job.to_rows(job, c)
+        chunk = job.chunk
         for r in rows:
-            stats.statuses[r["status"]] = stats.statuses.get(r["status"], 0) + 1
-        if len(pending) >= chunk_rows or time.perf_counter() - last_flush > chunk_seconds:
-            flush()
-        if bar is not None:
-            el = max(time.perf_counter() - start, 1e-9)
-            bar.update(task, advance=1, rps=stats.requests / el, tps=stats.completion_tokens / el)
-    flush()
-    stats.seconds = time.perf_counter() - start
-    return stats
+            r["chunk"] = chunk.index if chunk is not None else None
+        self._buf.setdefault((job.table, job.replace), []).extend(rows)
+        self._buffered += len(rows)
+        st = self._stat(job.table)
+        st.requests += 1
+        st.written += len(rows)
+        st.completion_tokens += c.completion_tokens
+        st.prompt_tokens += c.prompt_tokens
+        for r in rows:
+            st.statuses[r["status"]] = st.statuses.get(r["status"], 0) + 1
+        if chunk is not None:
+            chunk.n_new += 1
+        self._resolved(job, rows)
+
+    def _maybe_flush(self) -> None:
+        if self._buffered >= self.chunk_rows or time.perf_counter() - self._last_flush > self.chunk_seconds:
+            self._flush()
+            self._update()
+
+    def _flush(self) -> None:
+        if self._buffered:
+            with self.store.transaction():
+                for (table, replace), rows in self._buf.items():
+                    self.store.insert(table, rows, TABLE_SCHEMAS.get(table), replace=replace)
+                for (run_id, table), keys in self._links.items():
+                    self.store.link_run(run_id, table, keys)
+                self.store.insert("chunks", self._records, CHUNK_SCHEMA)
+            committed = getattr(self.engine, "committed", None)
+            if committed is not None:  # an engine holding durable partial results may release them now
+                committed()
+        self._buf, self._links, self._records, self._buffered = {}, {}, [], 0
+        self._last_flush = time.perf_counter()
+
+    # -- progress --------------------------------------------------------------------------------
+    def _stat(self, table: str) -> TableStats:
+        if table not in self.stats:
+            self.stats[table] = TableStats(table)
+        return self.stats[table]
+
+    def _update(self) -> None:
+        if self._task is None:
+            return
+        frac = self.input_progress()
+        el = max(time.perf_counter() - self._start, 1e-9)
+        new = sum(s.requests for s in self.stats.values())
+        reused = sum(s.reused for s in self.stats.values())
+        toks = sum(s.completion_tokens for s in self.stats.values())
+        status = f"{new:,} new, {reused:,} reused, {self.chunks_done} chunks done · {new / el:,.1f} req/s {toks / el:,.0f} tok/s"
+        if frac is not None:
+            if self._eta_from is None:
+                self._eta_from = (frac, el)
+            f0, t0 = self._eta_from
+            if frac > f0 and frac < 1:
+                status += f" · ETA {_hms((1 - frac) * (el - t0) / (frac - f0))}"
+            self._progress.update(self._task, completed=int(frac * 1000), status=status)
+        else:
+            self._progress.update(self._task, status=status)
+
+    def _show(self) -> None:
+        self._update()
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _bar(quiet: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=quiet)

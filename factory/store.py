@@ -5,10 +5,16 @@ Every result row is keyed by a content hash of everything that determined it, so
 Rows are written in chunks (one transaction each) as the engine returns them. Only one process
 writes a database: a sidecar ``<db>.lock`` holds an OS lock plus the owning run id, and a second
 writer gets "database is in use by run X" instead of DuckDB's low-level lock error.
+
+Which rows belong to a run (:meth:`Store.run_rows`, the one place that says it): a generated row
+belongs to the run that produced it (its ``run_id``) and to every later run that reused it (one
+``run_items`` link per reused row, so a fresh run writes no links); a pair belongs to the runs
+that listed it in ``run_pairs``; a prompt to those in ``run_prompts``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -20,14 +26,13 @@ from typing import Any, Iterable
 import duckdb
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-
 # Columns shared by every generated-text table (responses, critiques, revisions, samples, …).
 GEN_COLUMNS: dict[str, pa.DataType] = {
     "id": pa.string(),  # content key
     "run_id": pa.string(),  # the run that produced it first
     "prompt_id": pa.string(),
     "parent_id": pa.string(),  # response/revision this row critiques or revises
+    "parent_ids": pa.string(),  # JSON list of every parent id in the key (a revision: head + its critiques)
     "round": pa.int32(),
     "principle_ids": pa.string(),  # JSON list (a revision may address several critiques)
     "constitution_hash": pa.string(),
@@ -42,6 +47,7 @@ GEN_COLUMNS: dict[str, pa.DataType] = {
     "completion_tokens": pa.int32(),
     "finish_reason": pa.string(),
     "created_at": pa.timestamp("us", tz="UTC"),
+    "chunk": pa.int64(),  # the run's input chunk it was made for (restarts probe only their own chunks)
 }
 GEN_SCHEMA = pa.schema(list(GEN_COLUMNS.items()))
 GEN_TABLES = ("responses", "critiques", "revisions")
@@ -74,17 +80,20 @@ JUDGEMENT_SCHEMA = pa.schema([
     ("template_hash", pa.string()),
     ("model", pa.string()),
     ("sampling_hash", pa.string()),
-    ("messages", pa.string()),
+    ("messages_hash", pa.string()),  # sha256 of the exact messages sent; `factory show ID` re-renders and checks
     ("rationale", pa.string()),  # chain-of-thought judge only
     ("logprob_first", pa.float64()),  # log-prob of the first-shown option's token
     ("logprob_second", pa.float64()),
     ("p_first", pa.float64()),  # renormalised over the two options
     ("p_a", pa.float64()),  # P(response_a better) = p_first (ab) or 1 - p_first (ba)
+    ("floored", pa.int32()),  # bit i set: option i was outside the endpoint's top-k and got the floor
+    ("verdicts", pa.string()),  # vote mode: JSON list of the sampled verdict texts, unparseable ones included
     ("status", pa.string()),
     ("error", pa.string()),
     ("prompt_tokens", pa.int32()),
     ("completion_tokens", pa.int32()),
     ("created_at", pa.timestamp("us", tz="UTC")),
+    ("chunk", pa.int64()),
 ])
 PREFERENCE_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -106,8 +115,19 @@ _DUCK_TYPES = {
     pa.int64(): "BIGINT",
     pa.float64(): "DOUBLE",
     pa.bool_(): "BOOLEAN",
+    pa.int8(): "TINYINT",
     pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
 }
+
+
+# Rationales (chain-of-thought judge) are stored like judgements: messages by hash, re-rendered on demand.
+RATIONALE_SCHEMA = pa.schema([*(f if f.name != "messages" else pa.field("messages_hash", pa.string()) for f in GEN_SCHEMA),
+                              ("pair_id", pa.string()), ("principle_id", pa.string()), ("order", pa.string())])
+# A finished chunk of one run's input: its rows (and its descendants' rows) are all stored, so a
+# restart skips it without reading, rendering or probing it (datatrove-style completion records).
+CHUNK_SCHEMA = pa.schema([("run_id", pa.string()), ("stage", pa.string()), ("chunk", pa.int64()),
+                          ("source", pa.string()), ("meta_json", pa.string()), ("n_jobs", pa.int64()),
+                          ("n_new", pa.int64()), ("done_at", pa.timestamp("us", tz="UTC"))])
 
 
 def ddl(table: str, schema: pa.Schema, key: str | tuple[str, ...] = "id") -> str:
@@ -158,7 +178,57 @@ MIGRATIONS: list[list[str]] = [
             eval_id VARCHAR PRIMARY KEY, kind VARCHAR, model VARCHAR, set_id VARCHAR, n BIGINT,
             accuracy DOUBLE, ties BIGINT, details_json VARCHAR, created_at TIMESTAMPTZ)""",
     ],
+    # v3: streaming runs (chunk completion records, pair membership), compact judgements (messages by
+    # hash), model identity, run errors and lineage, judge modes
+    [
+        "ALTER TABLE judgements ADD COLUMN IF NOT EXISTS messages_hash VARCHAR",
+        "ALTER TABLE judgements ADD COLUMN IF NOT EXISTS floored INTEGER",
+        "ALTER TABLE judgements ADD COLUMN IF NOT EXISTS verdicts VARCHAR",
+        "ALTER TABLE rationales ADD COLUMN IF NOT EXISTS messages_hash VARCHAR",
+        "ALTER TABLE rationales ADD COLUMN IF NOT EXISTS pair_id VARCHAR",
+        "ALTER TABLE rationales ADD COLUMN IF NOT EXISTS principle_id VARCHAR",
+        'ALTER TABLE rationales ADD COLUMN IF NOT EXISTS "order" VARCHAR',
+        *[f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS parent_ids VARCHAR" for t in ("responses", "critiques", "revisions",
+                                                                              "samples", "rationales")],
+        *[f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS chunk BIGINT"
+          for t in ("responses", "critiques", "revisions", "samples", "rationales", "judgements")],
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS error VARCHAR",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS lineage_json VARCHAR",
+        ddl("chunks", CHUNK_SCHEMA, ("run_id", "stage", "chunk")),
+        """CREATE TABLE IF NOT EXISTS run_pairs (
+            run_id VARCHAR, pair_id VARCHAR, source_row BIGINT, PRIMARY KEY (run_id, pair_id))""",
+        """INSERT OR IGNORE INTO run_pairs SELECT run_id, id, NULL FROM run_items WHERE "table" = 'pairs'""",
+        """DELETE FROM run_items WHERE "table" = 'pairs'""",
+        "CREATE TABLE IF NOT EXISTS migrations (version INTEGER, applied_at TIMESTAMPTZ, note VARCHAR)",
+        "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS p_a_raw DOUBLE",  # the label without calibration
+        "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS p_a_cal DOUBLE",  # … with batch calibration
+        "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS rule_hash VARCHAR",
+        # per (run, principle, order): the mean P(first) that batch calibration divides out
+        """CREATE TABLE IF NOT EXISTS calibration (run_id VARCHAR, principle_id VARCHAR, "order" VARCHAR, prior DOUBLE,
+           n BIGINT, PRIMARY KEY (run_id, principle_id, "order"))""",
+        # named principle weights fitted to human labels (`factory audit fit`), usable as judge.weights
+        """CREATE TABLE IF NOT EXISTS weight_sets (name VARCHAR PRIMARY KEY, body VARCHAR, created_at TIMESTAMPTZ)""",
+        # Keys name what really answered (issue: a fake-engine trial must never be reused by a real
+        # run). Rows of fake-engine runs are relabelled; keys stored before v3 hold the alias, which
+        # no later key does, so those rows stay readable but are never reused.
+        *[f"""UPDATE {t} SET model = 'fake:' || model WHERE model NOT LIKE 'fake:%' AND run_id IN
+              (SELECT run_id FROM runs WHERE json_extract_string(engine_json, '$.kind') = 'fake')"""
+          for t in ("responses", "critiques", "revisions", "samples", "rationales", "judgements")],
+        """INSERT INTO migrations VALUES (3, now(), 'v3: rows of fake-engine runs relabelled model = fake:<alias>; '
+           || 'row keys now hold the identity of what answered (weights fingerprint, server model id or fake:), '
+           || 'so rows stored before v3 stay readable and exportable but are never reused by a later run; '
+           || 'pair membership moved from run_items to run_pairs')""",
+    ],
 ]
+
+# The Arrow schema rows of each generated table are written with.
+TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA, "rationales": RATIONALE_SCHEMA,
+                 "judgements": JUDGEMENT_SCHEMA, "pairs": PAIR_SCHEMA,
+                 "run_pairs": pa.schema([("run_id", pa.string()), ("pair_id", pa.string()), ("source_row", pa.int64())])}
+
+# How run membership is recorded, per table: "links" (producer run_id + run_items links for reused
+# rows) or a membership table keyed (run_id, <key>).
+MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "prompt_id")}
 
 
 class StoreError(Exception):
@@ -246,29 +316,53 @@ class Store:
         if current > len(MIGRATIONS):
             raise StoreError(f"{self.path}: schema v{current} is newer than this factory (v{len(MIGRATIONS)}); upgrade")
         for version in range(current + 1, len(MIGRATIONS) + 1):
-            self.con.execute("BEGIN")
-            for stmt in MIGRATIONS[version - 1]:
-                self.con.execute(stmt)
-            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version)])
+            with self.transaction():
+                for stmt in MIGRATIONS[version - 1]:
+                    self.con.execute(stmt)
+                self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version)])
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One transaction; a write that fails for lack of space or permission is a StoreError naming
+        the path (DuckDB rolls the transaction back, so the database stays as it was)."""
+        self.con.execute("BEGIN")
+        try:
+            yield self
             self.con.execute("COMMIT")
+        except BaseException as e:
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise self._write_error(e) from e if _is_io_error(e) else e
+
+    def _write_error(self, e: BaseException) -> BaseException:
+        if not _is_io_error(e):
+            return e
+        return StoreError(f"{self.path}: cannot write to the database ({str(e).splitlines()[0][:300]}); free space "
+                          f"on {self.path.parent} or make it writable, then rerun the same command: everything "
+                          "committed so far is intact and the run resumes where it stopped")
 
     # -- writes --------------------------------------------------------------------------------
-    def insert(self, table: str, rows: pa.Table | list[dict], schema: pa.Schema | None = None) -> int:
-        """Bulk insert from Arrow in one transaction; rows whose key exists are left untouched."""
+    def insert(self, table: str, rows: pa.Table | list[dict], schema: pa.Schema | None = None,
+               replace: bool = False) -> int:
+        """Bulk insert from Arrow (one statement); rows whose key exists are left untouched, or
+        replaced with ``replace=True`` (retrying failed rows). Returns the rows written."""
         if isinstance(rows, list):
             if not rows:
                 return 0
             rows = pa.Table.from_pylist(rows, schema=schema)
         if rows.num_rows == 0:
             return 0
-        before = self.count(table)
         self.con.register("_incoming", rows)
         try:
             cols = ", ".join(f'"{c}"' for c in rows.column_names)
-            self.con.execute(f"INSERT OR IGNORE INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            return self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _incoming").fetchone()[0]
+        except duckdb.Error as e:
+            raise self._write_error(e) from e
         finally:
             self.con.unregister("_incoming")
-        return self.count(table) - before
 
     def put_config(self, kind: str, body: Any, key: str | None = None) -> str:
         """Store a lineage blob (sampling params, template source, constitution) by its hash."""
@@ -290,9 +384,30 @@ class Store:
         return self.insert("skips", rows, schema)
 
     def link_run(self, run_id: str, table: str, keys: list[str]) -> None:
+        """Record that ``run_id`` uses rows it did not produce (membership of reused rows)."""
+        if not keys:
+            return
         rows = pa.table({"run_id": [run_id] * len(keys), "table": [table] * len(keys), "id": keys},
                         schema=pa.schema([("run_id", pa.string()), ("table", pa.string()), ("id", pa.string())]))
         self.insert("run_items", rows)
+
+    def run_rows(self, table: str, run: str = "$run") -> str:
+        """SQL for the rows of ``table`` that belong to the run bound to ``run`` (a parameter name like
+        ``$run``, or ``?``/a quoted literal): the one definition of run membership (module docstring)."""
+        if table in MEMBERSHIP:
+            member, key = MEMBERSHIP[table]
+            return f"(SELECT t.* FROM {table} t SEMI JOIN {member} m ON m.{key} = t.{key} AND m.run_id = {run})"
+        return (f"""(SELECT t.* FROM {table} t WHERE t.run_id = {run} UNION ALL
+                     SELECT t.* FROM {table} t SEMI JOIN run_items i ON i.id = t.id AND i."table" = '{table}'
+                     AND i.run_id = {run} WHERE t.run_id IS DISTINCT FROM {run})""")
+
+    def run_tables(self, run_id: str) -> list[str]:
+        """The tables holding rows of ``run_id`` (generated, linked, pairs and prompts)."""
+        out = []
+        for t in ("prompts", "pairs", "responses", "critiques", "revisions", "samples", "rationales", "judgements"):
+            if self.one(f"SELECT 1 FROM {self.run_rows(t, '?')} LIMIT 1", [run_id] * (1 if t in MEMBERSHIP else 3)):
+                out.append(t)
+        return out
 
     # -- reads ---------------------------------------------------------------------------------
     def count(self, table: str, where: str = "", params: list | None = None) -> int:
@@ -309,16 +424,36 @@ class Store:
             return set()
         return set(self.fetch(table, keys, f"t.{key}", key).column(0).to_pylist())
 
-    def fetch(self, table: str, keys: list[str], columns: str = "*", key: str = "id") -> pa.Table:
+    def fetch(self, table: str, keys: list[str], columns: str = "*", key: str = "id", where: str = "") -> pa.Table:
         """Rows of ``table`` whose ``key`` is in ``keys`` (joined through Arrow, not a SQL IN list)."""
         probe = pa.table({"k": pa.array(keys, pa.string())})
         self.con.register("_probe", probe)
         try:
-            return self.con.sql(f"SELECT {columns} FROM {table} t JOIN _probe p ON t.{key} = p.k").to_arrow_table()
+            return self.con.sql(f"SELECT {columns} FROM {table} t JOIN _probe p ON t.{key} = p.k"
+                                + (f" WHERE {where}" if where else "")).to_arrow_table()
         finally:
             self.con.unregister("_probe")
+
+    def probe(self, table: str, keys: list[str], columns: str, where: str = "") -> dict[str, tuple]:
+        """``key -> (columns...)`` for the keys stored in ``table``: one scan for a whole batch
+        (``where`` narrows the scan, e.g. to one run's chunks, which zone maps then skip to)."""
+        if not keys:
+            return {}
+        got = self.fetch(table, keys, f"t.id, {columns}", where=where)
+        cols = [c.to_pylist() for c in got.columns]
+        return {k: tuple(c[i] for c in cols[1:]) for i, k in enumerate(cols[0])}
 
     def arrow(self, sql: str, params: list | None = None) -> pa.Table:
         if params:
             return self.con.execute(sql, params).to_arrow_table()
         return self.con.sql(sql).to_arrow_table()
+
+
+def _is_io_error(e: BaseException) -> bool:
+    """A write that failed for lack of space or permission (DuckDB wraps the OS error)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, duckdb.Error) and any(
+        s in text for s in ("no space left", "read-only file system", "permission denied", "disk full",
+                            "could not write", "cannot open file"))

@@ -110,6 +110,12 @@ def _load(path: str, mtime: float) -> Template:
     return Template(path=str(path), source=source, hash=digest, jinja=compiled)
 
 
+def template_from_source(path: str, source: str) -> Template:
+    """A template from its stored source (lineage: re-rendering what a row was sent)."""
+    compiled = _env().from_string(source)
+    return Template(path=path, source=source, hash=hashlib.sha256(source.encode()).hexdigest()[:16], jinja=compiled)
+
+
 def load_template(path: str | Path) -> Template:
     p = Path(path)
     mtime = p.stat().st_mtime if p.exists() else 0.0

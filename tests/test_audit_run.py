@@ -160,11 +160,11 @@ def test_audit_flow_resume_run_variant_and_compare(tmp_path):
                           FROM preferences p JOIN human_labels h USING (pair_id)
                           WHERE p.run_id = ? AND h.set_id = ?""", [run_id, set_id])[0]
         # and the naive baseline by hand: order ab of the naive principle, hard label, p = 0.5 a tie
-        naive = st.one("""SELECT avg(CASE WHEN j.p_a = 0.5 THEN 0.5 WHEN (j.p_a > 0.5) = (h.human_choice = 'a')
+        naive = st.con.execute(f"""SELECT avg(CASE WHEN j.p_a = 0.5 THEN 0.5 WHEN (j.p_a > 0.5) = (h.human_choice = 'a')
                                      THEN 1 ELSE 0 END), count(*)
-                          FROM judgements j JOIN run_items r ON r.id = j.id AND r."table" = 'judgements'
-                          JOIN human_labels h USING (pair_id)
-                          WHERE r.run_id = ? AND j."order" = 'ab' AND h.set_id = ?""", [naive_run(run_id), set_id])
+                          FROM {st.run_rows('judgements', '$run')} j JOIN human_labels h USING (pair_id)
+                          WHERE j."order" = 'ab' AND h.set_id = $set""",
+                               {"run": naive_run(run_id), "set": set_id}).fetchone()
         n_judged = st.count("judgements")
     assert d["overall"]["agreement"] == pytest.approx(agree)
     assert (d["naive"]["agreement"], d["naive"]["n_pairs"]) == (pytest.approx(naive[0]), naive[1])

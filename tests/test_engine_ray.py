@@ -37,6 +37,9 @@ class BrokenEngine(FakeEngine):
         raise RuntimeError("broken engine called")
 
 
+pytestmark = pytest.mark.ray
+
+
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -68,7 +71,7 @@ def test_two_replicas_match_in_process_fake():
     rs = reqs(50)
     eng = RayEngine(functools.partial(FakeEngine, model="fake", seed=3), replicas=2, chunk_size=8)
     try:
-        assert (eng.model, eng.seed, eng.max_model_len) == ("fake", 3, 2048)
+        assert (eng.model, eng.seed, eng.max_model_len) == ("fake:fake", 3, 2048)
         assert eng.token_ids("AB") == [65, 66]
         got = collect(eng, rs)
         assert {k: (c.texts, c.option_logprobs, c.status) for k, c in got.items()} == expected(rs)
@@ -154,7 +157,7 @@ def test_one_vllm_replica_in_ray():
     eng = RayEngine(vllm_factory(path, model_name="smollm2-135m", seed=0, max_model_len=1024, kv_cache_gib=0.5),
                     replicas=1, chunk_size=4)
     try:
-        assert eng.model == "smollm2-135m"
+        assert eng.model.startswith("smollm2-135m@")  # the alias plus the weights' content fingerprint
         a, b = eng.token_ids(" A"), eng.token_ids(" B")
         assert len(a) == len(b) == 1
         rs = [Request(key=f"g{i}", messages=[{"role": "user", "content": f"Name a colour, number {i}."}],

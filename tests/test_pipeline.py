@@ -72,13 +72,14 @@ class Dies(FakeEngine):
 def test_interrupted_run_resumes_without_losses_or_duplicates(tmp_path):
     path = write_pipeline(tmp_path, prompts=PROMPTS, engine="fake")
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(path, engine=Dies(after=5), quiet=True)  # chunk_rows=4: 4 rows flushed, 1 lost
+        pipeline.run(path, engine=Dies(after=5), quiet=True)  # the 6th completion never arrives
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         before = dict(st.con.execute("SELECT id, created_at FROM responses").fetchall())
-    assert len(before) == 4
+        assert st.one("SELECT status FROM runs")[0] == "stopped"
+    assert len(before) == 5  # every completion that arrived was written, though chunk_rows (4) was not reached
     eng = fake()
     pipeline.run(path, engine=eng, quiet=True)
-    assert eng.calls[0] == 2  # only the two missing initial answers were asked again
+    assert eng.calls == [1 + 6 + 6]  # only the missing answer, then every critique and revision
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         after = dict(st.con.execute("SELECT id, created_at FROM responses").fetchall())
         assert st.one("SELECT count(*), count(DISTINCT id) FROM revisions") == (6, 6)
@@ -96,8 +97,8 @@ def test_editing_one_principle_recomputes_only_its_rows(tmp_path, copy_constitut
     eng = fake()
     s = pipeline.run(path, engine=eng, quiet=True)
     # responses reused; 6 privacy critiques recomputed, weapons ones reused; all revisions redone
-    assert eng.calls == [6, 6]
-    by_table = {w.table: (w.written, w.reused) for w in s.waves}
+    assert eng.calls == [6 + 6]
+    by_table = {w.table: (w.written, w.reused) for w in s.stages}
     assert by_table["responses"] == (0, 6) and by_table["critiques"] == (6, 6) and by_table["revisions"] == (6, 0)
 
 
@@ -107,7 +108,7 @@ def test_bad_rows_are_recorded_not_dropped(tmp_path):
     with open(tmp_path / "prompts.jsonl", "ab") as f:
         f.write(b'{"prompt": "caf\xe9"}\n')
     s = pipeline.run(path, engine=fake(empty_every=2), quiet=True)
-    assert len(s.input_skips) == 3
+    assert sum(s.input_skips.values()) == 3
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         reasons = [r[0] for r in st.con.execute("SELECT reason FROM skips ORDER BY row").fetchall()]
         assert any("empty prompt" in r for r in reasons) and any("UTF-8" in r for r in reasons)

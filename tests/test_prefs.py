@@ -9,6 +9,7 @@ from factory import prefs
 from factory.constitution import load_constitution
 from factory.engines.fake import FakeEngine
 from factory.stages.judge import OptionError, truncate
+from factory.lineage import show_row
 from factory.store import Store
 from factory.yamlconf import ConfigError
 
@@ -84,7 +85,7 @@ def test_rerun_recomputes_nothing_and_edit_recomputes_only_that_principle(tmp_pa
     eng = fake()
     s = prefs.run(path, engine=eng, quiet=True)
     assert eng.calls == [5 * 2]  # 5 pairs × the edited principle × 2 orders; samples reused
-    assert {w.table: w.written for w in s.waves} == {"samples": 0, "judgements": 10}
+    assert {w.table: w.written for w in s.stages} == {"samples": 0, "judgements": 10}
 
 
 def test_file_pairs_identical_and_empty_are_recorded(tmp_path):
@@ -95,8 +96,8 @@ def test_file_pairs_identical_and_empty_are_recorded(tmp_path):
             {"prompt": "q4", "response_b": "x"}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = prefs.run(write(tmp_path, pairs=f"{{source: file, path: {f}}}"), engine=fake(), quiet=True)
-    assert s.pairs == 1 and len(s.input_skips) == 3
-    reasons = " | ".join(k.reason for k in s.input_skips)
+    assert s.pairs == 1 and sum(s.input_skips.values()) == 3
+    reasons = " | ".join(s.input_skips)
     assert "identical" in reasons and "empty" in reasons and "response_a" in reasons
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         assert st.count("skips") == 3 and st.count("judgements") == 4
@@ -113,8 +114,12 @@ def test_cot_judge_stores_rationale_and_clamps(tmp_path):
     prefs.run(path, engine=fake(), quiet=True)
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         assert st.count("rationales") == 10 and st.count("judgements", "rationale IS NOT NULL") == 10
-        m = json.loads(st.one("SELECT messages FROM judgements LIMIT 1")[0])
-        assert m[-1]["role"] == "assistant" and "better option is (" in m[-1]["content"]
+        for (jid,) in st.con.execute("SELECT id FROM judgements").fetchall():  # re-rendered from stored inputs
+            lin = show_row(st, jid)
+            assert lin.ok and set(lin.checks) == {"principle", "template", "messages_hash", "key"}
+            m = lin.messages
+            assert m[-1]["role"] == "assistant" and "better option is (" in m[-1]["content"]
+            assert lin.row["rationale"] in m[-1]["content"]
         lo, hi = st.one("SELECT min(p_a), max(p_a) FROM preferences")
         assert 0.2 <= lo and hi <= 0.8
 

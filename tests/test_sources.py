@@ -138,15 +138,15 @@ def test_hf_name_goes_to_load_dataset(monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []
 
-    def fake_load(name, data_dir=None, split=None):
-        calls.append((name, data_dir, split))
+    def fake_load(name, data_dir=None, split=None, streaming=False):
+        calls.append((name, data_dir, split, streaming))
         if name == "broken/x":
             raise ConnectionError("no network")
         return [{"prompt": "first"}, {"prompt": ""}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     table, skips = read_prompts("org/prompts", data_dir="sub", split="validation")
-    assert calls == [("org/prompts", "sub", "validation")]
+    assert calls == [("org/prompts", "sub", "validation", True)]  # Hub datasets stream
     assert table["source_row"].to_pylist() == [0]
     assert skips[0].row == 1 and skips[0].source.startswith("hf:org/prompts[validation]")
     with pytest.raises(SourceError, match="broken/x.*no network"):

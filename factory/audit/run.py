@@ -21,23 +21,24 @@ the same thing again replaces its row and report rather than piling up copies.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
-from ..config import EngineSpec, JudgeSpec, RunName, Strict
+from .. import judges
+from ..config import JudgeSpec, RunConfig, Strict
 from ..constitution import Constitution, load_constitution
-from ..engines import Engine, ensure_engine
+from ..engines import Engine
 from ..human import human_table, import_into, set_info, skip_counts
-from ..pipeline import Loaded, finish_run, open_run, release
-from ..prefs import PrefsSummary, aggregate, judge_pairs
-from ..runner import progress
+from ..inputs import chunked
+from ..labels import label_run
+from ..runs import Loaded, RunContext, RunKind
+from ..runs import run as run_any
+from ..sources import SqlReader
+from ..stages import judge as J
 from ..store import Store, StoreError, content_key, now
 from ..templates import load_template
 from ..yamlconf import load_yaml_model
@@ -67,104 +68,116 @@ class AuditSettings(Strict):
     report_dir: str | None = Field(None, description="where the HTML report goes (default: beside the db)")
 
 
-class AuditPipeline(Strict):
+class AuditPipeline(RunConfig):
     kind: Literal["audit"]
-    name: RunName
-    constitution: str
     human: HumanSpec
     judge: JudgeSpec = JudgeSpec()
     model: str = Field("smollm2-135m", description="the feedback model under audit")
-    engine: EngineSpec = EngineSpec()
-    db: str
-    chunk_rows: int = Field(256, ge=1)
     audit: AuditSettings = AuditSettings()
 
-    def snapshot(self) -> dict:
-        return json.loads(self.model_dump_json())
-
-    def hash(self, **extra: str) -> str:
-        """The run's identity: what is judged and how (the ``audit`` scoring settings are not part of it)."""
-        body = {k: v for k, v in self.snapshot().items() if k != "audit"}
-        return content_key("audit", body, extra)
+    # the audit's scoring settings do not change what is judged: not part of the run id
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("audit",)
 
 
-@dataclass
-class AuditSummary(PrefsSummary):
-    set_id: str = ""
-    audit_id: str = ""
-    report_path: str = ""
-    result: AuditResult | None = None
+class AuditKind(RunKind):
+    name = "audit"
+    tables = ("judgements", "rationales")
+
+    def load(self, path: str | Path) -> Loaded:
+        cfg = load_yaml_model(path, AuditPipeline, what="pipeline")
+        constitution = load_constitution(cfg.constitution)
+        return Loaded(str(path), "audit", cfg, constitution, {"judge": load_template(cfg.judge.template)})
+
+    def settings(self, ctx: RunContext) -> AuditSettings:
+        over = {k: v for k, v in ctx.options.items() if k in ("naive_principle", "report_dir") and v is not None}
+        return ctx.lp.cfg.audit.model_copy(update={k: str(v) if k == "report_dir" else v for k, v in over.items()})
+
+    def execute(self, ctx: RunContext) -> None:
+        lp, store, cfg = ctx.lp, ctx.store, ctx.lp.cfg
+        c = lp.constitution
+        settings = self.settings(ctx)
+        naive = settings.naive_principle or c.principles[0].id
+        c.principle(naive)  # an unknown id is a clear error before any work
+        h = cfg.human
+        set_id, n, skips = import_into(store, h.path, format=h.format, name=h.name, limit=h.limit, split=h.split,
+                                       data_dir=h.data_dir)
+        ctx.summary.extra["set_id"] = set_id
+        store.record_skips(lp.run_id, "human", skips)
+        engine = ctx.engine()
+        jctx, mode = judges.setup(store, engine, cfg.judge, run_id=lp.run_id, constitution=c,
+                                  template=lp.templates["judge"])
+        spec = cfg.judge
+        extra_naive = settings.naive_all_pairs and spec.per_pair is not None and spec.per_pair < len(c.principles)
+
+        def expand(rows, _):
+            pairs = [J.Pair(r["pair_id"], json.loads(r["conversation"]), r["response_a"], r["response_b"]) for r in rows]
+            jobs = judges.pair_jobs(jctx, mode, pairs, lambda p: J.choose(c, spec.per_pair, spec.seed, p.pair_id))
+            if extra_naive:  # the naive principle on every pair, as "<run>-naive": this run's own judgements
+                # (its labels, `--run` audits, exports) stay exactly the configured sample
+                jobs += judges.pair_jobs(jctx, mode, pairs, lambda p: [c.principle(naive)], run_id=naive_run(lp.run_id))
+            return jobs
+
+        reader = SqlReader(store, """SELECT p.pair_id, p.conversation, p.response_a, p.response_b FROM human_labels h
+                                     JOIN pairs p USING (pair_id) WHERE h.set_id = ? ORDER BY h.source_row""",
+                           f"human set {set_id}", [set_id])
+        parse = lambda row, rec: {"pair_id": rec[0], "source_row": row, "conversation": rec[1],  # noqa: E731
+                                  "response_a": rec[2], "response_b": rec[3], "status": "ok"}
+        done, changed = ctx.done_chunks("pairs", reader.fingerprint)
+        inputs = chunked(store, lp.run_id, "pairs", reader, parse, entity="pairs", expand=expand, done=done,
+                         chunk_size=cfg.chunk_inputs)
+        ctx.stream("pairs", inputs, own_runs=[naive_run(lp.run_id)], full_probe=changed)
+        ctx.summary.extra["naive"] = naive
+
+    def finish(self, ctx: RunContext) -> None:
+        lp, store, cfg = ctx.lp, ctx.store, ctx.lp.cfg
+        s = ctx.summary
+        s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
+        s.labels = label_run(store, lp.run_id, lp.constitution, cfg.judge)
+        settings = self.settings(ctx).model_copy(update={"naive_principle": s.extra["naive"]})
+        clamp = cfg.judge.clamp
+        judgements = run_judgements(store, lp.run_id, clamp)
+        naive_j = run_judgements(store, naive_run(lp.run_id), clamp)
+        c = lp.constitution
+        meta = {"run": lp.run_id, "pipeline": lp.path, "model": cfg.model,
+                "constitution": f"{c.name} v{c.version} ({c.hash})", "judge": _judge_meta(cfg.judge.model_dump())}
+        audit_id, result, report = _audit(store, lp.run_id, s.extra["set_id"], judgements,
+                                          naive_j if naive_j.num_rows else None, _weights(c), cfg.judge.tie_eps,
+                                          settings, meta)
+        s.extra.update(audit_id=audit_id, report_path=report)
+        s.extra["result"] = result
+
+    def render(self, lp: Loaded, stage: str, example: int) -> list[dict]:
+        from ..render import render_judge
+
+        return render_judge(lp, example)
+
+
+KIND = AuditKind()
 
 
 def load(path: str | Path) -> Loaded:
-    cfg = load_yaml_model(path, AuditPipeline, what="pipeline")
-    constitution = load_constitution(cfg.constitution)
-    return Loaded(str(path), cfg, constitution, {"judge": load_template(cfg.judge.template)})
+    return KIND.load(path)
+
 
 
 def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, naive_principle: str | None = None,
-        report_dir: str | Path | None = None) -> AuditSummary:
+        report_dir: str | Path | None = None, retry_failed: bool = False):
     """``factory run`` entry for ``kind: audit``: judge the human set's pairs (or resume), audit, report.
 
     ``naive_principle``/``report_dir`` override the file's ``audit:`` section."""
-    lp = load(path)
-    cfg = lp.cfg
-    over = {"naive_principle": naive_principle, "report_dir": None if report_dir is None else str(report_dir)}
-    settings = cfg.audit.model_copy(update={k: v for k, v in over.items() if v is not None})
-    c = lp.constitution
-    naive = settings.naive_principle or c.principles[0].id
-    c.principle(naive)  # an unknown id is a clear error before any work
-    start = time.perf_counter()
-    store = open_run(lp, "audit", cfg.model)
-    summary = AuditSummary(run_id=lp.run_id, db=cfg.db)
-    owned: list = []  # an engine this call built is closed by it; a passed-in one is the caller's
-    try:
-        h = cfg.human
-        summary.set_id, n, summary.input_skips = import_into(store, h.path, format=h.format, name=h.name,
-                                                             limit=h.limit, split=h.split, data_dir=h.data_dir)
-        store.record_skips(lp.run_id, "human", summary.input_skips)
-        rows = human_table(store, summary.set_id).drop_columns(["human_choice", "len_a", "len_b"])
-        rows = rows.append_column("status", pa.array(["ok"] * rows.num_rows, pa.string())).to_pylist()
-        store.link_run(lp.run_id, "pairs", [r["pair_id"] for r in rows])
-        summary.pairs = len(rows)
-        engine = ensure_engine(engine, cfg.engine, cfg.model, owned)
-        wave = dict(run_id=lp.run_id, chunk_rows=cfg.chunk_rows)
-        naive_keys = None
-        with progress(quiet) as bar:
-            keys = judge_pairs(store, lp, engine, rows, summary, bar, wave)
-            per_pair = cfg.judge.per_pair
-            if settings.naive_all_pairs and per_pair is not None and per_pair < len(c.principles):
-                # the naive principle alone on every pair, linked under "<run>-naive" so this run's own
-                # judgements (its labels, `--run` audits, exports) stay exactly the configured sample
-                every = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"per_pair": None})})
-                one = SimpleNamespace(cfg=every, constitution=c.model_copy(update={"principles": [c.principle(naive)]}),
-                                      templates=lp.templates, run_id=lp.run_id)
-                naive_wave = {**wave, "run_id": naive_run(lp.run_id)}
-                naive_keys = judge_pairs(store, one, engine, rows, summary, bar, naive_wave)
-                summary.waves[-1].table = f"judgements (naive: {naive})"
-        labels = aggregate(store, lp.run_id, c, keys, cfg.judge.tie_eps, cfg.judge.clamp)
-        summary.labels = {"pairs labelled": labels.num_rows}
-        clamp = cfg.judge.clamp
-        judgements = judgement_table(store, store.fetch("judgements", keys, _JCOLS), clamp)
-        naive_j = None
-        if naive_keys is not None:
-            naive_j = judgement_table(store, store.fetch("judgements", naive_keys, _JCOLS), clamp)
-        meta = {"run": lp.run_id, "pipeline": lp.path, "model": cfg.model,
-                "constitution": f"{c.name} v{c.version} ({c.hash})", "judge": _judge_meta(cfg.judge.model_dump())}
-        summary.audit_id, summary.result, summary.report_path = _audit(
-            store, lp.run_id, summary.set_id, judgements, naive_j, _weights(c), cfg.judge.tie_eps,
-            settings.model_copy(update={"naive_principle": naive}), meta)
-        summary.seconds = time.perf_counter() - start
-        finish_run(store, lp.run_id, summary, ["judgements", "rationales"])
-    finally:
-        release(store, owned)
-    if not quiet:
-        show(summary.audit_id, summary.result, summary.report_path, skip_counts(summary.input_skips))
-    return summary
+    s = run_any(path, engine=engine, quiet=quiet, retry_failed=retry_failed, naive_principle=naive_principle,
+                report_dir=report_dir)
+    s.set_id, s.audit_id = s.extra.get("set_id", ""), s.extra.get("audit_id", "")
+    s.report_path, s.result = s.extra.get("report_path", ""), s.extra.pop("result", None)
+    if not quiet and s.result is not None:
+        with Store(s.db, read_only=True) as store:
+            skips = set_info(store, s.set_id)["skips"].get("by_reason", [])
+        show(s.audit_id, s.result, s.report_path, skips)
+    return s
 
 
 def naive_run(run_id: str) -> str:
-    """The run_items id under which an audit run links its extra naive-principle judgements."""
+    """The run id under which an audit run makes its extra naive-principle judgements."""
     return f"{run_id}-naive"
 
 
@@ -202,12 +215,12 @@ def audit(pipeline: str | Path | None = None, *, db: str | Path | None = None, r
         if body is None:
             raise StoreError(f"{db}: run '{run_id}' has no stored constitution {chash}")
         weights = {p["id"]: float(p.get("weight", 1.0)) for p in json.loads(body[0])["principles"]}
-        judgements, naive_j = (judgement_table(store, _run_judgements(store, rid), judge_cfg.clamp)
-                               for rid in (run_id, naive_run(run_id)))
+        judgements = run_judgements(store, run_id, judge_cfg.clamp)
+        naive_j = run_judgements(store, naive_run(run_id), judge_cfg.clamp)
         info = set_info(store, human_set)  # a clear error for an unknown set
-        overlap = store.one("SELECT count(DISTINCT h.pair_id) FROM human_labels h JOIN judgements t USING (pair_id) "
-                            "JOIN run_items r ON r.id = t.id AND r.\"table\" = 'judgements' "
-                            "WHERE h.set_id = ? AND r.run_id = ?", [human_set, run_id])[0]
+        overlap = store.one(f"SELECT count(DISTINCT h.pair_id) FROM human_labels h SEMI JOIN "
+                            f"{store.run_rows('judgements', '$run')} t ON t.pair_id = h.pair_id WHERE h.set_id = $set",
+                            {"run": run_id, "set": human_set})[0]
         if not overlap:
             raise StoreError(f"{db}: run '{run_id}' judged none of the pairs of human set '{human_set}'; "
                              "audit a pipeline over that set instead (`factory audit pipelines/<x>-audit.yaml`)")
@@ -225,20 +238,15 @@ def audit(pipeline: str | Path | None = None, *, db: str | Path | None = None, r
     return audit_id, result, Path(report)
 
 
-_JCOLS = 't.pair_id, t.principle_id, t."order" AS "order", t.p_a'
-
-
-def judgement_table(store: Store, j: pa.Table, clamp: tuple[float, float] | None) -> pa.Table:
-    """(pair_id, principle_id, order, p_a) with failed judgements as NaN and the judge's clamp applied."""
+def run_judgements(store: Store, run_id: str, clamp: tuple[float, float] | None) -> pa.Table:
+    """(pair_id, principle_id, order, p_a) of a run, failed judgements as NaN, the judge's clamp applied."""
     lo, hi = clamp if clamp else (0.0, 1.0)
-    store.con.register("_j", j)
-    try:
-        return store.con.sql(
-            f"""SELECT pair_id, principle_id, "order",
-                       CASE WHEN p_a IS NULL THEN 'NaN'::DOUBLE ELSE least(greatest(p_a, {float(lo)}), {float(hi)}) END
-                       AS p_a FROM _j""").to_arrow_table()
-    finally:
-        store.con.unregister("_j")
+    return store.con.sql(
+        f"""SELECT pair_id, principle_id, "order",
+                   CASE WHEN p_a IS NULL OR status <> 'ok' THEN 'NaN'::DOUBLE
+                        ELSE least(greatest(p_a, {float(lo)}), {float(hi)}) END AS p_a
+            FROM {store.run_rows('judgements', '$run')} ORDER BY pair_id, principle_id, "order" """,
+        params={"run": run_id}).to_arrow_table()
 
 
 def _audit(store: Store, run_id: str, set_id: str, judgements: pa.Table, naive_judgements: pa.Table | None,
@@ -311,16 +319,6 @@ def compare_audits(db: str | Path, a: str, b: str, db_b: str | Path | None = Non
     from .report import compare_table
 
     return compare_table(load_result(db, a), load_result(db_b or db, b), labels=(a, b))
-
-
-def list_audits(db: str | Path) -> pa.Table:
-    with Store(db, read_only=True) as store:
-        return store.arrow("SELECT audit_id, run_id, set_id, created_at, report_path FROM audits ORDER BY created_at")
-
-
-def _run_judgements(store: Store, run_id: str) -> pa.Table:
-    return store.con.sql(f"""SELECT {_JCOLS} FROM judgements t JOIN run_items r ON r.id = t.id
-                             AND r."table" = 'judgements' WHERE r.run_id = ?""", params=[run_id]).to_arrow_table()
 
 
 def _weights(c: Constitution) -> dict[str, float]:

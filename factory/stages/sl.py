@@ -1,9 +1,11 @@
 """SL-CAI stages: initial answer → critique (per chosen principle) → revision, for 1–4 rounds.
 
-Records in, jobs out: these functions render templates and compute content keys; they know
-nothing about the engine backend or SQL. Round r critiques the chain's current head (the initial
-answer for r=1, the round r-1 revision after that) under the principles chosen for that round and
-writes one revision addressing all of that round's critiques.
+Records in, jobs out: these functions render templates, compute content keys and chain each job to
+its follow-ups; they know nothing about the engine backend or SQL. Round r critiques the chain's
+current head (the initial answer for r=1, the round r-1 revision after that) under the principles
+chosen for that round; when all of a head's critiques of the round are stored and ok, one revision
+addresses them all, and its row is the head of round r+1. Jobs flow as soon as their parents are
+stored, so answers, critiques and revisions of different prompts share the engine's batch.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from dataclasses import dataclass
 
 from ..constitution import Constitution, Principle
 from ..engines.base import Request, Sampling
-from ..runner import Job
+from ..runner import Job, gen_row
 from ..store import content_key
 from ..templates import Template
+
+STAGES = ("answer", "critique", "revise")
+TABLE = {"answer": "responses", "critique": "critiques", "revise": "revisions"}
 
 
 @dataclass
@@ -27,23 +32,34 @@ class Ctx:
     model: str
     seed: int | None
     constitution: Constitution
+    templates: dict[str, Template]
+    sampling: dict[str, Sampling]
+    sampling_hash: dict[str, str]
+    rounds: int = 1
+    strategy: str = "random"
+    per_round: int = 1
+    choice_seed: int = 0
+    only: list[str] | None = None
 
-    def job(self, table: str, messages: list[dict], sampling: Sampling, sampling_hash: str, template: Template,
-            *, prompt_id: str, parents: list[str], round: int, principles: list[Principle]) -> Job:
-        key = content_key(table, self.model, self.seed, sampling_hash, messages, parents)
+    def job(self, stage: str, messages: list[dict], *, prompt_id: str, parents: list[str], round: int,
+            principles: list[Principle], then=None) -> Job:
+        table, sh = TABLE[stage], self.sampling_hash[stage]
+        key = content_key(table, self.model, self.seed, sh, messages, parents)
         row = {
             "run_id": self.run_id,
             "prompt_id": prompt_id,
             "parent_id": parents[0] if parents else None,
+            "parent_ids": json.dumps(parents),
             "round": round,
             "principle_ids": json.dumps([p.id for p in principles]),
             "constitution_hash": self.constitution.hash if principles else None,
-            "template_hash": template.hash,
+            "template_hash": self.templates[stage].hash,
             "model": self.model,
-            "sampling_hash": sampling_hash,
+            "sampling_hash": sh,
             "messages": json.dumps(messages, ensure_ascii=False),
         }
-        return Job(Request(key=key, messages=messages, sampling=sampling), row)
+        request = Request(key=key, messages=messages, sampling=self.sampling[stage])
+        return Job(table, key, row, build=lambda: request, to_rows=gen_row, then=then, need=("text",))
 
 
 @dataclass
@@ -54,55 +70,80 @@ class Head:
     id: str
     text: str
     conversation: list[dict]
+    index: int  # the prompt's position among the run's prompts (round-robin principles)
 
 
-def answer_jobs(prompts: list[tuple[str, list[dict]]], tmpl: Template, sampling: Sampling, sampling_hash: str,
-                ctx: Ctx) -> list[Job]:
-    return [
-        ctx.job("responses", tmpl.render(conversation=conv), sampling, sampling_hash, tmpl,
-                prompt_id=pid, parents=[], round=0, principles=[])
-        for pid, conv in prompts
-    ]
+def answer_jobs(ctx: Ctx, prompts: list[tuple[str, list[dict], int]]) -> list[Job]:
+    """One answer per (prompt id, conversation, index); each answer's critiques follow it."""
+    jobs = []
+    for pid, conv, index in prompts:
+        def then(rows, pid=pid, conv=conv, index=index):
+            r = rows[0]
+            return critique_jobs(ctx, Head(pid, r["id"], r["text"], conv, index), 1) if r["status"] == "ok" else []
+
+        jobs.append(ctx.job("answer", ctx.templates["answer"].render(conversation=conv), prompt_id=pid, parents=[],
+                            round=0, principles=[], then=then))
+    return jobs
+
+
+def principles_for(constitution: Constitution, strategy: str, per_round: int, seed: int, prompt_id: str,
+                   index: int, round: int, only: list[str] | None = None) -> list[Principle]:
+    """Principles critiqued for one prompt in ``round`` (1-based): deterministic for a seed and index."""
+    pool = [constitution.principle(i) for i in only] if only else list(constitution.principles)
+    k = min(per_round, len(pool))
+    if strategy == "all":
+        return pool
+    if strategy == "round_robin":
+        start = (index + (round - 1) * k) % len(pool)
+        return [pool[(start + j) % len(pool)] for j in range(k)]
+    # seeded random, independent of batch composition: seeded by (seed, prompt, round)
+    return random.Random(content_key(seed, prompt_id, round)).sample(pool, k)
 
 
 def choose_principles(constitution: Constitution, strategy: str, per_round: int, seed: int, prompt_ids: list[str],
                       round: int, only: list[str] | None = None) -> dict[str, list[Principle]]:
-    """Principles for each prompt in ``round`` (1-based); deterministic for a given seed and order."""
-    pool = [constitution.principle(i) for i in only] if only else list(constitution.principles)
-    k = min(per_round, len(pool))
-    chosen: dict[str, list[Principle]] = {}
-    for index, pid in enumerate(prompt_ids):
-        if strategy == "all":
-            chosen[pid] = pool
-        elif strategy == "round_robin":
-            start = (index + (round - 1) * k) % len(pool)
-            chosen[pid] = [pool[(start + j) % len(pool)] for j in range(k)]
-        else:  # seeded random, independent of batch composition: seeded by (seed, prompt, round)
-            chosen[pid] = random.Random(content_key(seed, pid, round)).sample(pool, k)
-    return chosen
+    """:func:`principles_for` of every prompt, the index being its position in ``prompt_ids``."""
+    return {pid: principles_for(constitution, strategy, per_round, seed, pid, i, round, only)
+            for i, pid in enumerate(prompt_ids)}
 
 
-def critique_jobs(heads: list[Head], chosen: dict[str, list[Principle]], round: int, tmpl: Template,
-                  sampling: Sampling, sampling_hash: str, ctx: Ctx) -> list[Job]:
-    jobs = []
-    for h in heads:
-        for p in chosen[h.prompt_id]:
-            messages = tmpl.render(conversation=h.conversation, response=h.text, principle=p, round=round)
-            jobs.append(ctx.job("critiques", messages, sampling, sampling_hash, tmpl, prompt_id=h.prompt_id,
-                                parents=[h.id], round=round, principles=[p]))
-    return jobs
+class _Round:
+    """One head's critiques in one round: the revision is planned when the last one is stored."""
+
+    def __init__(self, ctx: Ctx, head: Head, round: int, principles: list[Principle]):
+        self.ctx, self.head, self.round, self.principles = ctx, head, round, principles
+        self.got: dict[str, dict] = {}
+
+    def stored(self, p: Principle, rows: list[dict]) -> list[Job]:
+        self.got[p.id] = rows[0]
+        if len(self.got) < len(self.principles) or any(r["status"] != "ok" for r in self.got.values()):
+            return []  # a head is revised only when all of its round's critiques succeeded
+        return [revise_job(self.ctx, self.head, self.round,
+                           [(p, self.got[p.id]["id"], self.got[p.id]["text"]) for p in self.principles])]
 
 
-def revise_jobs(heads: list[Head], critiques: dict[str, list[tuple[Principle, str, str]]], round: int,
-                tmpl: Template, sampling: Sampling, sampling_hash: str, ctx: Ctx) -> list[Job]:
-    """``critiques[head.id]`` = [(principle, critique id, critique text)] for that head this round."""
-    jobs = []
-    for h in heads:
-        items = critiques.get(h.id)
-        if not items:
-            continue
-        messages = tmpl.render(conversation=h.conversation, response=h.text, round=round,
-                               critiques=[{"principle": p, "text": text} for p, _, text in items])
-        jobs.append(ctx.job("revisions", messages, sampling, sampling_hash, tmpl, prompt_id=h.prompt_id,
-                            parents=[h.id] + [cid for _, cid, _ in items], round=round, principles=[p for p, _, _ in items]))
-    return jobs
+def critique_jobs(ctx: Ctx, head: Head, round: int) -> list[Job]:
+    if round > ctx.rounds:
+        return []
+    principles = principles_for(ctx.constitution, ctx.strategy, ctx.per_round, ctx.choice_seed, head.prompt_id,
+                                head.index, round, ctx.only)
+    state = _Round(ctx, head, round, principles)
+    tmpl = ctx.templates["critique"]
+    return [ctx.job("critique", tmpl.render(conversation=head.conversation, response=head.text, principle=p, round=round),
+                    prompt_id=head.prompt_id, parents=[head.id], round=round, principles=[p],
+                    then=lambda rows, p=p: state.stored(p, rows))
+            for p in principles]
+
+
+def revise_job(ctx: Ctx, head: Head, round: int, items: list[tuple[Principle, str, str]]) -> Job:
+    """``items`` = [(principle, critique id, critique text)] for ``head`` in ``round``."""
+    messages = ctx.templates["revise"].render(conversation=head.conversation, response=head.text, round=round,
+                                              critiques=[{"principle": p, "text": text} for p, _, text in items])
+
+    def then(rows):
+        r = rows[0]
+        nxt = Head(head.prompt_id, r["id"], r["text"], head.conversation, head.index)
+        return critique_jobs(ctx, nxt, round + 1) if r["status"] == "ok" else []
+
+    return ctx.job("revise", messages, prompt_id=head.prompt_id, parents=[head.id] + [cid for _, cid, _ in items],
+                   round=round, principles=[p for p, _, _ in items], then=then)

@@ -1,0 +1,201 @@
+"""The one label rule: judgements → one AI preference label per pair, as SQL inside DuckDB.
+
+Preferences (``factory run``), exports (``factory export prefs``, also when re-aggregating over a
+subset of principles) and audits all call :func:`labels_sql` with a :class:`LabelRule`, so the same
+judgements always give the same labels. For one pair:
+
+1. each judgement's P(a better) ``p_a`` (failed judgements are left out and counted) is, when
+   ``calibrate`` is on, divided by its (principle, order) prior first: batch calibration,
+   ``logit p' = logit p_first − logit π`` where ``π`` is the mean P(first) of the judgements of that
+   principle and order in the same relation (no extra calls), then clamped into ``clamp``;
+2. a principle's cell averages its two orders (or takes the one present): the mean of the
+   probabilities for the ``mean`` pool, the mean of the log-odds for the ``logit`` pool;
+3. the pair's label pools its cells: ``mean`` = Σ w_k p_k / Σ w_k (the constitution's weights);
+   ``logit`` = σ(Σ w_k ℓ_k) (weights fitted to human labels by ``factory audit fit``, whose scale is
+   the inverse temperature; a principle not judged for a pair adds nothing);
+4. ``is_tie`` = |p − 0.5| < ``tie_eps`` (or exactly 0.5), ``chosen`` = a/b/NULL (tie or no valid
+   judgement), ``margin`` = |p − 0.5|·2; ties are kept and marked, never dropped.
+
+Probabilities are clipped to [1e-6, 1 − 1e-6] before any log-odds (a vote share can be 0 or 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from .store import PREFERENCE_SCHEMA, Store, StoreError, content_key, now
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    weights: dict[str, float] = field(default_factory=dict)
+    tie_eps: float = 0.05
+    clamp: tuple[float, float] | None = None
+    calibrate: bool = False
+    pool: Literal["mean", "logit"] = "mean"
+    name: str = "constitution"  # where the weights come from (a fitted weight set's id otherwise)
+
+    def with_(self, **kw: Any) -> "LabelRule":
+        return LabelRule(**{**self.__dict__, **kw})
+
+    @property
+    def hash(self) -> str:
+        return content_key("label-rule", self.__dict__)
+
+
+def rule_for(store: Store | None, constitution: Any, judge: Any) -> LabelRule:
+    """The run's rule: the judge's tie band, clamp and calibration, with the constitution's weights or
+    the named weight set ``judge.weights`` (from ``factory audit fit``)."""
+    rule = LabelRule({p.id: float(p.weight) for p in constitution.principles}, tie_eps=judge.tie_eps,
+                     clamp=tuple(judge.clamp) if judge.clamp else None, calibrate=judge.calibrate)
+    name = getattr(judge, "weights", None)
+    if name:
+        if store is None:
+            raise StoreError(f"judge.weights '{name}' names a fitted weight set, which lives in the database")
+        row = store.one("SELECT body FROM weight_sets WHERE name = ?", [name]) if _has(store, "weight_sets") else None
+        if row is None:
+            raise StoreError(f"{store.path}: no weight set '{name}'; fit one with `factory audit fit` "
+                             "(or remove judge.weights to use the constitution's weights)")
+        body = json.loads(row[0])
+        rule = rule.with_(weights=body["weights"], pool="logit", name=name, calibrate=body.get("calibrate", rule.calibrate))
+    return rule
+
+
+def _has(store: Store, table: str) -> bool:
+    return bool(store.one("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [table]))
+
+
+def _lit(x: float) -> str:
+    return repr(float(x))
+
+
+def scored_sql(judgements: str, rule: LabelRule) -> str:
+    """Per judgement: pair_id, principle_id, order, ``p`` (the P(a) the rule uses: calibrated if asked,
+    clamped; NULL when failed), ``p_raw`` (as judged)."""
+    lo, hi = rule.clamp if rule.clamp else (0.0, 1.0)
+    base = f"""SELECT pair_id, principle_id, "order", CASE WHEN status = 'ok' THEN p_a END AS p_raw,
+                      CASE WHEN status = 'ok' THEN p_first END AS p_first FROM {judgements}"""
+    if rule.calibrate:
+        cal = f"""WITH j AS ({base}),
+                 pri AS (SELECT principle_id, "order", avg(p_first) AS prior FROM j GROUP BY ALL),
+                 c AS (SELECT j.*, 1 / (1 + exp(-(ln(greatest(least(j.p_first, {1 - EPS}), {EPS}) /
+                                                   (1 - greatest(least(j.p_first, {1 - EPS}), {EPS})))
+                                                - ln(greatest(least(pri.prior, {1 - EPS}), {EPS}) /
+                                                     (1 - greatest(least(pri.prior, {1 - EPS}), {EPS})))))) AS pf
+                       FROM j JOIN pri USING (principle_id, "order"))
+              SELECT pair_id, principle_id, "order", p_raw,
+                     CASE WHEN "order" = 'ab' THEN pf ELSE 1 - pf END AS p0 FROM c"""
+    else:
+        cal = f"SELECT pair_id, principle_id, \"order\", p_raw, p_raw AS p0 FROM ({base})"
+    return f"""SELECT pair_id, principle_id, "order", p_raw,
+                      least(greatest(p0, {_lit(lo)}), {_lit(hi)}) AS p FROM ({cal})"""
+
+
+def _logit(x: str) -> str:
+    c = f"greatest(least({x}, {1 - EPS}), {EPS})"
+    return f"ln({c} / (1 - {c}))"
+
+
+def cells_sql(judgements: str, rule: LabelRule) -> str:
+    """Per (pair, principle): p_ab, p_ba (mean P(a) of each order), p (their mean, or the one present),
+    l (mean log-odds of the orders present), n_valid, n_failed."""
+    return f"""SELECT pair_id, principle_id,
+                      avg(p) FILTER (WHERE "order" = 'ab') AS p_ab, avg(p) FILTER (WHERE "order" = 'ba') AS p_ba,
+                      CASE WHEN count(p) FILTER (WHERE "order" = 'ab') > 0 AND count(p) FILTER (WHERE "order" = 'ba') > 0
+                           THEN (avg(p) FILTER (WHERE "order" = 'ab') + avg(p) FILTER (WHERE "order" = 'ba')) / 2
+                           ELSE avg(p) END AS p,
+                      CASE WHEN count(p) FILTER (WHERE "order" = 'ab') > 0 AND count(p) FILTER (WHERE "order" = 'ba') > 0
+                           THEN (avg({_logit('p')}) FILTER (WHERE "order" = 'ab') + avg({_logit('p')}) FILTER (WHERE "order" = 'ba')) / 2
+                           ELSE avg({_logit('p')}) END AS l,
+                      count(p) AS n_valid, count(*) - count(p) AS n_failed
+               FROM ({scored_sql(judgements, rule)}) GROUP BY pair_id, principle_id"""
+
+
+def _weights_sql(rule: LabelRule) -> str:
+    rows = ", ".join(f"('{k.replace(chr(39), chr(39) * 2)}', {_lit(v)})" for k, v in rule.weights.items())
+    return f"(SELECT * FROM (VALUES {rows}) AS w(principle_id, w))" if rows else "(SELECT NULL AS principle_id, NULL AS w WHERE false)"
+
+
+def labels_sql(judgements: str, rule: LabelRule) -> str:
+    """Per pair (columns of ``preferences`` minus run_id/created_at, plus n_judgements, n_failed and
+    p_a_raw/p_a_cal where the rule computes them): the label of :mod:`this module <factory.labels>`."""
+    if rule.pool == "logit":
+        pooled = "1 / (1 + exp(-sum(c.w * c.l) FILTER (WHERE c.l IS NOT NULL)))"
+    else:
+        pooled = "sum(c.w * c.p) FILTER (WHERE c.p IS NOT NULL) / nullif(sum(c.w) FILTER (WHERE c.p IS NOT NULL), 0)"
+    eps = _lit(rule.tie_eps)
+    return f"""
+      WITH c AS (SELECT cells.*, w.w FROM ({cells_sql(judgements, rule)}) cells LEFT JOIN {_weights_sql(rule)} w
+                 USING (principle_id)),
+           agg AS (SELECT pair_id, {pooled} AS p_a,
+                          count(*) FILTER (WHERE c.p IS NOT NULL) AS n_principles,
+                          count(*) FILTER (WHERE c.p_ab IS NOT NULL AND c.p_ba IS NOT NULL) AS n_complete,
+                          count(*) FILTER (WHERE c.p_ab IS NOT NULL AND c.p_ba IS NOT NULL
+                                           AND (c.p_ab > 0.5) = (c.p_ba > 0.5)) AS n_agree,
+                          sum(c.n_valid) AS n_judgements, sum(c.n_failed) AS n_failed
+                   FROM c GROUP BY pair_id),
+           side AS (SELECT c.pair_id, count(*) FILTER (WHERE sign(c.p - 0.5) = sign(agg.p_a - 0.5)) AS same
+                    FROM c JOIN agg USING (pair_id) GROUP BY c.pair_id)
+      SELECT pair_id, p_a,
+             CASE WHEN p_a IS NULL OR abs(p_a - 0.5) < {eps} OR p_a = 0.5 THEN NULL
+                  WHEN p_a > 0.5 THEN 'a' ELSE 'b' END AS chosen,
+             abs(p_a - 0.5) * 2 AS margin,
+             coalesce(abs(p_a - 0.5) < {eps} OR p_a = 0.5, false) AS is_tie,
+             CASE WHEN n_complete > 0 THEN n_agree / n_complete END AS orders_agree,
+             coalesce(side.same, 0)::BIGINT AS principles_agree,
+             n_principles::BIGINT AS n_principles, (n_complete = n_principles AND n_principles > 0) AS orders_complete,
+             n_judgements::BIGINT AS n_judgements, n_failed::BIGINT AS n_failed
+      FROM agg LEFT JOIN side USING (pair_id)"""
+
+
+def check_weights(store: Store, judgements: str, rule: LabelRule, params: Any = None) -> None:
+    missing = [p for (p,) in store.con.execute(f"SELECT DISTINCT principle_id FROM {judgements}", params or {}).fetchall()
+               if p not in rule.weights]
+    if missing:
+        raise StoreError(f"no weight for principle(s) {sorted(missing)[:5]} in weight set '{rule.name}'; add them to the "
+                         f"constitution (or the weight set), or drop their judgements (known: {sorted(rule.weights)[:10]})")
+
+
+def label_run(store: Store, run_id: str, constitution: Any, judge: Any) -> dict[str, float]:
+    """Recompute the run's ``preferences`` (derived data, replaced each time) and ``calibration``
+    priors from its judgements; returns the summary figures."""
+    rule = rule_for(store, constitution, judge)
+    rel = store.run_rows("judgements", "$run")
+    check_weights(store, rel, rule, {"run": run_id})
+    final = labels_sql(rel, rule)
+    raw = labels_sql(rel, rule.with_(calibrate=False))
+    cal = labels_sql(rel, rule.with_(calibrate=True))
+    with store.transaction():
+        store.con.execute("DELETE FROM preferences WHERE run_id = $run", {"run": run_id})
+        store.con.execute(f"""
+            INSERT INTO preferences (run_id, pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree,
+                                     n_principles, orders_complete, created_at, p_a_raw, p_a_cal, rule_hash)
+            SELECT $run, f.pair_id, f.p_a, f.chosen, f.margin, f.is_tie, f.orders_agree, f.principles_agree,
+                   f.n_principles, f.orders_complete, now(), r.p_a, c.p_a, $h
+            FROM ({final}) f JOIN ({raw}) r USING (pair_id) JOIN ({cal}) c USING (pair_id)""",
+                          {"run": run_id, "h": rule.hash})
+        store.con.execute("DELETE FROM calibration WHERE run_id = $run", {"run": run_id})
+        store.con.execute(f"""INSERT INTO calibration SELECT $run, principle_id, "order", avg(p_first), count(p_first)
+                              FROM {rel} WHERE status = 'ok' GROUP BY ALL""", {"run": run_id})
+    n, ties, agree, margin = store.one(
+        "SELECT count(*), count(*) FILTER (WHERE is_tie), avg(orders_agree), avg(margin) FROM preferences WHERE run_id = ?",
+        [run_id])
+    if not n:
+        return {}
+    return {"pairs labelled": n, "ties": ties, "mean orders agree": float(agree or 0.0), "mean margin": float(margin or 0.0),
+            "label rule": rule.name + (" (calibrated)" if rule.calibrate else "")}
+
+
+def labels_table(store: Store, judgements: str, rule: LabelRule, params: Any = None) -> pa.Table:
+    """The labels of a judgements relation as an Arrow table (exports, audits)."""
+    return store.con.sql(labels_sql(judgements, rule), params=params).to_arrow_table()
+
+
+__all__ = ["LabelRule", "rule_for", "labels_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
+           "check_weights", "PREFERENCE_SCHEMA", "now"]
