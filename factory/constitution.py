@@ -13,6 +13,7 @@ Choices:
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 import json
 import re
 from pathlib import Path
@@ -81,9 +82,9 @@ class Principle(BaseModel):
                 raise ErrorAt(i, "tag must not be empty; remove it or write a word such as 'harm'")
         return [t.strip() for t in tags]
 
-    @property
+    @cached_property
     def hash(self) -> str:
-        """Content hash of this principle alone."""
+        """Content hash of this principle alone (models are frozen: computed once)."""
         return content_hash(self.model_dump(mode="json"))
 
 
@@ -135,9 +136,9 @@ class Constitution(BaseModel):
     def ids(self) -> list[str]:
         return [p.id for p in self.principles]
 
-    @property
+    @cached_property
     def hash(self) -> str:
-        """Content hash of name, version, description and all principles (not the source path)."""
+        """Content hash of name, version, description and all principles (not the source path; computed once)."""
         return content_hash(self.model_dump(mode="json"))
 
     def principle(self, id: str) -> Principle:

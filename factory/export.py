@@ -137,8 +137,8 @@ def export_sft(db: str | Path, run_id: str, out: str | Path, *, rounds: Sequence
     """
     with _open(db) as store:
         _check_run(store, run_id)
-        base = """SELECT r.id, r.prompt_id, r.round, r.principle_ids, r.text, r.status
-                  FROM revisions r JOIN run_items i ON i.id = r.id AND i."table" = 'revisions' AND i.run_id = $run"""
+        base = f"""SELECT r.id, r.prompt_id, r.round, r.principle_ids, r.text, r.status
+                   FROM {store.run_rows('revisions', '$run')} r"""
         stats = dict(store.con.execute(f"SELECT status, count(*) FROM ({base}) GROUP BY 1", {"run": run_id}).fetchall())
         if not stats:
             raise ExportError(f"run '{run_id}' has no revisions; `factory export sft` reads critique→revise (sl) runs "
@@ -192,37 +192,36 @@ _PAIR_COLUMNS = f"""
     (CASE WHEN side = 'a' THEN p_a ELSE 1 - p_a END)::DOUBLE AS p_chosen, pair_id"""
 
 
-def _labels_for_principles(store: Store, run_id: str, principles: Sequence[str], tie_eps: float) -> pa.Table:
-    """Re-aggregate the run's judgements over a principle subset (equal weights; see prefmath)."""
-    from .prefmath import aggregate_pairs
+def _labels_for_principles(store: Store, run_id: str, principles: Sequence[str]) -> pa.Table:
+    """The run's labels re-made from its judgements of a principle subset, by the run's own label rule
+    (its weights, tie band, clamp and calibration: factory.labels), so they match ``preferences``
+    when every principle is kept."""
+    from .labels import labels_table, run_rule
 
-    j = _arrow(store, """
-        SELECT j.pair_id, j.principle_id, j."order", CASE WHEN j.status = 'ok' THEN j.p_a END AS p_a
-        FROM judgements j JOIN preferences p ON p.pair_id = j.pair_id AND p.run_id = $run
-        WHERE j.run_id = $run OR j.id IN (SELECT id FROM run_items WHERE run_id = $run AND "table" = 'judgements')""",
-                    {"run": run_id})
-    known = set(j.column("principle_id").to_pylist())
+    rel = store.run_rows("judgements", "$run")
+    known = {p for (p,) in store.con.execute(f"SELECT DISTINCT principle_id FROM {rel}", {"run": run_id}).fetchall()}
     unknown = sorted(set(principles) - known)
     if unknown:
         raise ExportError(f"run '{run_id}' has no judgements for principle(s) {unknown}; "
                           f"its principles are {sorted(known) or 'none (no judgements stored)'}")
-    import pyarrow.compute as pc
-
-    j = j.filter(pc.is_in(j.column("principle_id"), pa.array(list(principles), pa.string())))
-    agg = aggregate_pairs(j.column("pair_id"), j.column("principle_id"), j.column("order"), j.column("p_a"),
-                          {p: 1.0 for p in principles}, tie_eps=tie_eps)
-    return agg.select(["pair_id", "p_a", "chosen", "margin", "is_tie", "orders_agree", "orders_complete"])
+    rule = run_rule(store, run_id)
+    rule = rule.with_(weights={k: v for k, v in rule.weights.items() if k in principles})
+    store.con.execute("CREATE OR REPLACE TEMP TABLE _subset AS SELECT unnest($p::VARCHAR[]) AS principle_id",
+                      {"p": list(principles)})
+    sub = f"(SELECT * FROM {rel} j SEMI JOIN _subset USING (principle_id))"
+    return labels_table(store, sub, rule, {"run": run_id}).select(
+        ["pair_id", "p_a", "chosen", "margin", "is_tie", "orders_agree", "orders_complete"])
 
 
 def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence: float = 0.0,
                  position_consistent_only: bool = False, principles: Sequence[str] | None = None,
-                 soft: Literal["none", "bernoulli"] = "none", seed: int = 0, tie_eps: float = 0.05) -> ExportResult:
+                 soft: Literal["none", "bernoulli"] = "none", seed: int = 0) -> ExportResult:
     """AI preference labels of ``run_id`` → ``prompt``/``chosen``/``rejected`` (+ ``p_chosen``, ``pair_id``).
 
     ``min_confidence`` applies to the stored ``margin = |p_a - 0.5| * 2`` (in [0, 1]; 0.2 keeps
     pairs with p_a ≤ 0.4 or ≥ 0.6). ``position_consistent_only`` keeps pairs where, for every
-    principle, both presentation orders pick the same response. ``principles`` re-aggregates
-    the run's judgements over that subset with equal weights and ``tie_eps``. Ties (and pairs
+    principle, both presentation orders pick the same response. ``principles`` re-makes the labels
+    from the run's judgements of that subset by the run's own label rule (factory.labels). Ties (and pairs
     whose judgements all failed) are left out and counted. ``soft``: see the module docstring.
     """
     if not 0.0 <= min_confidence <= 1.0:
@@ -235,7 +234,7 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
             raise ExportError(f"run '{run_id}' has no preference labels; `factory export prefs` reads preference runs "
                               "(for critique→revise runs use `factory export sft`)")
         if principles:
-            store.con.register("_labels", _labels_for_principles(store, run_id, principles, tie_eps))
+            store.con.register("_labels", _labels_for_principles(store, run_id, principles))
             labels = "SELECT * FROM _labels"
         else:
             labels = "SELECT pair_id, p_a, chosen, margin, is_tie, orders_agree, orders_complete FROM preferences WHERE run_id = $run"
@@ -263,7 +262,7 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
                           "lower --min-confidence, drop --consistent-only, or label more pairs")
     source = {"db": str(db), "run_id": run_id, "min_confidence": min_confidence, "confidence_scale": "|p_a-0.5|*2",
               "position_consistent_only": position_consistent_only, "principles": list(principles or []) or None,
-              "soft": soft, "seed": seed, "tie_eps": tie_eps if principles else None}
+              "soft": soft, "seed": seed}
     return _finish("prefs", table, out, dropped, source)
 
 

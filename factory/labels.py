@@ -67,6 +67,24 @@ def rule_for(store: Store | None, constitution: Any, judge: Any) -> LabelRule:
     return rule
 
 
+def run_rule(store: Store, run_id: str) -> LabelRule:
+    """The label rule a stored run was labelled with: its judge settings and its constitution (or the
+    weight set it names), read back from the database."""
+    from .config import JudgeSpec
+    from .constitution import Constitution
+
+    row = store.one("SELECT config_json, constitution_hash FROM runs WHERE run_id = ?", [run_id])
+    if row is None:
+        raise StoreError(f"{store.path}: no run '{run_id}'")
+    config = json.loads(row[0] or "{}")
+    body = store.one("SELECT body FROM configs WHERE config_hash = ?", [row[1]]) if row[1] else None
+    if body is None:
+        raise StoreError(f"{store.path}: run '{run_id}' has no stored constitution, so its principle weights are "
+                         "unknown; rerun it with this version of the factory")
+    return rule_for(store, Constitution.model_validate(json.loads(body[0])),
+                    JudgeSpec.model_validate(config.get("judge", {})))
+
+
 def _has(store: Store, table: str) -> bool:
     return bool(store.one("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [table]))
 

@@ -106,7 +106,7 @@ def _judge_lineage(store: Store, table: str, row: dict) -> RowLineage:
                            AND sampling_hash = ? AND trim(text) = ?""",
                         [row["pair_id"], row["principle_id"], row["order"], row["model"], row["sampling_hash"], rationale])
         rationale_id = got[0] if got else None
-    messages = ctx.messages(pr, p, row["order"], cot=cot, rationale=rationale)
+    messages = ctx.render(pr, p, row["order"], cot=cot, rationale=rationale)  # in full, never from skeletons
     checks = {"principle": p.hash == row["principle_hash"], "template": template.hash == row["template_hash"],
               "messages_hash": J.messages_hash(messages) == row["messages_hash"],
               "key": ctx.key(table, pr, p, row["order"], rationale_id) == row["id"]}

@@ -11,6 +11,7 @@ Used both when labelling (the factory's preference labels) and when auditing the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,12 @@ def renormalize(logp_first: Any, logp_second: Any) -> Any:
     overflows. ``l1 = -inf`` gives 0, ``l2 = -inf`` gives 1; both ``-inf`` (or a NaN) gives NaN,
     which callers record as a failed judgement. Scalars in, float out; arrays in, array out.
     """
+    if isinstance(logp_first, float) and isinstance(logp_second, float):  # the judge's per-row path
+        d = logp_first - logp_second
+        if d != d:
+            return d
+        e = math.exp(-abs(d))
+        return 1.0 / (1.0 + e) if d >= 0 else e / (1.0 + e)
     l1 = np.asarray(logp_first, dtype=np.float64)
     l2 = np.asarray(logp_second, dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):

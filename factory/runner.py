@@ -136,6 +136,7 @@ class Runner:
         self.stats: dict[str, TableStats] = {}
         self.chunks_done = 0
         self.stopped = False
+        self.first_write_at = None  # when this invocation first committed rows (restart latency)
         self._stop = False
         self._todo: deque[Job] = deque()
         self._followups: list[Job] = []
@@ -349,6 +350,8 @@ class Runner:
                 for (run_id, table), keys in self._links.items():
                     self.store.link_run(run_id, table, keys)
                 self.store.insert("chunks", self._records, CHUNK_SCHEMA)
+            if self.first_write_at is None:
+                self.first_write_at = now()
             committed = getattr(self.engine, "committed", None)
             if committed is not None:  # an engine holding durable partial results may release them now
                 committed()

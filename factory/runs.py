@@ -184,6 +184,8 @@ class RunContext:
             self.runner.run(inputs)
         finally:
             self.summary.stages.extend(self.runner.stats.values())
+            if self.runner.first_write_at is not None and "first_write_at" not in self.summary.extra:
+                self.summary.extra["first_write_at"] = self.runner.first_write_at.isoformat()
         if self.runner.stopped:
             raise _Stopped()
         return self.runner

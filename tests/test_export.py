@@ -28,9 +28,15 @@ MSG = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "H
 # ------------------------------------------------------------------------------------ fixtures
 
 
-def add_run(store: Store, run_id: str, kind: str) -> None:
-    store.con.execute("INSERT INTO runs (run_id, name, kind, status, started_at) VALUES (?, ?, ?, 'done', ?)",
-                      [run_id, run_id, kind, now()])
+def add_run(store: Store, run_id: str, kind: str, judge: dict | None = None) -> None:
+    """A run row; preference runs also get a stored constitution (x weighs 1, y weighs 3) and judge settings."""
+    const = {"name": "c", "version": "1", "description": "", "principles": [
+        {"id": pid, "critique": "c", "revision": "r", "comparison": "q", "tags": [], "weight": w}
+        for pid, w in (("x", 1.0), ("y", 3.0))]}
+    chash = store.put_config("constitution", const)
+    store.con.execute("INSERT INTO runs (run_id, name, kind, status, started_at, config_json, constitution_hash) "
+                      "VALUES (?, ?, ?, 'done', ?, ?, ?)",
+                      [run_id, run_id, kind, now(), json.dumps({"judge": judge or {}}), chash])
 
 
 def revision(rid, prompt_id, rnd, text, status="ok", principles=("harm",), run_id="sl-1"):
@@ -215,10 +221,11 @@ def test_prefs_principle_subset_reaggregates_judgements(prefs_db, tmp_path):
     export_prefs(prefs_db, "pr-1", tmp_path / "y", principles=["y"])
     (row,) = datasets.load_from_disk(str(tmp_path / "y"))
     assert row["chosen"][0]["content"] == "B1" and row["p_chosen"] == pytest.approx(1 - (0.3 + 0.1) / 2)
-    # both principles, equal weights: p_a = (0.9 + 0.2) / 2 = 0.55 → chosen a
+    # both principles with the run's constitution weights (x 1, y 3), not equal ones:
+    # p_a = (1 × 0.9 + 3 × 0.2) / 4 = 0.375 → chosen b with p 0.625
     export_prefs(prefs_db, "pr-1", tmp_path / "xy", principles=["x", "y"])
     (row,) = datasets.load_from_disk(str(tmp_path / "xy"))
-    assert row["p_chosen"] == pytest.approx(0.55)
+    assert row["chosen"][0]["content"] == "B1" and row["p_chosen"] == pytest.approx(0.625)
     with pytest.raises(ExportError, match=r"principle\(s\) \['z'\]; its principles are \['x', 'y'\]"):
         export_prefs(prefs_db, "pr-1", tmp_path / "z", principles=["z"])
 

@@ -12,7 +12,6 @@ is a failed completion), ``die_after`` (raise after that many completions, like 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Iterable, Iterator
 
@@ -36,8 +35,8 @@ class FakeEngine:
         return [ord(ch) for ch in text]
 
     def _digest(self, req: Request, i: int = 0) -> str:
-        blob = json.dumps([req.messages, req.sampling.as_dict(), self.seed, i], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        """A pure function of the request: its content key covers its messages and sampling."""
+        return hashlib.sha256(f"{req.key}\0{self.seed}\0{i}".encode()).hexdigest()
 
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         got = 0
@@ -58,7 +57,7 @@ class FakeEngine:
         k = self.requests
         if self.fail_every and k % self.fail_every == 0:
             return Completion(key=req.key, status="failed", error="injected engine error")
-        n_prompt = sum(len(m["content"].split()) + 4 for m in req.messages)
+        n_prompt = sum(len(m["content"]) // 4 + 4 for m in req.messages)  # ~4 characters a token
         if n_prompt + req.sampling.max_tokens > self.max_model_len:
             return Completion(key=req.key, prompt_tokens=n_prompt, status="skipped",
                               error=f"prompt too long: {n_prompt} tokens > max_model_len {self.max_model_len}")

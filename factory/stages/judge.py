@@ -18,7 +18,9 @@ import hashlib
 import itertools
 import json
 import random
+import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from ..constitution import Constitution, Principle
 from ..engines.base import Sampling
@@ -87,7 +89,8 @@ def choose(constitution: Constitution, per_pair: int | None, seed: int, pair_id:
 
 
 def messages_hash(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+    """sha256 (16 hex) of the messages' roles and contents, unambiguously separated."""
+    return hashlib.sha256("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -103,13 +106,55 @@ class JudgeCtx:
     max_chars: int
     prefill: bool = True  # end with the answer prefix (else ask for a single letter)
     mode_settings: dict = field(default_factory=dict)
+    skeletons: bool = True  # render each (pair, order) once and fill in the principles (checked, below)
 
-    def messages(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
-                 ) -> list[dict]:
+    def __post_init__(self) -> None:
+        self._skel: dict[tuple[str, str], list[dict]] = {}
+        self._checked: bool | None = None if self.skeletons else False
+        nonce = uuid.uuid4().hex
+        self._marks = {f: f"\x00{nonce}:{f}\x00" for f in ("id", "critique", "revision", "comparison")}
+        self._sentinel = SimpleNamespace(**self._marks, tags=[], weight=1.0, hash="")
+
+    def render(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
+               ) -> list[dict]:
+        """The template rendered in full: the reference that lineage checks and skeletons must match."""
         first, second = (pair.a, pair.b) if order == "ab" else (pair.b, pair.a)
         return self.template.render(conversation=truncate(pair.conversation, self.max_chars), first=first,
                                     second=second, principle=p, options=self.options, cot=cot, rationale=rationale,
                                     prefill=self.prefill)
+
+    def messages(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
+                 ) -> list[dict]:
+        """The judge's messages. Every principle of a (pair, order) shares everything but the principle's
+        text, so the template is rendered once per (pair, order) with unique marks in place of the
+        principle's fields and each principle's text is put in (then each message stripped, as a full
+        render does). Exact: on the first pair of a run every principle is rendered both ways and any
+        difference (a template that branches on a principle's text, say) turns skeletons off."""
+        if cot or rationale is not None or self._checked is False:
+            return self.render(pair, p, order, cot=cot, rationale=rationale)
+        if self._checked is None:
+            self._checked = all(self._fill(self.render(pair, self._sentinel, order), q) == self.render(pair, q, order)
+                                for q in self.constitution.principles)
+            if not self._checked:
+                return self.render(pair, p, order)
+        key = (pair.pair_id, order)
+        sk = self._skel.get(key)
+        if sk is None:
+            if len(self._skel) >= 8192:
+                self._skel.clear()
+            sk = self._skel[key] = self.render(pair, self._sentinel, order)
+        return self._fill(sk, p)
+
+    def _fill(self, skeleton: list[dict], p: Principle) -> list[dict]:
+        out = []
+        for m in skeleton:
+            text = m["content"]
+            if "\x00" in text:
+                for f, mark in self._marks.items():
+                    text = text.replace(mark, getattr(p, f))
+                text = text.strip()
+            out.append({"role": m["role"], "content": text})
+        return out
 
     def key(self, table: str, pair: Pair, p: Principle, order: str, rationale_id: str | None = None) -> str:
         return content_key(table, self.model, self.seed, self.sampling_hash, self.template.hash, RENDER_VERSION,

@@ -1,0 +1,152 @@
+"""Scale: a fake-engine preference run over N file pairs × 4 principles × 2 orders, end to end.
+
+    python bench/bench_scale.py                 # 100,000 and 1,000,000 pairs (0.8M and 8M judgements)
+    python bench/bench_scale.py --quick         # 2,000 and 10,000 pairs
+    python bench/bench_scale.py --sizes 20000   # any sizes
+
+For each size, in fresh processes (peak RSS is the child's own): the full run (judgements/s, peak
+RSS), the database's bytes per judgement, a rerun with nothing left to do, and a run killed with
+SIGKILL at about half way then restarted (seconds from the restart's process start to its first
+committed row, and a check that the final table has every judgement exactly once). The fake
+engine answers instantly, so this measures the factory itself: reading, planning, keys, probes,
+rendering, writing and labelling. Figures go to bench/results/scale.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from common import REPO, record
+
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+         "word but not what all were we when your can said there use an each which she do how their if will up "
+         "other about out many then them these so some her would make like him into time has look two more write "
+         "go see number no way could people my than first water been call who oil its now find long down day did "
+         "get come made may part").split()
+PER_PAIR, ORDERS = 4, 2
+
+
+def make_pairs(path: Path, n: int) -> None:
+    """JSONL with prompt/response_a/response_b of about 500 characters each (as in the issue)."""
+    rng = random.Random(0)
+
+    def text() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(110))[:500]
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"{i}: {text()}", "response_a": text(), "response_b": text()}) + "\n")
+
+
+def pipeline(tmp: Path, n: int) -> Path:
+    path = tmp / f"scale{n}.yaml"
+    path.write_text(f"""kind: prefs
+name: scale{n}
+constitution: {REPO}/constitutions/harmless.yaml
+pairs: {{source: file, path: {tmp}/pairs{n}.jsonl}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: {PER_PAIR}}}
+engine: {{kind: fake}}
+db: {tmp}/scale{n}.duckdb
+chunk_rows: 10000
+""")
+    return path
+
+
+def factory(args: list[str], *, kill_after: float | None = None) -> dict:
+    """Run `factory ARGS` in a child: wall time, the child's own peak RSS (MB), exit code; with
+    ``kill_after``, SIGKILL it after that many seconds."""
+    start = time.time()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", "from factory.cli import app; app()", *args],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        timer = threading.Timer(kill_after, proc.send_signal, [signal.SIGKILL]) if kill_after else None
+        if timer:
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if timer:
+            timer.cancel()
+        err.seek(0)
+        text = err.read()[-2000:]
+    return {"seconds": time.time() - start, "start": start, "rc": proc.returncode, "stderr": text,
+            "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def db_facts(db: Path, run_id: str | None = None) -> dict:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        n, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone()
+        summary = con.execute("SELECT summary_json, status FROM runs ORDER BY started_at DESC LIMIT 1").fetchone()
+        labels = con.execute("SELECT count(*) FROM preferences").fetchone()[0]
+    finally:
+        con.close()
+    return {"judgements": n, "distinct": distinct, "labels": labels, "summary": json.loads(summary[0] or "{}"),
+            "status": summary[1]}
+
+
+def one_size(tmp: Path, n: int) -> dict:
+    make_pairs(tmp / f"pairs{n}.jsonl", n)
+    pipe = pipeline(tmp, n)
+    db = tmp / f"scale{n}.duckdb"
+    expected = n * PER_PAIR * ORDERS
+    full = factory(["run", str(pipe), "--quiet"])
+    rss = full["peak_rss_mb"]
+    assert full["rc"] == 0, full["stderr"]
+    facts = db_facts(db)
+    assert facts["judgements"] == facts["distinct"] == expected, facts
+    size = db.stat().st_size
+    rerun = factory(["run", str(pipe), "--quiet"])
+    rerun_rss = rerun["peak_rss_mb"]
+    assert rerun["rc"] == 0 and db_facts(db)["judgements"] == expected
+    # kill -9 at about half way, then restart and time its first committed row
+    db.unlink()
+    killed = factory(["run", str(pipe), "--quiet"], kill_after=full["seconds"] / 2)
+    assert killed["rc"] == -signal.SIGKILL, killed
+    partial = db_facts(db)["judgements"]
+    restart = factory(["run", str(pipe), "--quiet"])
+    assert restart["rc"] == 0, restart["stderr"]
+    after = db_facts(db)
+    first = after["summary"].get("first_write_at")
+    first_s = (datetime.fromisoformat(first).timestamp() - restart["start"]) if first else float("nan")
+    assert after["judgements"] == after["distinct"] == expected, after
+    out = {"pairs": n, "judgements": expected, "seconds": round(full["seconds"], 1),
+           "judgements_s": round(expected / full["seconds"]), "peak_rss_mb": round(rss), "rerun_s": round(rerun["seconds"], 1),
+           "rerun_peak_rss_mb": round(rerun_rss), "db_bytes": size, "bytes_per_judgement": round(size / expected, 1),
+           "killed_at_judgements": partial, "restart_first_row_s": round(first_s, 1),
+           "restart_total_s": round(restart["seconds"], 1), "lost": expected - after["distinct"],
+           "duplicated": after["judgements"] - after["distinct"]}
+    print("RESULT scale: " + json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="*")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dir", help="work folder (default: a temporary one; 1M pairs need ~4 GB)")
+    a = ap.parse_args()
+    sizes = a.sizes or ([2_000, 10_000] if a.quick else [100_000, 1_000_000])
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+        results = [one_size(Path(tmp), n) for n in sizes]
+    big, small = results[-1], results[0]
+    summary = {"sizes": results, "rss_ratio_large_vs_small": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
+               "quick": a.quick}
+    print("RESULT scale-summary: " + json.dumps({k: v for k, v in summary.items() if k != "sizes"}))
+    record("scale", summary)
+
+
+if __name__ == "__main__":
+    main()
