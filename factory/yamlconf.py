@@ -34,7 +34,7 @@ Loc = tuple[Any, ...]
 
 __all__ = [
     "ConfigError", "ErrorAt", "Issue", "Marks", "Pos", "error_at", "load_yaml_data",
-    "load_yaml_model", "locate", "parse_yaml", "validate_data",
+    "load_yaml_model", "parse_yaml", "validate_data",
 ]
 
 
@@ -110,11 +110,6 @@ class Marks(dict):
                     return pos.key_line, pos.key_col or 1
                 return pos.line, pos.col
         return 1, 1
-
-
-def locate(marks: Marks, loc: Loc, *, key: bool = False) -> tuple[int, int]:
-    """1-based ``(line, col)`` of the node at ``loc`` (or its closest ancestor)."""
-    return marks.find(loc, key=key)
 
 
 def error_at(path: str | Path, marks: Marks, loc: Loc, message: str, *, key: bool = False) -> ConfigError:

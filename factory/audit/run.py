@@ -313,11 +313,6 @@ def compare_audits(db: str | Path, a: str, b: str, db_b: str | Path | None = Non
     return compare_table(load_result(db, a), load_result(db_b or db, b), labels=(a, b))
 
 
-def list_audits(db: str | Path) -> pa.Table:
-    with Store(db, read_only=True) as store:
-        return store.arrow("SELECT audit_id, run_id, set_id, created_at, report_path FROM audits ORDER BY created_at")
-
-
 def _run_judgements(store: Store, run_id: str) -> pa.Table:
     return store.con.sql(f"""SELECT {_JCOLS} FROM judgements t JOIN run_items r ON r.id = t.id
                              AND r."table" = 'judgements' WHERE r.run_id = ?""", params=[run_id]).to_arrow_table()
