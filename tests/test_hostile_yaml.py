@@ -10,6 +10,7 @@ import re
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -43,28 +44,38 @@ def check_refused(done: subprocess.CompletedProcess, path: Path, line: int, word
     assert any(fix in m[3] for fix in FIXES), f"no hint of what to fix: {m[3]}"
 
 
+# Every file through `factory validate`, and two of them through the other commands that read a
+# YAML config (pipelines, training configs).
+OTHER_COMMANDS = [("run",), ("render",), ("train", "sft")]
+OTHER_FILES = ("alias-bomb.yaml", "python-tag.yaml")
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[tuple, tuple[subprocess.CompletedProcess, Path, int, str]]:
+    """Each case's child process, run a few at a time (each is mostly interpreter start-up)."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    cases = {("validate", n): (CORPUS / n, *EXPECTED[n]) for n in EXPECTED}
+    cases |= {("validate", n): generate(n, tmp) for n in GENERATED}
+    cases |= {(*c, n): (CORPUS / n, *EXPECTED[n]) for c in OTHER_COMMANDS for n in OTHER_FILES}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = {case: pool.submit(factory, *case[:-1], str(spec[0])) for case, spec in cases.items()}
+        return {case: (future.result(), *cases[case]) for case, future in done.items()}
+
+
 def test_corpus_is_complete():
     assert sorted(p.name for p in CORPUS.iterdir()) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_validate_refuses_hostile_file(name):
-    path = CORPUS / name
-    check_refused(factory("validate", str(path)), path, *EXPECTED[name])
+@pytest.mark.parametrize("name", sorted(EXPECTED) + sorted(GENERATED))
+def test_validate_refuses_hostile_file(refusals, name):
+    check_refused(*refusals["validate", name])
 
 
-@pytest.mark.parametrize("name", sorted(GENERATED))
-def test_validate_refuses_generated_hostile_file(tmp_path, name):
-    path, line, words = generate(name, tmp_path)
-    check_refused(factory("validate", str(path)), path, line, words)
-
-
-@pytest.mark.parametrize("command", [("run",), ("render",), ("train", "sft")])
-def test_pipelines_and_training_configs_share_the_bounded_loader(command):
+@pytest.mark.parametrize("command", OTHER_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("name", OTHER_FILES)
+def test_pipelines_and_training_configs_share_the_bounded_loader(refusals, command, name):
     """The same refusal from every command that reads a YAML config."""
-    for name in ("alias-bomb.yaml", "python-tag.yaml"):
-        path = CORPUS / name
-        check_refused(factory(*command, str(path)), path, *EXPECTED[name])
+    check_refused(*refusals[(*command, name)])
 
 
 # --------------------------------------------------- in-process: what stays allowed, and the limits
