@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("FACTORY_BENCH_RESULTS", HERE / "results"))
-SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_audit.py"]
+SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_audit.py", "bench_hostile.py"]
 
 
 def latest(quick: bool, name: str) -> dict | None:
@@ -47,6 +47,10 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
         rows.append(("DuckDB ingest rows/s", f"{r['rows_s']:,} ({r['rows']:,} rows)"))
     if r := latest(quick, "audit"):
         rows.append(("audit over AI labels (s)", f"{r['seconds']} s for {r['labels']:,} labels"))
+    if r := latest(quick, "hostile"):
+        rows.append(("hostile config files: worst `factory validate` time / peak RSS",
+                     f"{r['worst_seconds']:.2f} s / {r['worst_peak_rss_mb']:.0f} MB over {r['files']} files "
+                     f"(loader alone ≤ {r['worst_loader_ms']:.0f} ms; all refused: {r['all_refused']})"))
     return rows
 
 

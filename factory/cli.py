@@ -11,7 +11,6 @@ Examples:
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -401,9 +400,5 @@ def audit_compare_cmd(a: str, b: str, db: Path = typer.Option(..., help="the Duc
     console.print(compare_audits(db, a, b, db_b))
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    app()

@@ -8,6 +8,8 @@ Choices:
   implicit, key order and YAML style do not change them; the source path is not part of them.
   A principle's hash covers all its fields (tags and weight included) and nothing else, so editing
   one principle changes its own hash and the constitution's, not the other principles' hashes.
+- ``version: 1`` (a whole number) is read as the text "1", so it hashes like ``version: "1"``;
+  ``version: 1.0`` stays an error asking for quotes, because YAML reads 1.10 as the number 1.1.
 """
 
 from __future__ import annotations
@@ -101,10 +103,18 @@ class Constitution(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="a short name such as 'harmless'")
-    version: str = Field(description="a version string in quotes such as \"1.0\"")
+    version: str = Field(description="a version string in quotes such as \"1.0\" (a whole number such as 1 "
+                                     "is accepted and read as text)")
     description: str = Field("", description="one or two sentences on what this constitution is for")
     principles: list[Principle] = Field(min_length=1, description="a list of principles (at least one)")
     _source: str | None = PrivateAttr(None)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _whole_number_version(cls, value: Any) -> Any:
+        # `version: 1` is common and lossless as text; a float is not (1.10 reads as 1.1), so it
+        # stays an error that asks for quotes.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("name", "version")
     @classmethod

@@ -15,6 +15,9 @@ Choices:
   A field's ``Field(description=...)`` is used as the hint of what to add or write.
 - A validator can point below itself by raising :class:`ErrorAt` (a ``ValueError``) with a ``loc``
   relative to the field it validates, e.g. the second occurrence of a duplicate id.
+
+Hostile input (alias bombs, deep nesting, huge files, Python tags) is bounded by
+:mod:`factory.yamlsafe` while the YAML is composed; every case is a located ConfigError here.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from .yamlsafe import MAX_BYTES, MAX_DEPTH, MAX_VALUES, BoundedLoader, Refused
+
 T = TypeVar("T", bound=BaseModel)
 Loc = tuple[Any, ...]
 
 __all__ = [
-    "ConfigError", "ErrorAt", "Issue", "Marks", "Pos", "error_at", "load_yaml_data",
-    "load_yaml_model", "locate", "parse_yaml", "validate_data",
+    "MAX_BYTES", "MAX_DEPTH", "MAX_VALUES", "ConfigError", "ErrorAt", "Issue", "Marks", "Pos", "error_at",
+    "load_yaml_data", "load_yaml_model", "parse_yaml", "validate_data",
 ]
 
 
@@ -112,11 +117,6 @@ class Marks(dict):
         return 1, 1
 
 
-def locate(marks: Marks, loc: Loc, *, key: bool = False) -> tuple[int, int]:
-    """1-based ``(line, col)`` of the node at ``loc`` (or its closest ancestor)."""
-    return marks.find(loc, key=key)
-
-
 def error_at(path: str | Path, marks: Marks, loc: Loc, message: str, *, key: bool = False) -> ConfigError:
     """A :class:`ConfigError` pointing at ``loc``, for checks made after loading (cross-file refs)."""
     line, col = marks.find(loc, key=key)
@@ -137,6 +137,10 @@ def _yaml_error(path: str, e: yaml.YAMLError, text: str) -> ConfigError:
     if isinstance(e, yaml.MarkedYAMLError):
         mark = e.problem_mark or e.context_mark
         message = f"invalid YAML: {e.problem or e.context}"
+        if "'\\t'" in message and mark is not None:
+            return ConfigError(path, "a tab character where YAML needs spaces (to indent, and after ':' or "
+                                     "'-'); use spaces, not tabs (tabs are fine only inside quoted text)",
+                               mark.line + 1, mark.column + 1)
         if e.context and e.problem and e.context_mark is not None:
             message += f" ({e.context} at line {e.context_mark.line + 1})"
         hint = next((h for k, h in _YAML_HINTS.items() if k in message), None)
@@ -184,7 +188,7 @@ def parse_yaml(text: str, path: str | Path = "<string>") -> tuple[Any, Marks]:
     path = str(path)
     marks = Marks({(): Pos(1, 1)})
     try:
-        loader = yaml.SafeLoader(text)  # checks for unprintable characters right away
+        loader = BoundedLoader(text)  # checks for unprintable characters right away
     except yaml.YAMLError as e:
         raise _yaml_error(path, e, text) from None
     try:
@@ -198,6 +202,8 @@ def parse_yaml(text: str, path: str | Path = "<string>") -> tuple[Any, Marks]:
         return loader.construct_document(node), marks
     except yaml.YAMLError as e:
         raise _yaml_error(path, e, text) from None
+    except Refused as e:
+        raise ConfigError(path, e.message, e.mark.line + 1, e.mark.column + 1) from None
     finally:
         loader.dispose()
 
@@ -207,13 +213,21 @@ def load_yaml_data(path: str | Path) -> tuple[Any, Marks]:
     shown = str(path)
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # never more: the file may be huge, or endless (/dev/zero)
     except FileNotFoundError:
         raise ConfigError(shown, f"file not found; check the path (relative paths start at {Path.cwd()})") from None
     except IsADirectoryError:
         raise ConfigError(shown, "is a directory; give the path of a .yaml file") from None
     except OSError as e:
         raise ConfigError(shown, f"cannot read file: {e.strerror or e}") from None
+    if len(raw) > MAX_BYTES:
+        head = raw[:MAX_BYTES]
+        line = head.count(b"\n") + 1
+        col = len(head[head.rfind(b"\n") + 1:].decode("utf-8", "replace"))
+        raise ConfigError(shown, f"the file is larger than {MAX_BYTES // 1024} KiB (it passes the limit here); "
+                                 "a config is a few KiB: put data (prompts, pairs, long texts) in its own "
+                                 "file and give its path", line, col)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HH_RLHF = Path(os.environ.get("FACTORY_HH_RLHF", REPO.parent / "shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz"))
+HH_RLHF = Path(os.environ.get("FACTORY_HH_RLHF") or REPO.parent / "shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz")
 ENGINE_KW = dict(seed=0, max_model_len=2048, kv_cache_gib=1.0)
 
 
@@ -24,6 +24,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if any(item.get_closest_marker(m) for m in SLOW_MARKERS) or "engine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def hh_rlhf() -> Path:
+    """The shared human-label file (hh-rlhf). A test that needs it fails when it is missing, never
+    skips: a wrong path must not give a green run full of skips. Use it as an argument, or mark a
+    test or module with ``pytest.mark.usefixtures("hh_rlhf")`` and read :data:`HH_RLHF`."""
+    if not HH_RLHF.is_file():
+        pytest.fail(f"shared human labels not found at {HH_RLHF}; set FACTORY_HH_RLHF to the path of "
+                    "harmless-base-test.dev.jsonl.gz (by default it is read from shared/data/hh-rlhf/ beside "
+                    "the repository)", pytrace=False)
+    return HH_RLHF
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from conftest import HH_RLHF, REPO
 from test_audit_run import ESCAPED, audit_yaml, check_report, check_result, planted_set, table_text
 
 pytestmark = [pytest.mark.engine,
-              pytest.mark.skipif(not HH_RLHF.exists(), reason=f"shared human data not found at {HH_RLHF}")]
+              pytest.mark.usefixtures("hh_rlhf")]  # fails, never skips, when the shared file is missing
 
 
 def test_real_engine_audit_of_50_shared_pairs(engine, tmp_path):

@@ -1,4 +1,5 @@
-"""Audit metrics on hand-computed examples, cross-checked with scikit-learn, plus degenerate inputs."""
+"""Audit metrics on hand-computed examples, cross-checked with scikit-learn/scipy where the project
+computes the value itself, plus degenerate inputs and small samples."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from factory.audit.metrics import _index_bootstrap, bootstrap_mean_ci, calibration, compute_audit, kappa
+from factory.audit.metrics import calibration, compute_audit, kappa
+from factory.audit.report import verdict
+from factory.audit.stats import MIN_DECIDED, _index_bootstrap, bootstrap_mean_ci
 
 # Four pairs, one principle "x", both orders (p_a = P(a better) in each judgement):
 #   P1: ab .9, ba .7 -> .8  -> a     human a  (agree)       orders agree   len 100 vs 10
@@ -55,12 +58,37 @@ def test_overall_agreement_ties_and_kappa(hand):
     assert lo <= o.agreement <= hi
 
 
-def test_kappa_matches_sklearn():
-    from sklearn.metrics import cohen_kappa_score
+def from_table(table: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(human chose a, judge chose a) arrays with the counts of a 2×2 confusion table
+    [[human a & judge a, human a & judge b], [human b & judge a, human b & judge b]]."""
+    y, c = [], []
+    for human_a, row in ((True, table[0]), (False, table[1])):
+        for judge_a, count in ((True, row[0]), (False, row[1])):
+            y += [human_a] * count
+            c += [judge_a] * count
+    return np.array(y), np.array(c)
 
-    rng = np.random.default_rng(3)
-    y, c = rng.random(300) < 0.6, rng.random(300) < 0.3
-    assert kappa(y, c)[0] == pytest.approx(cohen_kappa_score(y, c))
+
+@pytest.mark.parametrize("table,expected", [
+    # n = 50; po = (20 + 15)/50 = .7; human a 25/50, judge a 30/50:
+    # pe = .5·.6 + .5·.4 = .5; κ = (.7 − .5)/(1 − .5) = 0.4
+    ([[20, 5], [10, 15]], 0.4),
+    # n = 60; po = 52/60; human a 50/60, judge a 48/60: pe = (50·48 + 10·12)/3600 = .7;
+    # κ = (52/60 − .7)/.3 = (1/6)/.3 = 5/9
+    ([[45, 5], [3, 7]], 5 / 9),
+    # always the opposite of the human, balanced: po = 0, pe = .5; κ = −.5/.5 = −1
+    ([[0, 10], [10, 0]], -1.0),
+    # always the same: po = 1, pe = (12·12 + 8·8)/400 = .52; κ = .48/.48 = 1
+    ([[12, 0], [0, 8]], 1.0),
+    # the judge's labels independent of the human's: po = (6 + 6)/20 = .6; human a 10/20,
+    # judge a 10/20: pe = .5; κ = .1/.5 = 0.2
+    ([[6, 4], [4, 6]], 0.2),
+])
+def test_kappa_against_hand_computed_tables(table, expected):
+    y, c = from_table(table)
+    value, note = kappa(y, c)
+    assert note is None and value == pytest.approx(expected)
+    assert kappa(c, y)[0] == pytest.approx(expected)  # κ is symmetric in the two raters
 
 
 def test_position_metrics(hand):
@@ -156,7 +184,9 @@ def test_counts_failed_and_unmatched():
 def test_all_ties_and_one_class():
     j = judgements([(p, "x", o, 0.5) for p in "ABC" for o in ("ab", "ba")])
     r = compute_audit(j, human([("A", "a", 1, 1), ("B", "b", 1, 1), ("C", "a", 1, 1)]), {"x": 1}, n_bootstrap=20)
-    assert r.overall.n_ties == 3 and r.overall.agreement == 0.5 and r.overall.agreement_ci == (0.5, 0.5)
+    assert r.overall.n_ties == 3 and r.overall.agreement == 0.5
+    assert all(math.isnan(x) for x in (*r.overall.agreement_ci, *r.overall.decided_ci))  # no [0.5, 0.5]
+    assert (r.overall.n_decided, r.overall.chance, r.overall.agreement_ci_method) == (0, "all_ties", None)
     assert math.isnan(r.overall.agreement_excl_ties) and math.isnan(r.overall.cohen_kappa)
     assert "no decided" in r.overall.kappa_note
     j = judgements([(p, "x", "ab", v) for p, v in (("A", 0.9), ("B", 0.2))])
@@ -208,3 +238,82 @@ def test_multinomial_bootstrap_matches_index_resampling():
     se = cont.std() / math.sqrt(300)
     assert lo == pytest.approx(cont.mean() - 1.96 * se, abs=0.01)
     assert hi == pytest.approx(cont.mean() + 1.96 * se, abs=0.01)
+
+
+# -- small samples: intervals worked out with scipy directly, not through the project's helpers --
+
+def clopper_pearson(k: int, n: int) -> tuple[float, float]:
+    """The exact interval from its definition (beta quantiles), independent of binomtest."""
+    from scipy.stats import beta
+
+    return (0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1), 1.0 if k == n else beta.ppf(0.975, k + 1, n - k))
+
+
+def pairs(agree: int, disagree: int, ties: int, principle: str = "x") -> tuple[pa.Table, pa.Table]:
+    """Pairs where the human always chose a; the judge says a (.9), b (.1) or tie (.5) in both orders."""
+    ps = [0.9] * agree + [0.1] * disagree + [0.5] * ties
+    ids = [f"{principle}{i:03d}" for i in range(len(ps))]
+    j = judgements([(pid, principle, o, p) for pid, p in zip(ids, ps, strict=True) for o in ("ab", "ba")])
+    return j, human([(pid, "a", 10, 10) for pid in ids])
+
+
+def test_one_pair_is_too_few_and_its_interval_is_not_degenerate():
+    j, h = pairs(1, 0, 0)
+    o = compute_audit(j, h, {"x": 1}, n_bootstrap=200).overall
+    assert (o.n_pairs, o.n_decided, o.n_agree, o.agreement) == (1, 1, 1, 1.0)
+    assert o.decided_ci == pytest.approx((0.025, 1.0))  # 1 of 1: lower bound 0.025^(1/1)
+    assert o.decided_ci == pytest.approx(clopper_pearson(1, 1))
+    assert o.agreement_ci_method == "exact" and o.agreement_ci == pytest.approx(o.decided_ci)  # no ties
+    assert o.chance == "too_few"
+    v = verdict(compute_audit(j, h, {"x": 1}, n_bootstrap=200))
+    assert v.startswith("too few pairs to say (n=1 decided; a verdict needs at least 30)") and "above" not in v
+    assert "[1.000, 1.000]" not in v
+
+
+def test_all_ties_verdict_says_no_pair_was_decided():
+    j, h = pairs(0, 0, 40)
+    r = compute_audit(j, h, {"x": 1}, n_bootstrap=200)
+    assert r.overall.chance == "all_ties" and r.per_principle[0].chance == "all_ties"
+    v = verdict(r)
+    assert v.startswith("no pair was decided (all 40 are ties)") and "[0.500, 0.500]" not in v
+
+
+@pytest.mark.parametrize("agree,disagree,ties", [(45, 20, 15), (20, 45, 15), (35, 30, 5), (60, 0, 0)])
+def test_decided_pairs_get_an_exact_interval_and_a_verdict(agree, disagree, ties):
+    from scipy.stats import binomtest
+
+    j, h = pairs(agree, disagree, ties)
+    o = compute_audit(j, h, {"x": 1}, n_bootstrap=2000, seed=1).overall
+    nd = agree + disagree
+    assert (o.n_pairs, o.n_decided, o.n_agree, o.n_ties) == (nd + ties, nd, agree, ties)
+    expected = clopper_pearson(agree, nd)
+    assert o.decided_ci == pytest.approx(expected, abs=1e-9)
+    test = binomtest(agree, nd, 0.5)  # the interval excludes 0.5 exactly when the exact test rejects
+    lo, hi = expected
+    assert o.chance == ("above" if lo > 0.5 else "below" if hi < 0.5 else "chance")
+    assert (o.chance != "chance") == (test.pvalue < 0.05)
+    if agree and disagree:  # scores vary: the bootstrap over pairs, with ties as 0.5
+        assert o.agreement_ci_method == "bootstrap"
+        assert o.agreement_ci[0] < o.agreement < o.agreement_ci[1]
+    else:  # every pair scores 1: the bootstrap would be [1, 1]; the exact interval instead
+        assert o.agreement_ci_method == "exact" and o.agreement_ci == pytest.approx(expected)
+
+
+def test_chance_rule_per_principle_and_its_threshold():
+    # principle x: MIN_DECIDED decided pairs (all agree); y: one fewer; z: all ties
+    tables = [pairs(MIN_DECIDED, 0, 0, "x"), pairs(MIN_DECIDED - 1, 0, 0, "y"), pairs(0, 0, 5, "z")]
+    j = pa.concat_tables([t[0] for t in tables])
+    h = pa.concat_tables([t[1] for t in tables])
+    r = compute_audit(j, h, {"x": 1, "y": 1, "z": 1}, n_bootstrap=100)
+    calls = {b.name: (b.chance, b.n_decided) for b in r.per_principle}
+    assert calls == {"x": ("above", MIN_DECIDED), "y": ("too_few", MIN_DECIDED - 1), "z": ("all_ties", 0)}
+    x = next(b for b in r.per_principle if b.name == "x")
+    assert x.decided_ci == pytest.approx(clopper_pearson(MIN_DECIDED, MIN_DECIDED))
+    assert r.settings["min_decided"] == MIN_DECIDED and "Clopper-Pearson" in r.settings["chance_rule"]
+
+
+def test_length_baselines_get_exact_intervals():
+    j, h = hand_tables()
+    ln = compute_audit(j, h, {"x": 1.0}).overall.length  # 2 of 3 gap pairs: humans chose the longer
+    assert ln["always_longer_ci"] == pytest.approx(clopper_pearson(2, 3))
+    assert ln["always_shorter_ci"] == pytest.approx(tuple(1 - x for x in reversed(clopper_pearson(2, 3))))

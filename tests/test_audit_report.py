@@ -86,3 +86,20 @@ def test_compare_deltas_and_missing_principles():
     assert only_a["b"] is None and only_a["delta"] is None
     table = compare_table(a, b)
     assert table.row_count == len(diff["overall"]) * 4
+
+
+def test_small_samples_and_all_ties_print_no_degenerate_interval():
+    console = Console(record=True, width=240)
+    render_terminal(audit(1, 1), console)  # one pair: no verdict, an exact interval instead of [1, 1]
+    out = console.export_text()
+    assert "[1.000, 1.000]" not in out and "too few to say: 1/1 [0.025, 1.000]" in out
+    assert "verdict: too few pairs to say (n=1 decided" in out
+    ties = compute_audit(pa.table({"pair_id": ["p", "p", "q", "q"], "principle_id": ["h"] * 4,
+                                   "order": ["ab", "ba"] * 2, "p_a": [0.5] * 4}),
+                         pa.table({"pair_id": ["p", "q"], "human_choice": ["a", "b"], "len_a": [1, 1],
+                                   "len_b": [1, 1]}), {"h": 1.0})
+    console = Console(record=True, width=240)
+    render_terminal(ties, console)
+    out = console.export_text()
+    assert "[0.500, 0.500]" not in out and "no pair decided (all 2 ties)" in out
+    assert "verdict: no pair was decided (all 2 are ties)" in out

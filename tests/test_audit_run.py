@@ -18,7 +18,7 @@ from factory.store import Store
 
 from conftest import HH_RLHF, REPO
 
-pytestmark = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"shared human data not found at {HH_RLHF}")
+pytestmark = pytest.mark.usefixtures("hh_rlhf")  # fails, never skips, when the shared file is missing
 SCRIPT = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 
@@ -70,13 +70,20 @@ def in01(x) -> bool:
 def check_block(b: dict, *, required: bool) -> None:
     """Every metric the issue lists is present and in its valid range (None only where undefined)."""
     for key in ("name", "n_pairs", "n_ties", "human_p_a", "agreement", "agreement_excl_ties", "agreement_ci",
-                "cohen_kappa", "kappa_note", "position", "length", "calibration"):
+                "cohen_kappa", "kappa_note", "n_decided", "n_agree", "decided_ci", "agreement_ci_method", "chance",
+                "position", "length", "calibration"):
         assert key in b, key
     if b["n_pairs"] == 0 and not required:
         return
     assert b["n_pairs"] > 0 and 0 <= b["n_ties"] <= b["n_pairs"]
     lo, hi = b["agreement_ci"]
-    assert in01(b["agreement"]) and in01(lo) and in01(hi) and lo <= b["agreement"] + 1e-12 <= hi + 2e-12
+    if b["n_decided"] == 0:  # all ties: agreement is 0.5 by the tie rule, and no interval is claimed
+        assert b["agreement"] == 0.5 and lo is None and hi is None and b["chance"] == "all_ties"
+    else:
+        assert in01(b["agreement"]) and in01(lo) and in01(hi) and lo <= b["agreement"] + 1e-12 <= hi + 2e-12
+        dlo, dhi = b["decided_ci"]
+        assert in01(dlo) and in01(dhi) and dlo <= b["n_agree"] / b["n_decided"] <= dhi
+        assert b["chance"] in ("too_few", "above", "below", "chance")
     assert b["agreement_excl_ties"] is None or in01(b["agreement_excl_ties"])
     k = b["cohen_kappa"]
     assert (k is None and b["kappa_note"]) or -1.0 <= k <= 1.0

@@ -157,6 +157,19 @@ def test_bad_id_and_unquoted_version(tmp_path):
     assert e.issues[1].message.startswith("principle #2 ('Be Kind') `id`: 'Be Kind' is not a valid id; use lowercase")
 
 
+@pytest.mark.parametrize("written", ["1", "12"])
+def test_whole_number_version_is_text(tmp_path, written):
+    numeric = load_constitution(write(tmp_path, GOOD.replace('version: "1.0"', f"version: {written}")))
+    quoted = load_constitution(write(tmp_path, GOOD.replace('version: "1.0"', f'version: "{written}"'), "q.yaml"))
+    assert numeric.version == written and isinstance(numeric.version, str)
+    assert numeric.hash == quoted.hash
+
+
+def test_boolean_version_is_still_an_error(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace('version: "1.0"', "version: yes")))
+    assert (e.line, e.col) == (2, 10) and e.message.startswith("`version` must be text; got true (a boolean)")
+
+
 def test_no_principles(tmp_path):
     e = fail(write(tmp_path, 'name: x\nversion: "1"\nprinciples: []\n'))
     assert (e.line, e.col) == (3, 13)

@@ -38,6 +38,52 @@ def test_engine_scores_option_tokens_and_skips_overlength(engine):
     assert len(got["gen"].texts) == 2 and got["gen"].completion_tokens > 0
 
 
+# Prompts whose option log-probs differ by a clear margin, in both directions, so that a swapped A/B
+# mapping cannot match the reference: "alphabet" favours A by about 6 nats, "judge" favours B by
+# about 1.4 (fp32 reference, SmolLM2-135M-Instruct), both well beyond the bf16 tolerance.
+OPTION_PROMPTS = {
+    "alphabet": [{"role": "user", "content": "What is the first letter of the English alphabet?"},
+                 {"role": "assistant", "content": "The first letter of the alphabet is ("}],
+    "judge": [{"role": "user", "content": "Which response is more helpful?\n(A) Paris is the capital of France.\n"
+                                          "(B) I don't know.\nAnswer with A or B."},
+              {"role": "assistant", "content": "The better option is ("}],
+}
+BF16_TOL = 0.15  # nats: the bf16 engine against the fp32 reference (as for the server in test_engine_openai)
+
+
+def test_option_logprobs_match_an_fp32_transformers_forward_pass(engine):
+    """Every label rests on these numbers: each option's log-prob must be its own token's, on the
+    prompt exactly as rendered (chat template, final assistant message continued)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factory import models
+
+    path = models.resolve(None)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = {o: tok.encode(o, add_special_tokens=False) for o in ("A", "B")}
+    assert all(len(v) == 1 for v in ids.values())
+    option_ids = (ids["A"][0], ids["B"][0])
+    assert option_ids == (engine.token_ids("A")[0], engine.token_ids("B")[0])
+    reqs = [Request(name, msgs, Sampling(max_tokens=1, temperature=0), options=("A", "B"), option_ids=option_ids,
+                    continue_final=True) for name, msgs in OPTION_PROMPTS.items()]
+    got = {c.key: c for c in engine.generate(reqs)}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for name, msgs in OPTION_PROMPTS.items():
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+        assert text.endswith(msgs[-1]["content"])  # the judge prefix is continued, not closed
+        prompt = tok.encode(text, add_special_tokens=False)
+        assert got[name].status == "ok" and got[name].prompt_tokens == len(prompt)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        expected = [ref[t].item() for t in option_ids]
+        assert abs(expected[0] - expected[1]) > 4 * BF16_TOL, (name, expected)  # a swap would be caught
+        assert got[name].option_logprobs == pytest.approx(expected, abs=BF16_TOL), (name, expected)
+    # the two prompts favour different options: neither a swap nor a constant ordering can pass
+    favoured = {name: "A" if c.option_logprobs[0] > c.option_logprobs[1] else "B" for name, c in got.items()}
+    assert favoured == {"alphabet": "A", "judge": "B"}
+
+
 def test_small_run_end_to_end(engine, tmp_path):
     path = write_pipeline(tmp_path, prompts=PROMPTS, rounds=2)
     s = pipeline.run(path, engine=engine, quiet=True)

@@ -9,7 +9,6 @@ scores each sequence as it scores alone).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,9 @@ from factory.evaluate import (completion_ids, completion_logps, eval_dpo, eval_r
 from factory.models import ModelError
 from factory.store import Store
 
-HH = Path(os.environ.get("FACTORY_HH_RLHF")
-          or Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz")
-needs_hh = pytest.mark.skipif(not HH.exists(), reason=f"shared hh-rlhf sample not found at {HH}")
+from conftest import HH_RLHF as HH  # the shared human labels (one place: tests/conftest.py)
+
+needs_hh = pytest.mark.usefixtures("hh_rlhf")  # fails, never skips, when the shared file is missing
 CONVS = [[{"role": "user", "content": "Hi there, how are you today?"}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
          [{"role": "user", "content": "Tell me a long story about a dragon who learns to bake bread " * 3}]]

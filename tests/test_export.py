@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,8 +19,8 @@ import pytest
 from factory.export import ExportError, export_human, export_prefs, export_sft, human_pairs, read_manifest
 from factory.store import GEN_SCHEMA, JUDGEMENT_SCHEMA, PAIR_SCHEMA, PREFERENCE_SCHEMA, Store, now
 
-HH = Path(os.environ.get("FACTORY_HH_RLHF")
-          or Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz")
+from conftest import HH_RLHF as HH  # the shared human labels (one place: tests/conftest.py)
+
 MSG = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "How do I bake bread?"}]
 
 
@@ -285,7 +284,7 @@ def test_human_export_follows_the_human_choice_and_counts_unlabelled(tmp_path):
         export_human(src, tmp_path / "none", offset=10)
 
 
-@pytest.mark.skipif(not HH.exists(), reason=f"shared hh-rlhf sample not found at {HH}")
+@pytest.mark.usefixtures("hh_rlhf")
 def test_human_export_of_hh_rlhf_puts_the_chosen_transcript_in_chosen(tmp_path):
     import datasets
 

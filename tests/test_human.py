@@ -15,7 +15,7 @@ from factory.store import Store, StoreError, content_key
 
 from conftest import HH_RLHF, REPO
 
-pytestmark = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"shared human data not found at {HH_RLHF}")
+needs_hh = pytest.mark.usefixtures("hh_rlhf")  # fails, never skips, when the shared file is missing
 
 
 def counts(db, set_id):
@@ -29,6 +29,7 @@ def raw_lines(n):
         return [json.loads(next(fh)) for _ in range(n)]
 
 
+@needs_hh
 def test_shared_file_import_counts_labels_and_idempotence(tmp_path):
     db = tmp_path / "h.duckdb"
     set_id, n, skips = import_human(db, HH_RLHF, format="hh-rlhf", limit=100)
@@ -66,6 +67,7 @@ def test_shared_file_import_counts_labels_and_idempotence(tmp_path):
         import_human(db, HH_RLHF, format="hh-rlhf", limit=20, name=set_id)
 
 
+@needs_hh
 def test_pair_ids_are_the_ones_the_judge_uses(tmp_path):
     db = tmp_path / "h.duckdb"
     set_id, n, _ = import_human(db, HH_RLHF, format="hh-rlhf", limit=10)

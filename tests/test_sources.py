@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,8 +15,7 @@ from factory import sources
 from factory.sources import (PAIR_SCHEMA, PROMPT_SCHEMA, SourceError, content_hash, parse_transcript,
                              read_pairs, read_prompts)
 
-HH = Path(os.environ.get("FACTORY_HH_RLHF")
-          or Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz")
+from conftest import HH_RLHF as HH  # the shared human labels (one place: tests/conftest.py)
 
 
 def write_lines(path: Path, lines: list) -> Path:
@@ -225,7 +223,7 @@ def test_hh_swap_is_balanced(tmp_path):
         assert r["response_" + r["human_choice"]].startswith("good")
 
 
-@pytest.mark.skipif(not HH.exists(), reason=f"shared hh-rlhf sample not found at {HH}")
+@pytest.mark.usefixtures("hh_rlhf")
 def test_real_hh_rlhf_sample():
     with gzip.open(HH, "rt", encoding="utf-8") as fh:
         raw = [json.loads(line) for line in fh]

@@ -18,7 +18,8 @@ from factory.train import check_args, load_config, prepare, train, trl_args
 from factory.yamlconf import ConfigError, parse_yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_export import HH, add_run, pair, pref, revision  # noqa: E402  (fixture builders)
+from conftest import HH_RLHF as HH  # noqa: E402  (the shared human labels)
+from test_export import add_run, pair, pref, revision  # noqa: E402  (fixture builders)
 
 from factory.store import GEN_SCHEMA, PAIR_SCHEMA, PREFERENCE_SCHEMA, Store  # noqa: E402
 
@@ -171,7 +172,7 @@ def _prefs_db(path: Path, n: int = 4) -> Path:
     return path
 
 
-@pytest.mark.skipif(not HH.exists(), reason=f"shared hh-rlhf sample not found at {HH}")
+@pytest.mark.usefixtures("hh_rlhf")
 def test_human_pairs_config_builds_a_reward_trainer(tmp_path):
     """The {human: …} dataset path end to end up to the constructed RewardTrainer (tiny model, no steps)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

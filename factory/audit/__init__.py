@@ -5,6 +5,8 @@
 HTML).
 """
 
-from factory.audit.metrics import AuditResult, Block, bootstrap_mean_ci, calibration, compute_audit, kappa
+from factory.audit.metrics import AuditResult, Block, calibration, compute_audit, kappa
+from factory.audit.stats import bootstrap_mean_ci, exact_ci, versus_chance
 
-__all__ = ["AuditResult", "Block", "bootstrap_mean_ci", "calibration", "compute_audit", "kappa"]
+__all__ = ["AuditResult", "Block", "bootstrap_mean_ci", "calibration", "compute_audit", "exact_ci", "kappa",
+           "versus_chance"]

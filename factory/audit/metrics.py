@@ -14,7 +14,11 @@ Choices the numbers depend on (also recorded in ``AuditResult.settings``):
   ``agreement_excl_ties`` is the agreement over decided pairs only; κ uses decided pairs only.
 - **κ** is Cohen's kappa (scikit-learn) on decided pairs; when the human or the judge uses a
   single class κ is 0 or 0/0 by construction, so it is reported as NaN with a note.
-- **Agreement CI**: 95% percentile bootstrap over pairs (see :func:`bootstrap_mean_ci`).
+- **Intervals and verdicts** follow :mod:`factory.audit.stats`: above/below chance is judged on
+  decided pairs with an exact (Clopper–Pearson) interval and not at all below ``MIN_DECIDED``
+  (30) decided pairs ("too few"), or when every pair is a tie ("all ties"); agreement with ties
+  gets a bootstrap interval where that is informative, the exact one mapped onto it otherwise
+  (``agreement_ci_method`` says which); 0/1 proportions get exact intervals.
 - **Naive baseline**: the same judgements, order "ab" only, one principle, hard label (only
   p == 0.5 is a tie); its calibration is that of the single judgement's probability, and its
   position metrics are those of its principle (how often its label flips when the order does).
@@ -34,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from factory.audit.stats import AGREEMENT_CI_RULE, CHANCE_RULE, MIN_DECIDED, agreement_interval, exact_ci, versus_chance
 from factory.prefmath import PrincipleCells, decide, pair_probabilities, principle_cells
 
 JUDGEMENT_COLUMNS = ("pair_id", "principle_id", "order", "p_a")
@@ -56,6 +61,11 @@ class Block:
     agreement_ci: tuple[float, float]
     cohen_kappa: float
     kappa_note: str | None
+    n_decided: int
+    n_agree: int  # decided pairs where the judge chose what the human chose
+    decided_ci: tuple[float, float]  # exact interval of n_agree / n_decided
+    agreement_ci_method: str | None  # "bootstrap", "exact" (given the ties), None (no decided pair)
+    chance: str  # stats.versus_chance(): no_pairs | all_ties | too_few | above | below | chance
     position: dict[str, Any] = field(default_factory=dict)
     length: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -146,41 +156,12 @@ def compute_audit(
             "length_gap": length_gap,
             "weights": {k: float(v) for k, v in weights.items()},
             "ties_rule": TIES_RULE,
+            "chance_rule": CHANCE_RULE,
+            "agreement_ci_rule": AGREEMENT_CI_RULE,
+            "min_decided": MIN_DECIDED,
             "log_loss_clip": LOG_LOSS_CLIP,
         },
     )
-
-
-def bootstrap_mean_ci(score: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``mean(score)``, resampling pairs with replacement.
-
-    Agreement scores take three values (0, 0.5, 1), and a resample's mean depends only on how
-    often each value is drawn, which is Multinomial(n, value shares). Drawing those counts has
-    exactly the distribution of resampling an ``n_bootstrap × n`` index matrix, at
-    O(n_bootstrap × distinct values) instead of O(n_bootstrap × n): 1000 resamples of 125,000
-    pairs take milliseconds. Scores with many distinct values fall back to index resampling in
-    chunks of ≤ 4M indices. Deterministic for a fixed seed; (nan, nan) when empty.
-    """
-    score = np.asarray(score, dtype=np.float64)
-    n = len(score)
-    if n == 0 or n_bootstrap <= 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    values, counts = np.unique(score, return_counts=True)
-    if len(values) <= 64:
-        means = rng.multinomial(n, counts / n, size=n_bootstrap) @ values / n
-    else:
-        means = _index_bootstrap(score, n_bootstrap, rng)
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return (float(lo), float(hi))
-
-
-def _index_bootstrap(score: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
-    n = len(score)
-    step = max(1, 4_000_000 // n)
-    sizes = [min(step, n_bootstrap - i) for i in range(0, n_bootstrap, step)]
-    return np.concatenate([score[rng.integers(0, n, size=(m, n))].mean(axis=1) for m in sizes])
 
 
 def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, Any]:
@@ -239,6 +220,9 @@ def _block(name: str, p: np.ndarray, codes: np.ndarray, hum: _Human, tie_eps: fl
     chose_a, is_tie, _ = decide(p, tie_eps)
     score = np.where(is_tie, 0.5, (chose_a == y).astype(np.float64))
     k, note = kappa(y[~is_tie], chose_a[~is_tie])
+    n_decided, n_agree = int((~is_tie).sum()), int((score == 1.0).sum())
+    decided_ci = exact_ci(n_agree, n_decided)
+    agreement_ci, ci_method = agreement_interval(score, n_decided, decided_ci, cfg.n_bootstrap, cfg.seed)
     return Block(
         name=name,
         n_pairs=len(p),
@@ -246,9 +230,14 @@ def _block(name: str, p: np.ndarray, codes: np.ndarray, hum: _Human, tie_eps: fl
         human_p_a=_mean(y),
         agreement=_mean(score),
         agreement_excl_ties=_mean(score[~is_tie]),
-        agreement_ci=bootstrap_mean_ci(score, cfg.n_bootstrap, cfg.seed),
+        agreement_ci=agreement_ci,
         cohen_kappa=k,
         kappa_note=note,
+        n_decided=n_decided,
+        n_agree=n_agree,
+        decided_ci=decided_ci,
+        agreement_ci_method=ci_method,
+        chance=versus_chance(len(p), n_decided, decided_ci),
         position=position,
         length=_length(p, y, la, lb, score, chose_a, is_tie, cfg),
         calibration=calibration(p, y, cfg.n_bins),
@@ -301,7 +290,7 @@ def _length(p: np.ndarray, y: np.ndarray, la: np.ndarray, lb: np.ndarray, score:
     a_longer = diff[m] > 0
     decided = ~is_tie[m]
     human_longer = (y[m] == a_longer).astype(np.float64)
-    lo, hi = bootstrap_mean_ci(human_longer, cfg.n_bootstrap, cfg.seed)
+    lo, hi = exact_ci(int(human_longer.sum()), len(human_longer))  # a 0/1 proportion: exact interval
     return {
         "n": int(m.sum()),
         "n_unknown_length": int(np.isnan(diff).sum()),

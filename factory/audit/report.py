@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from factory.audit.stats import MIN_DECIDED
+
 TEXT_LIMIT = 4000  # characters of each text shown in the HTML divergence table
 COMPARED = (
     ("n_pairs", ("n_pairs",)),
@@ -45,27 +47,59 @@ def as_dict(result: Any) -> dict[str, Any]:
     return result.to_dict() if hasattr(result, "to_dict") else result
 
 
+def _decided(b: dict[str, Any]) -> str:
+    lo, hi = b["decided_ci"]
+    k, n = b["n_agree"], b["n_decided"]
+    return f"agreement on decided pairs {k:,}/{n:,} = {k / n:.3f}, exact 95% CI [{lo:.3f}, {hi:.3f}]"
+
+
+def versus_chance_cell(b: dict[str, Any]) -> str:
+    """A block's call against chance for a table cell (the rule is
+    :func:`factory.audit.stats.versus_chance`; this only words it)."""
+    call = b.get("chance")
+    if call is None or call == "no_pairs":  # no pairs, or stored before the rule existed
+        return "—"
+    if call == "all_ties":
+        return f"no pair decided (all {b['n_pairs']:,} ties)"
+    lo, hi = b["decided_ci"]
+    counts = f"{b['n_agree']:,}/{b['n_decided']:,} [{lo:.3f}, {hi:.3f}]"
+    words = {"too_few": "too few to say", "above": "above chance", "below": "below chance",
+             "chance": "not distinguishable"}[call]
+    return f"{words}: {counts}"
+
+
 def verdict(result: Any) -> str:
-    """One honest line: is the judge distinguishable from chance, the naive baseline, length?"""
+    """One honest line: is the judge distinguishable from chance, the naive baseline, length?
+
+    Above/below chance follows the rule of :mod:`factory.audit.stats` (decided pairs, exact
+    interval, at least MIN_DECIDED of them); the comparisons with the naive baseline and the
+    length heuristics use the agreement interval (ties as 0.5) and are made only beside a verdict.
+    """
     d = as_dict(result)
     o = d["overall"]
-    if not o["n_pairs"]:
+    n = o["n_pairs"]
+    if not n:
         return "no pair has both a human label and a valid judgement: nothing to audit"
-    a, (lo, hi), n = o["agreement"], o["agreement_ci"], o["n_pairs"]
-    if lo is None:
-        return f"agreement {a:.3f} on {n} pairs (no bootstrap interval)"
-    if lo <= 0.5 <= hi:
-        line = (f"agreement CI [{lo:.3f}, {hi:.3f}] includes 0.5: this judge is not distinguishable from chance "
-                f"on these {n} pairs")
-    elif hi < 0.5:
-        line = (f"agreement CI [{lo:.3f}, {hi:.3f}] is below 0.5: the judge disagrees with humans "
-                "(check the option/order mapping)")
+    call = o.get("chance")
+    if call is None:  # stored before the rule existed: no decided-pair counts to judge from
+        return f"agreement {_agree(o['agreement'], o['agreement_ci'])} on {n} pairs (stored without a verdict)"
+    if call == "all_ties":
+        return (f"no pair was decided (all {n:,} are ties): the judge never departs from chance here, so there is "
+                "nothing to compare with the human labels; check the tie band (judge.tie_eps) or use a stronger judge")
+    if call == "too_few":
+        return (f"too few pairs to say (n={o['n_decided']:,} decided; a verdict needs at least {MIN_DECIDED}): "
+                f"{_decided(o)}")
+    if call == "chance":
+        line = f"{_decided(o)}, includes 0.5: this judge is not distinguishable from chance on these {n:,} pairs"
+    elif call == "below":
+        line = f"{_decided(o)}, is below 0.5: the judge disagrees with humans (check the option/order mapping)"
     else:
-        line = f"agreement {a:.3f} [{lo:.3f}, {hi:.3f}] is above chance on {n} pairs"
+        line = f"{_decided(o)}, is above chance on {n:,} pairs"
+    a, (lo, hi) = o["agreement"], o["agreement_ci"]
     naive = d["naive"]["agreement"]
     if naive is not None:
         rel = "above" if lo > naive else "below" if hi < naive else "not distinguishable from"
-        line += f"; {rel} the naive baseline ({naive:.3f})"
+        line += f"; agreement {a:.3f} [{lo:.3f}, {hi:.3f}] is {rel} the naive baseline ({naive:.3f})"
     length = o["length"]
     heuristics = [x for x in (length["always_longer_agreement"], length["always_shorter_agreement"]) if x is not None]
     if heuristics and max(heuristics) >= lo:
@@ -74,15 +108,17 @@ def verdict(result: Any) -> str:
     return line
 
 
-SUMMARY_HEADER = ["labeller", "n", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier"]
+SUMMARY_HEADER = ["labeller", "n", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier",
+                  "vs chance: agree/decided (exact 95% CI)"]
 PRINCIPLE_HEADER = ["principle", "weight", "ties", *SUMMARY_HEADER[1:], "note"]
 
 
 def _cells(b: dict[str, Any]) -> list[str]:
-    """n, agreement [CI], κ, consistency, P(first), ECE, Brier of one block, formatted."""
+    """n, agreement [CI], κ, consistency, P(first), ECE, Brier, vs chance of one block, formatted."""
     pos, cal = b["position"], b["calibration"]
     return [_f(b["n_pairs"]), _agree(b["agreement"], b["agreement_ci"]), _f(b["cohen_kappa"]),
-            _f(pos["consistency"]), _f(pos["p_prefers_first"]), _f(cal["ece"]), _f(cal["brier"])]
+            _f(pos["consistency"]), _f(pos["p_prefers_first"]), _f(cal["ece"]), _f(cal["brier"]),
+            versus_chance_cell(b)]
 
 
 def summary_rows(result: Any) -> list[list[str]]:
@@ -96,10 +132,10 @@ def summary_rows(result: Any) -> list[list[str]]:
     rows = [["factory default", *_cells(o)], [naive, *_cells(d["naive"])]]
     for side in ("longer", "shorter"):
         agree = _agree(length[f"always_{side}_agreement"], length[f"always_{side}_ci"])
-        rows.append([f"always {side} ({gap})", _f(length["n"]), agree, "—", "—", "—", "—", "—"])
+        rows.append([f"always {side} ({gap})", _f(length["n"]), agree, "—", "—", "—", "—", "—", "—"])
     chance_ece = None if base is None else abs(base - 0.5)  # a constant 0.5 forecast: |base rate - 0.5|
     rows.append(["chance (0.5)", _f(o["n_pairs"]), "0.500", "0.000", "—", "—", _f(chance_ece),
-                 _f(0.25 if o["n_pairs"] else None)])
+                 _f(0.25 if o["n_pairs"] else None), "—"])
     return rows
 
 
@@ -230,7 +266,8 @@ def _kv_table(d: dict[str, Any]) -> str:
 
 def _summary_html(d: dict[str, Any]) -> str:
     o = d["overall"]
-    note = (f"<p>{_e(d['settings']['ties_rule'])}. Factory default: {o['n_ties']} tie(s); agreement excluding ties "
+    rules = [d["settings"].get(k) for k in ("ties_rule", "chance_rule", "agreement_ci_rule")]
+    note = (f"<p>{_e('. '.join(r for r in rules if r))}. Factory default: {o['n_ties']} tie(s); agreement excluding ties "
             f"{_e(_f(o['agreement_excl_ties']))}; log loss {_e(_f(o['calibration']['log_loss']))}. "
             f"κ note: {_e(o['kappa_note'] or 'none')}.</p>")
     return _table(SUMMARY_HEADER, summary_rows(d)) + note

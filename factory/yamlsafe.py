@@ -1,0 +1,113 @@
+"""A YAML loader with limits, so that a hostile config file is an error and never a runaway.
+
+PyYAML's safe loader still lets a few hundred bytes exhaust memory or the stack: aliases of
+aliases expand exponentially ("billion laughs") wherever the data is walked, merge keys
+(``<<: *x``) do the same to mappings, and nesting (or aliases of aliases) past Python's recursion
+limit crashes the composer, the constructor or the validator. :class:`BoundedLoader` checks the
+limits while the node graph is composed, before anything is constructed:
+
+- Files over :data:`MAX_BYTES` are refused after reading at most that much, at the line where the
+  limit is passed (a huge scalar, a data file given by mistake).
+- Aliases stay allowed, so the ``<<: *defaults`` merge idiom works, but they are bounded while the
+  document is composed: every value counts once per place it appears, aliases included, and a
+  document past :data:`MAX_VALUES` is refused at the alias (or value) that passes the limit. This
+  is the "billion laughs" defence; it also bounds merge keys, which expand aliased mappings.
+  Sizes are counted per node once, so the check costs as much as the file, not its expansion.
+- Nesting deeper than :data:`MAX_DEPTH` (aliases included) is refused at the value that passes it,
+  before Python's recursion limit could be reached anywhere (composer, checks, pydantic).
+- An alias used inside its own anchor (a recursive structure) is refused at the alias.
+- Explicit tags other than the plain-data ones (``!!str``, ``!!int``, …) are refused at the tag
+  before anything is constructed: ``!!python/object…`` and custom ``!tags`` never run.
+
+:class:`Refused` carries the YAML mark; :mod:`factory.yamlconf` turns it into ``file:line:col``.
+The size cap is applied by the reader (:func:`factory.yamlconf.load_yaml_data`).
+"""
+
+from __future__ import annotations
+
+import yaml
+
+MAX_BYTES = 1 << 20  # a config file is a few KiB; anything near this is data given by mistake
+MAX_VALUES = 10_000  # values in a document, counting each alias as the values it repeats
+MAX_DEPTH = 50  # levels of nesting (shipped configs use at most 5, and at most 263 values)
+
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class Refused(Exception):
+    """Raised by :class:`BoundedLoader` at a YAML mark; turned into a located ConfigError."""
+
+    def __init__(self, mark: yaml.Mark, message: str):
+        self.mark, self.message = mark, message
+        super().__init__(message)
+
+
+def _tag_shown(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the limits above checked while the node graph is composed.
+
+    PyYAML shares one node between an anchor and its aliases; ``_size``/``_height`` hold each
+    finished node's expanded size and depth, so an alias costs a lookup, not an expansion.
+    """
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._size: dict[int, int] = {}
+        self._height: dict[int, int] = {}
+        self._total = 0
+        self._depth = 0
+
+    def _count(self, mark: yaml.Mark, n: int, alias: str | None) -> None:
+        self._total += n
+        if self._total > MAX_VALUES:
+            if alias is not None:
+                raise Refused(mark, f"the alias *{alias} repeats {n} values and takes this file past "
+                                     f"{MAX_VALUES} values (nested aliases multiply; this is how an "
+                                     "'alias bomb' works); write the values out or use fewer nested aliases")
+            raise Refused(mark, f"this file has more than {MAX_VALUES} values; a config is small: put data "
+                                 "(prompts, pairs) in its own file and give its path")
+
+    def _deeper(self, mark: yaml.Mark, levels: int, alias: str | None) -> None:
+        if self._depth + levels > MAX_DEPTH:
+            if alias is not None:
+                raise Refused(mark, f"the alias *{alias} nests {levels} levels here, past the limit of "
+                                     f"{MAX_DEPTH} levels (aliases of aliases nest deeper each time); "
+                                     "write the values out or use fewer nested aliases")
+            raise Refused(mark, f"nested more than {MAX_DEPTH} levels deep; a config needs a few levels: "
+                                 "check for unclosed [ or { or runaway indentation")
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = self.anchors.get(event.anchor)
+            if node is not None:
+                if id(node) not in self._size:  # its anchor is still open: the alias is inside it
+                    raise Refused(event.start_mark, f"the alias *{event.anchor} is used inside its own "
+                                                     f"anchor &{event.anchor}, which makes an endless "
+                                                     "structure; refer to a value defined before it")
+                self._deeper(event.start_mark, self._height[id(node)], event.anchor)
+                self._count(event.start_mark, self._size[id(node)], event.anchor)
+            return super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!") and tag not in _PLAIN_TAGS:
+            shown = _tag_shown(tag)
+            what = ("Python object tags are never loaded" if "python/" in tag
+                    else "only plain data is allowed (text, numbers, true/false, lists, mappings)")
+            raise Refused(event.start_mark, f"the tag {shown} is not allowed: {what}; remove the tag")
+        self._deeper(event.start_mark, 1, None)
+        self._count(event.start_mark, 1, None)
+        self._depth += 1
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        self._size[id(node)] = 1 + sum(self._size[id(c)] for c in children)
+        self._height[id(node)] = 1 + max((self._height[id(c)] for c in children), default=0)
+        return node
