@@ -35,8 +35,11 @@ class FakeEngine:
         return [ord(ch) for ch in text]
 
     def _digest(self, req: Request, i: int = 0) -> str:
-        """A pure function of the request: its content key covers its messages and sampling."""
-        return hashlib.sha256(f"{req.key}\0{self.seed}\0{i}".encode()).hexdigest()
+        """A pure function of what the request asks (messages and sampling), not of its key."""
+        s = req.sampling
+        text = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in req.messages)
+        return hashlib.sha256(f"{text}\0{s.max_tokens},{s.temperature},{s.top_p},{s.n},{s.stop}\0{self.seed}\0{i}"
+                              .encode()).hexdigest()
 
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         got = 0
