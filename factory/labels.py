@@ -93,6 +93,11 @@ def _lit(x: float) -> str:
     return repr(float(x))
 
 
+def _clip(x: str, lo: float, hi: float) -> str:
+    """``x`` clipped into [lo, hi]; NULL stays NULL (DuckDB's least/greatest skip NULLs)."""
+    return f"(CASE WHEN {x} IS NULL THEN NULL ELSE least(greatest({x}, {_lit(lo)}), {_lit(hi)}) END)"
+
+
 def scored_sql(judgements: str, rule: LabelRule) -> str:
     """Per judgement: pair_id, principle_id, order, ``p`` (the P(a) the rule uses: calibrated if asked,
     clamped; NULL when failed), ``p_raw`` (as judged)."""
@@ -102,21 +107,17 @@ def scored_sql(judgements: str, rule: LabelRule) -> str:
     if rule.calibrate:
         cal = f"""WITH j AS ({base}),
                  pri AS (SELECT principle_id, "order", avg(p_first) AS prior FROM j GROUP BY ALL),
-                 c AS (SELECT j.*, 1 / (1 + exp(-(ln(greatest(least(j.p_first, {1 - EPS}), {EPS}) /
-                                                   (1 - greatest(least(j.p_first, {1 - EPS}), {EPS})))
-                                                - ln(greatest(least(pri.prior, {1 - EPS}), {EPS}) /
-                                                     (1 - greatest(least(pri.prior, {1 - EPS}), {EPS})))))) AS pf
+                 c AS (SELECT j.*, 1 / (1 + exp(-({_logit('j.p_first')} - {_logit('pri.prior')}))) AS pf
                        FROM j JOIN pri USING (principle_id, "order"))
               SELECT pair_id, principle_id, "order", p_raw,
                      CASE WHEN "order" = 'ab' THEN pf ELSE 1 - pf END AS p0 FROM c"""
     else:
         cal = f"SELECT pair_id, principle_id, \"order\", p_raw, p_raw AS p0 FROM ({base})"
-    return f"""SELECT pair_id, principle_id, "order", p_raw,
-                      least(greatest(p0, {_lit(lo)}), {_lit(hi)}) AS p FROM ({cal})"""
+    return f"""SELECT pair_id, principle_id, "order", p_raw, {_clip('p0', lo, hi)} AS p FROM ({cal})"""
 
 
 def _logit(x: str) -> str:
-    c = f"greatest(least({x}, {1 - EPS}), {EPS})"
+    c = _clip(x, EPS, 1 - EPS)
     return f"ln({c} / (1 - {c}))"
 
 
@@ -173,8 +174,14 @@ def labels_sql(judgements: str, rule: LabelRule) -> str:
 
 
 def check_weights(store: Store, judgements: str, rule: LabelRule, params: Any = None) -> None:
-    missing = [p for (p,) in store.con.execute(f"SELECT DISTINCT principle_id FROM {judgements}", params or {}).fetchall()
-               if p not in rule.weights]
+    """Every judged principle must have a weight: a principle left out of the pooling would
+    silently change every label it touches."""
+    _check([p for (p,) in store.con.execute(f"SELECT DISTINCT principle_id FROM {judgements}", params or {}).fetchall()],
+           rule)
+
+
+def _check(principles: list[str], rule: LabelRule) -> None:
+    missing = [p for p in principles if p not in rule.weights]
     if missing:
         raise StoreError(f"no weight for principle(s) {sorted(missing)[:5]} in weight set '{rule.name}'; add them to the "
                          f"constitution (or the weight set), or drop their judgements (known: {sorted(rule.weights)[:10]})")
@@ -210,10 +217,32 @@ def label_run(store: Store, run_id: str, constitution: Any, judge: Any) -> dict[
             "label rule": rule.name + (" (calibrated)" if rule.calibrate else "")}
 
 
+def labels_of(judgements: pa.Table, rule: LabelRule) -> pa.Table:
+    """The labels of judgements held in Arrow (pair_id, principle_id, order, p_a with NaN or null =
+    failed; ``status``/``p_first`` are derived when absent): the same SQL, in an in-memory DuckDB."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("_j", judgements)
+        cols = judgements.column_names
+        status = "status" if "status" in cols else "CASE WHEN p_a IS NULL OR isnan(p_a) THEN 'failed' ELSE 'ok' END"
+        p_first = "p_first" if "p_first" in cols else "CASE WHEN \"order\" = 'ab' THEN p_a ELSE 1 - p_a END"
+        rel = f"""(SELECT pair_id, principle_id, "order", {status} AS status,
+                          CASE WHEN isnan(p_a) THEN NULL ELSE {p_first} END AS p_first,
+                          CASE WHEN isnan(p_a) THEN NULL ELSE p_a END AS p_a FROM _j)"""
+        _check(sorted({p for p in judgements.column("principle_id").to_pylist()}), rule)
+        return con.sql(labels_sql(rel, rule) + " ORDER BY pair_id").to_arrow_table()
+    finally:
+        con.close()
+
+
 def labels_table(store: Store, judgements: str, rule: LabelRule, params: Any = None) -> pa.Table:
     """The labels of a judgements relation as an Arrow table (exports, audits)."""
+    check_weights(store, judgements, rule, params)
     return store.con.sql(labels_sql(judgements, rule), params=params).to_arrow_table()
 
 
-__all__ = ["LabelRule", "rule_for", "labels_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
+__all__ = ["LabelRule", "rule_for", "run_rule", "labels_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
+           "labels_of",
            "check_weights", "PREFERENCE_SCHEMA", "now"]

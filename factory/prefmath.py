@@ -6,7 +6,9 @@ presentation *order*: ``"ab"`` shows a first as option (A), ``"ba"`` shows b fir
 one (pair, principle): its two orders averaged. Everything here is vectorised (numpy /
 pyarrow); no Python loop runs over rows, so a million judgements take well under a second.
 
-Used both when labelling (the factory's preference labels) and when auditing them.
+The label itself (weights, tie band, clamp, calibration, pooling) is made in one place,
+:mod:`factory.labels`, as SQL; the audit uses :func:`principle_cells` for its diagnostics
+(position consistency, per-principle blocks) and :func:`decide` for its own labellers.
 """
 
 from __future__ import annotations
@@ -22,11 +24,8 @@ import pyarrow.compute as pc
 
 __all__ = [
     "PrincipleCells",
-    "aggregate_pairs",
     "decide",
     "p_a",
-    "pair_probabilities",
-    "pairs_from_cells",
     "principle_cells",
     "renormalize",
 ]
@@ -173,17 +172,6 @@ def principle_cells(
     )
 
 
-def pair_probabilities(cells: PrincipleCells, weights: Mapping[str, float]) -> np.ndarray:
-    """P(a better) per pair: ``sum_k w_k p_k / sum_k w_k`` over the pair's cells k.
-
-    ``w_k`` is the constitution weight of cell k's principle; pairs whose cells all weigh 0, or
-    that have no valid judgement, get NaN. A principle without a weight is an error.
-    """
-    w = _weight_vector(cells.principle_ids, weights)[cells.principle]
-    n = len(cells.pair_ids)
-    return _div(np.bincount(cells.pair, w * cells.p, n), np.bincount(cells.pair, w, n))
-
-
 def decide(p: np.ndarray, tie_eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(chose_a, is_tie, margin)`` for pair probabilities ``p``.
 
@@ -197,59 +185,6 @@ def decide(p: np.ndarray, tie_eps: float) -> tuple[np.ndarray, np.ndarray, np.nd
     dist = np.abs(p - 0.5)
     is_tie = (dist < tie_eps) | (dist == 0.0)
     return (p > 0.5) & ~is_tie, is_tie, dist * 2.0
-
-
-def pairs_from_cells(cells: PrincipleCells, weights: Mapping[str, float], tie_eps: float = 0.05) -> pa.Table:
-    """One row per pair id; see :func:`aggregate_pairs` for the columns."""
-    n = len(cells.pair_ids)
-    p = pair_probabilities(cells, weights)
-    chose_a, is_tie, margin = decide(p, tie_eps)
-    n_principles = np.bincount(cells.pair, minlength=n)
-    complete = cells.complete
-    n_complete = np.bincount(cells.pair, minlength=n, weights=complete)
-    agree = np.bincount(cells.pair, complete & cells.orders_pick_same, n)
-    same_side = np.sign(cells.p - 0.5) == np.sign(p - 0.5)[cells.pair]
-    chosen = pa.array(np.where(chose_a, "a", "b"), mask=is_tie | np.isnan(p), type=pa.string())
-    return pa.table(
-        {
-            "pair_id": cells.pair_ids,
-            "p_a": p,
-            "n_principles": n_principles,
-            "orders_complete": (n_complete == n_principles) & (n_principles > 0),
-            "orders_agree": _div(agree, n_complete),
-            "principles_agree": np.bincount(cells.pair, same_side, n).astype(np.int64),
-            "chosen": chosen,
-            "margin": margin,
-            "is_tie": is_tie,
-            "n_judgements": cells.valid_per_pair,
-            "n_failed": cells.failed_per_pair,
-        }
-    )
-
-
-def aggregate_pairs(
-    pair_id: Any,
-    principle_id: Any,
-    order: Any,
-    p_a: Any,
-    weights: Mapping[str, float],
-    tie_eps: float = 0.05,
-    clamp: tuple[float, float] | None = None,
-) -> pa.Table:
-    """Judgements → one preference label per pair (sorted by pair_id).
-
-    Per principle k of a pair: ``p_k = (p_ab + p_ba) / 2`` (each order's mean P(a better); if one
-    order is missing or failed, the one present). Per pair: ``p_a = sum_k w_k p_k / sum_k w_k``.
-    Columns: ``p_a``; ``n_principles`` (principles with a valid judgement); ``orders_complete``
-    (every such principle had both orders); ``orders_agree`` (share of principles with both
-    orders where ``(p_ab > 0.5) == (p_ba > 0.5)``; NaN if none); ``principles_agree`` (number of
-    principles with ``sign(p_k - 0.5) == sign(p_a - 0.5)``); ``chosen`` ("a"/"b", null for a
-    tie or NaN); ``margin = |p_a - 0.5| * 2``; ``is_tie = |p_a - 0.5| < tie_eps`` (ties are kept
-    and marked, never dropped); ``n_judgements``/``n_failed`` (valid / NaN judgements). A pair
-    whose judgements all failed keeps its row with NaN ``p_a``.
-    """
-    cells = principle_cells(pair_id, principle_id, order, p_a, clamp)
-    return pairs_from_cells(cells, weights, tie_eps)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -298,20 +233,6 @@ def _check_probabilities(p: np.ndarray) -> None:
             f"p_a must be a probability in [0, 1] (NaN = failed); {int(bad.sum())} value(s) are not, "
             f"e.g. {p[bad][:3].tolist()}"
         )
-
-
-def _weight_vector(principle_ids: pa.Array, weights: Mapping[str, float]) -> np.ndarray:
-    names = principle_ids.to_pylist()
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise ValueError(
-            f"no constitution weight for principle(s) {missing[:5]}; add them to the constitution "
-            f"or drop their judgements (weights known: {sorted(weights)[:10]})"
-        )
-    w = np.array([float(weights[n]) for n in names], dtype=np.float64)
-    if (np.isnan(w) | (w < 0)).any():
-        raise ValueError(f"principle weights must be >= 0; got {dict(zip(names, w.tolist(), strict=True))}")
-    return w
 
 
 def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from factory.audit.stats import AGREEMENT_CI_RULE, CHANCE_RULE, MIN_DECIDED, agreement_interval, exact_ci, versus_chance
-from factory.prefmath import PrincipleCells, decide, pair_probabilities, principle_cells
+from factory.prefmath import PrincipleCells, decide, principle_cells
 
 JUDGEMENT_COLUMNS = ("pair_id", "principle_id", "order", "p_a")
 HUMAN_COLUMNS = ("pair_id", "human_choice", "len_a", "len_b")
@@ -82,6 +82,7 @@ class AuditResult:
     divergence: list[dict[str, Any]]
     counts: dict[str, int]
     settings: dict[str, Any]
+    variants: list[Block] = field(default_factory=list)  # the same pairs under other label rules
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -115,23 +116,43 @@ def compute_audit(
     n_bins: int = 10,
     length_gap: float = 30,
     top_divergent: int = 20,
+    labels: pa.Table | None = None,
+    cells: pa.Table | None = None,
+    variants: Mapping[str, pa.Table] | None = None,
 ) -> AuditResult:
-    """Audit the factory default label (both orders averaged, principles weighted, soft p_a)
-    and a naive baseline against human labels; see the module docstring for the conventions."""
+    """Audit the factory's label and a naive baseline against human labels; see the module docstring.
+
+    ``labels`` (pair_id, p_a) and ``cells`` (pair_id, principle_id, p) are the run's labels and
+    per-principle cells as :mod:`factory.labels` makes them (the one label rule, in SQL); without
+    them they are made from ``judgements`` by the same rule with ``weights`` and ``tie_eps``.
+    ``variants`` maps a name to other labels of the same pairs (raw, calibrated, fitted weights):
+    each gets an overall block in ``AuditResult.variants``. ``judgements`` always give the
+    position metrics and the naive baseline."""
     _require_columns(judgements, JUDGEMENT_COLUMNS, "judgements")
     _require_columns(human, HUMAN_COLUMNS, "human labels")
-    cells = principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], judgements["p_a"])
-    hum = _read_human(human, cells.pair_ids)
+    jc = principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], judgements["p_a"])
+    hum = _read_human(human, jc.pair_ids)
     cfg = _Cfg(n_bootstrap, seed, n_bins, length_gap)
-    p = pair_probabilities(cells, weights)
+    if labels is None:  # the one label rule (factory.labels), on these judgements
+        from factory.labels import LabelRule, labels_of
+
+        labels = labels_of(judgements.select(list(JUDGEMENT_COLUMNS)), LabelRule(dict(weights), tie_eps=tie_eps))
+    p = _align(labels, jc.pair_ids, "p_a")
     codes = np.flatnonzero((hum.row >= 0) & ~np.isnan(p))
-    overall = _block("overall", p[codes], codes, hum, tie_eps, _position(cells, None), cfg)
-    names = cells.principle_ids.to_pylist()
+    overall = _block("overall", p[codes], codes, hum, tie_eps, _position(jc, None), cfg)
+    names = jc.principle_ids.to_pylist()
     naive_name = _naive_name(names, naive_principle)
+    cell_p = jc.p if cells is None else _align_cells(cells, jc)
     per_principle = [
-        _principle_block(cells, hum, name, names, tie_eps, cfg, float(weights[name]) if name in weights else None)
+        _principle_block(jc, cell_p, hum, name, names, tie_eps, cfg, float(weights[name]) if name in weights else None)
         for name in sorted(set(weights) | set(names))
     ]
+    extra = []
+    for name, table in (variants or {}).items():
+        pv = _align(table, jc.pair_ids, "p_a")
+        cv = np.flatnonzero((hum.row >= 0) & ~np.isnan(pv))
+        extra.append(_block(name, pv[cv], cv, hum, tie_eps, _position(jc, None), cfg))
+    cells = jc
     return AuditResult(
         overall=overall,
         naive=_naive_block(cells, hum, names, naive_name, cfg),
@@ -161,7 +182,23 @@ def compute_audit(
             "min_decided": MIN_DECIDED,
             "log_loss_clip": LOG_LOSS_CLIP,
         },
+        variants=extra,
     )
+
+
+def _align(table: pa.Table, pair_ids: pa.Array, column: str) -> np.ndarray:
+    """``table[column]`` per pair id of ``pair_ids`` (NaN where the table has no row)."""
+    got = dict(zip(table.column("pair_id").to_pylist(), table.column(column).to_pylist()))
+    return np.array([np.nan if (v := got.get(k)) is None else v for k in pair_ids.to_pylist()], dtype=np.float64)
+
+
+def _align_cells(cells: pa.Table, jc: PrincipleCells) -> np.ndarray:
+    """The SQL cells' p for each of ``jc``'s (pair, principle) cells."""
+    got = {(a, b): v for a, b, v in zip(cells.column("pair_id").to_pylist(), cells.column("principle_id").to_pylist(),
+                                         cells.column("p").to_pylist())}
+    pairs, names = jc.pair_ids.to_pylist(), jc.principle_ids.to_pylist()
+    return np.array([np.nan if (v := got.get((pairs[i], names[k]))) is None else v
+                     for i, k in zip(jc.pair, jc.principle)], dtype=np.float64)
 
 
 def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, Any]:
@@ -253,11 +290,11 @@ def _naive_block(cells: PrincipleCells, hum: _Human, names: list[str], name: str
     return _block("naive", p[keep], codes[keep], hum, 0.0, _position(cells, k), cfg)
 
 
-def _principle_block(cells: PrincipleCells, hum: _Human, name: str, names: list[str], tie_eps: float,
-                     cfg: _Cfg, weight: float | None) -> Block:
+def _principle_block(cells: PrincipleCells, cell_p: np.ndarray, hum: _Human, name: str, names: list[str],
+                     tie_eps: float, cfg: _Cfg, weight: float | None) -> Block:
     k = names.index(name) if name in names else -1
-    m = cells.principle == k
-    codes, p = cells.pair[m], cells.p[m]
+    m = (cells.principle == k) & ~np.isnan(cell_p)
+    codes, p = cells.pair[m], cell_p[m]
     keep = hum.row[codes] >= 0
     return _block(name, p[keep], codes[keep], hum, tie_eps, _position(cells, k), cfg, weight)
 

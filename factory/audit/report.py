@@ -129,7 +129,12 @@ def summary_rows(result: Any) -> list[list[str]]:
     gap = f"|Δlen|>{d['settings']['length_gap']:g}"
     base = o["human_p_a"]
     naive = f"naive baseline (ab, {d['settings']['naive_principle']})"
-    rows = [["factory default", *_cells(o)], [naive, *_cells(d["naive"])]]
+    rule = d["settings"].get("label_rule") or {}
+    how = [] if rule.get("name", "constitution") == "constitution" else [f"weights {rule['name']}"]
+    how += ["calibrated"] if rule.get("calibrate") else []
+    rows = [["factory default" + (f" ({', '.join(how)})" if how else ""), *_cells(o)]]
+    rows += [[f"  same pairs, {v['name']}", *_cells(v)] for v in d.get("variants") or []]
+    rows.append([naive, *_cells(d["naive"])])
     for side in ("longer", "shorter"):
         agree = _agree(length[f"always_{side}_agreement"], length[f"always_{side}_ci"])
         rows.append([f"always {side} ({gap})", _f(length["n"]), agree, "—", "—", "—", "—", "—", "—"])

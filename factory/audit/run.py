@@ -34,7 +34,7 @@ from ..constitution import Constitution, load_constitution
 from ..engines import Engine
 from ..human import human_table, import_into, set_info, skip_counts
 from ..inputs import chunked
-from ..labels import label_run
+from ..labels import label_run, rule_for, run_rule
 from ..runs import Loaded, RunContext, RunKind
 from ..runs import run as run_any
 from ..sources import SqlReader
@@ -66,6 +66,7 @@ class AuditSettings(Strict):
     length_gap: float = Field(30.0, ge=0, description="length-bias metrics use pairs whose lengths differ by more")
     top_divergent: int = Field(20, ge=0, description="rows in the divergence table")
     report_dir: str | None = Field(None, description="where the HTML report goes (default: beside the db)")
+    constitution_weights: dict[str, float] | None = Field(None, exclude=True, description="set by the audit itself")
 
 
 class AuditPipeline(RunConfig):
@@ -134,15 +135,14 @@ class AuditKind(RunKind):
         s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
         s.labels = label_run(store, lp.run_id, lp.constitution, cfg.judge)
         settings = self.settings(ctx).model_copy(update={"naive_principle": s.extra["naive"]})
-        clamp = cfg.judge.clamp
-        judgements = run_judgements(store, lp.run_id, clamp)
-        naive_j = run_judgements(store, naive_run(lp.run_id), clamp)
+        naive_j = run_judgements(store, naive_run(lp.run_id), cfg.judge.clamp)
         c = lp.constitution
         meta = {"run": lp.run_id, "pipeline": lp.path, "model": cfg.model,
                 "constitution": f"{c.name} v{c.version} ({c.hash})", "judge": _judge_meta(cfg.judge.model_dump())}
-        audit_id, result, report = _audit(store, lp.run_id, s.extra["set_id"], judgements,
-                                          naive_j if naive_j.num_rows else None, _weights(c), cfg.judge.tie_eps,
-                                          settings, meta)
+        rule = rule_for(store, c, cfg.judge)
+        settings.constitution_weights = _weights(c)
+        audit_id, result, report = _audit(store, lp.run_id, s.extra["set_id"], rule,
+                                          naive_j if naive_j.num_rows else None, settings, meta)
         s.extra.update(audit_id=audit_id, report_path=report)
         s.extra["result"] = result
 
@@ -214,8 +214,8 @@ def audit(pipeline: str | Path | None = None, *, db: str | Path | None = None, r
         body = store.one("SELECT body FROM configs WHERE config_hash = ?", [chash])
         if body is None:
             raise StoreError(f"{db}: run '{run_id}' has no stored constitution {chash}")
-        weights = {p["id"]: float(p.get("weight", 1.0)) for p in json.loads(body[0])["principles"]}
-        judgements = run_judgements(store, run_id, judge_cfg.clamp)
+        rule = run_rule(store, run_id)
+        settings.constitution_weights = {p["id"]: float(p.get("weight", 1.0)) for p in json.loads(body[0])["principles"]}
         naive_j = run_judgements(store, naive_run(run_id), judge_cfg.clamp)
         info = set_info(store, human_set)  # a clear error for an unknown set
         overlap = store.one(f"SELECT count(DISTINCT h.pair_id) FROM human_labels h SEMI JOIN "
@@ -231,8 +231,7 @@ def audit(pipeline: str | Path | None = None, *, db: str | Path | None = None, r
             naive_j = None  # no separate naive judgements (a prefs run, or another principle asked for)
         elif not settings.naive_principle:
             settings.naive_principle = naive_j["principle_id"][0].as_py()
-        audit_id, result, report = _audit(store, run_id, human_set, judgements, naive_j, weights, judge_cfg.tie_eps,
-                                          settings, meta)
+        audit_id, result, report = _audit(store, run_id, human_set, rule, naive_j, settings, meta)
     if not quiet:
         show(audit_id, result, report, info["skips"].get("by_reason", []))
     return audit_id, result, Path(report)
@@ -249,15 +248,21 @@ def run_judgements(store: Store, run_id: str, clamp: tuple[float, float] | None)
         params={"run": run_id}).to_arrow_table()
 
 
-def _audit(store: Store, run_id: str, set_id: str, judgements: pa.Table, naive_judgements: pa.Table | None,
-           weights: dict[str, float], tie_eps: float, settings: AuditSettings, meta: dict[str, Any]
-           ) -> tuple[str, AuditResult, str]:
+def _audit(store: Store, run_id: str, set_id: str, rule: Any, naive_judgements: pa.Table | None,
+           settings: AuditSettings, meta: dict[str, Any]) -> tuple[str, AuditResult, str]:
     """compute_audit → audits row + HTML report; returns (audit_id, result, report path).
 
+    The run's labels come from the one label rule (:mod:`factory.labels`) over its judgements, with
+    the run's own rule; the same pairs are also scored raw (no calibration), batch-calibrated and,
+    where the run uses a fitted weight set, with the constitution's weights, as variants.
     ``naive_judgements`` (the naive principle judged on every pair) replaces the naive block that
-    compute_audit would take from ``judgements`` (where a sampled principle covers only some pairs)."""
+    compute_audit would take from the run's judgements (where a sampled principle covers only some pairs)."""
+    from ..labels import LabelRule, cells_sql, labels_table
     from .report import write_html
 
+    rel, params = store.run_rows("judgements", "$run"), {"run": run_id}
+    judgements = run_judgements(store, run_id, rule.clamp)
+    weights = rule.weights
     naive = settings.naive_principle
     judged = set(judgements.column("principle_id").unique().to_pylist())
     if naive is None:  # the constitution's first principle that was judged (not the alphabetical first)
@@ -265,9 +270,19 @@ def _audit(store: Store, run_id: str, set_id: str, judgements: pa.Table, naive_j
     elif naive not in judged and naive_judgements is None:
         raise StoreError(f"naive_principle '{naive}' has no judgements in run {run_id}; judged: {sorted(judged)}")
     human = human_table(store, set_id)
-    kw = dict(tie_eps=tie_eps, n_bootstrap=settings.n_bootstrap, seed=settings.seed, n_bins=settings.n_bins,
+    kw = dict(tie_eps=rule.tie_eps, n_bootstrap=settings.n_bootstrap, seed=settings.seed, n_bins=settings.n_bins,
               length_gap=settings.length_gap, top_divergent=settings.top_divergent)
-    result = compute_audit(judgements, human, weights, naive_principle=naive if naive in judged else None, **kw)
+    variants = {"raw (no calibration)": rule.with_(calibrate=False),
+                "batch-calibrated": rule.with_(calibrate=True)}
+    if rule.pool == "logit" and settings.constitution_weights:  # a fitted run: also the constitution's weights
+        variants["constitution weights"] = LabelRule(settings.constitution_weights, rule.tie_eps, rule.clamp,
+                                                     rule.calibrate)
+    cells = store.con.sql(f"SELECT pair_id, principle_id, p FROM ({cells_sql(rel, rule)})", params=params).to_arrow_table()
+    result = compute_audit(judgements, human, weights, naive_principle=naive if naive in judged else None,
+                           labels=labels_table(store, rel, rule, params), cells=cells,
+                           variants={k: labels_table(store, rel, r, params) for k, r in variants.items()}, **kw)
+    result.settings["label_rule"] = {"name": rule.name, "pool": rule.pool, "calibrate": rule.calibrate,
+                                     "clamp": rule.clamp, "hash": rule.hash}
     how = "its own judgements on every pair"
     if naive_judgements is not None:
         result.naive = compute_audit(naive_judgements, human, weights, naive_principle=naive, **kw).naive
@@ -276,7 +291,7 @@ def _audit(store: Store, run_id: str, set_id: str, judgements: pa.Table, naive_j
         how = "the pairs where the judge's principles include it"
     result.settings["naive_scope"] = f"{result.naive.n_pairs} of {result.overall.n_pairs} audited pairs ({how})"
     info = set_info(store, set_id)
-    audit_id = content_key("audit", run_id, set_id, settings.model_dump(exclude={"report_dir"}), naive)[:10]
+    audit_id = content_key("audit", run_id, set_id, settings.model_dump(exclude={"report_dir"}), naive, rule.hash)[:10]
     db = store.path
     report = Path(settings.report_dir or db.parent) / f"{db.stem}-audit-{audit_id}.html"
     skips = info["skips"].get("by_reason", [])
