@@ -390,6 +390,22 @@ def audit_cmd(pipeline: Optional[Path] = typer.Argument(None, help="a `kind: aud
           report_dir=report_dir)
 
 
+@audit_app.command("fit")
+@user_errors
+def audit_fit_cmd(db: Path = typer.Option(..., help="the DuckDB file"),
+                  run_id: str = typer.Option(..., "--run", help="a run that judged the human set's pairs"),
+                  human: str = typer.Option(..., help="the human set id"),
+                  name: str = typer.Option(..., help="the weight set's name (use it as judge.weights)"),
+                  train_frac: float = typer.Option(0.5, help="share of pairs to fit on; the rest is held out"),
+                  folds: int = typer.Option(5, help="cross-validation folds for the regularisation strength"),
+                  seed: int = typer.Option(0)):
+    """Fit principle weights and a temperature to human labels; audit them against the constitution's
+    weights on held-out pairs; store them as a named weight set."""
+    from .audit.fit import fit, show
+
+    show(fit(db, run_id, human, name, train_frac=train_frac, folds=folds, seed=seed))
+
+
 @audit_app.command("compare")
 @user_errors
 def audit_compare_cmd(a: str, b: str, db: Path = typer.Option(..., help="the DuckDB file holding audit A"),
