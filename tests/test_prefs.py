@@ -154,3 +154,80 @@ def test_sl_pairs_initial_answer_vs_final_revision(tmp_path):
                                  JOIN revisions v ON v.id = p.response_b_id WHERE p.source = 'sl'""").fetchall()
         assert rows == [(0, 2)] * 5  # initial answer (a) vs the final round-2 revision (b)
         assert st.count("judgements") == 5 * 2 * 2
+
+
+def test_vote_mode_stores_every_verdict_and_never_guesses(tmp_path):
+    path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 2, mode: vote, votes: 6")
+    eng = fake(scoring="none")  # an endpoint with no log-probs at all
+    s = prefs.run(path, engine=eng, quiet=True)
+    assert s.labels["pairs labelled"] == 5 and s.labels["generated tokens/label"] > 0
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        rows = st.con.execute('SELECT "order", verdicts, p_first, p_a, status, error, logprob_first FROM judgements').fetchall()
+        prefs_rows = st.con.execute("SELECT p_a, p_a_raw, p_a_cal FROM preferences").fetchall()
+    assert len(rows) == 5 * 2 * 2
+    unparseable = 0
+    for order, verdicts, p_first, p_a_, status, error, lp in rows:
+        texts = json.loads(verdicts)
+        assert len(texts) == 6 and lp is None  # every sampled verdict is kept, as text
+        first = sum(t.strip("() ") == "A" for t in texts)
+        valid = sum(t.strip("() ") in ("A", "B") for t in texts)
+        unparseable += 6 - valid
+        if valid:
+            assert status == "ok" and p_first == pytest.approx(first / valid)
+            assert p_a_ == pytest.approx(p_first if order == "ab" else 1 - p_first)
+        else:
+            assert status == "failed" and "no parseable verdict" in error
+    assert unparseable > 0  # "not sure" answers were stored, not counted for either option
+    assert all(p == pytest.approx(raw) and cal is not None for p, raw, cal in prefs_rows)  # calibrate off: label = raw
+
+
+def test_logprob_mode_on_an_endpoint_without_logprobs_says_use_vote(tmp_path):
+    from factory.engines.base import EngineError
+
+    with pytest.raises(EngineError, match="judge.mode: vote"):
+        prefs.run(write(tmp_path, pairs=sample(tmp_path)), engine=fake(scoring="none"), quiet=True)
+
+
+def test_no_prefill_endpoint_gets_the_single_letter_variant(tmp_path):
+    s = prefs.run(write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 1"), engine=fake(prefill=False), quiet=True)
+    assert s.labels["pairs labelled"] == 5
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        jid = st.one("SELECT id FROM judgements LIMIT 1")[0]
+        lin = show_row(st, jid)
+        settings = json.loads(st.one("SELECT body FROM configs WHERE config_hash = ?", [lin.row["sampling_hash"]])[0])
+    assert lin.ok and lin.messages[-1]["role"] == "user" and "single letter" in lin.messages[-1]["content"]
+    assert settings["prefill"] is False
+
+
+def test_calibration_is_stored_beside_the_raw_label(tmp_path):
+    path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 3, calibrate: true")
+    prefs.run(path, engine=fake(), quiet=True)
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        rows = st.con.execute("SELECT p_a, p_a_raw, p_a_cal FROM preferences").fetchall()
+        priors = st.con.execute('SELECT principle_id, "order", prior, n FROM calibration').fetchall()
+        # the priors are the mean P(first) of each (principle, order) of the run's judgements
+        ref = dict(((p, o), (m, n)) for p, o, m, n in st.con.execute(
+            'SELECT principle_id, "order", avg(p_first), count(*) FROM judgements WHERE status = \'ok\' GROUP BY 1, 2'
+        ).fetchall())
+    assert rows and all(p == pytest.approx(cal) for p, _, cal in rows)  # calibrate on: the label is the calibrated one
+    assert any(abs(raw - cal) > 1e-6 for _, raw, cal in rows)
+    assert {(p, o): (pytest.approx(m), n) for p, o, m, n in priors} == ref
+
+
+def test_export_over_every_principle_gives_the_run_labels(tmp_path):
+    """One label rule: re-made by export (weights, tie band, clamp, calibration) = the run's preferences."""
+    import datasets
+
+    from factory.export import export_prefs
+
+    path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 3, calibrate: true, clamp: [0.1, 0.9], tie_eps: 0.02")
+    s = prefs.run(path, engine=fake(), quiet=True)
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        judged = [p for (p,) in st.con.execute("SELECT DISTINCT principle_id FROM judgements").fetchall()]
+        stored = dict(st.con.execute("SELECT pair_id, CASE WHEN chosen = 'a' THEN p_a ELSE 1 - p_a END "
+                                     "FROM preferences WHERE NOT is_tie").fetchall())
+    export_prefs(tmp_path / "out.duckdb", s.run_id, tmp_path / "all", principles=judged)
+    export_prefs(tmp_path / "out.duckdb", s.run_id, tmp_path / "plain")
+    for folder in ("all", "plain"):
+        got = {r["pair_id"]: r["p_chosen"] for r in datasets.load_from_disk(str(tmp_path / folder))}
+        assert got.keys() == stored.keys() and all(got[k] == pytest.approx(v) for k, v in stored.items())

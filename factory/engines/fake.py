@@ -68,8 +68,10 @@ class FakeEngine:
         for i in range(req.sampling.n):
             d = self._digest(req, i)
             words = [d[j:j + 5] for j in range(0, min(len(d), 5 * max(1, req.sampling.max_tokens // 8)), 5)]
-            if req.sampling.max_tokens <= 4 and req.options:  # a sampled verdict: one of the options
-                words = [req.options[int(d[:2], 16) % len(req.options)]]
+            if req.options and req.sampling.max_tokens > 1:  # a sampled verdict: an option, or (1 in 8) not one
+                b = int(d[:2], 16)
+                texts.append("not sure" if b % 8 == 0 else ("(" * (b % 2)) + req.options[b % len(req.options)])
+                continue
             texts.append("" if self.empty_every and k % self.empty_every == 0 else "fake " + " ".join(words))
         logprobs, floored = None, ()
         if req.options and self.capabilities.scoring != "none" and req.sampling.max_tokens == 1:
