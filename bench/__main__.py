@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("FACTORY_BENCH_RESULTS", HERE / "results"))
-SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_audit.py", "bench_hostile.py"]
+SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_scale.py", "bench_audit.py", "bench_hostile.py"]
 
 
 def latest(quick: bool, name: str) -> dict | None:
@@ -44,7 +44,16 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
         rows.append(("server (vllm serve) vs offline engine tok/s",
                      f"{r['server_tok_s']:.0f} vs {r['offline_tok_s']:.0f} (ratio {r['ratio']:.2f}; {r['requests']} requests)"))
     if r := latest(quick, "ingest"):
-        rows.append(("DuckDB ingest rows/s", f"{r['rows_s']:,} ({r['rows']:,} rows)"))
+        rows.append(("ingest rows/s: store.insert vs DuckDB's own idempotent insert",
+                     f"{r['rows_s']:,} vs {r.get('duckdb_rows_s', 0):,} (ratio {r.get('ratio', float('nan')):.2f}; "
+                     f"{r['rows']:,} rows)"))
+    if r := latest(quick, "scale"):
+        for sz in r["sizes"]:
+            rows.append((f"scale, fake engine: {sz['pairs']:,} pairs ({sz['judgements']:,} judgements)",
+                         f"{sz['judgements_s']:,} judgements/s, peak {sz['peak_rss_mb']} MB, "
+                         f"{sz['bytes_per_judgement']} B/judgement, rerun {sz['rerun_s']} s, "
+                         f"restart after kill -9 at {sz['killed_at_judgements']:,}: first row in "
+                         f"{sz['restart_first_row_s']} s, lost {sz['lost']}, duplicated {sz['duplicated']}"))
     if r := latest(quick, "audit"):
         rows.append(("audit over AI labels (s)", f"{r['seconds']} s for {r['labels']:,} labels"))
     if r := latest(quick, "hostile"):

@@ -36,22 +36,28 @@ def setup(n_pairs: int, k: int):
     return J, c, load_template(REPO / "prompts/judge.j2"), pairs, chosen
 
 
-def logprob_pass(eng, J, c, tmpl, pairs, chosen, tag) -> tuple[int, float, int]:
-    from factory.runner import run_wave
-    from factory.store import JUDGEMENT_SCHEMA, Store
+def judge_ctx(eng, c, tmpl, tag):
+    from factory import judges
+    from factory.config import JudgeSpec
 
-    ids = J.option_token_ids(eng, ["A", "B"])
-    ctx = J.JudgeCtx(run_id="bench", model=eng.model, seed=eng.seed, constitution=c, template=tmpl, options=["A", "B"],
-                     option_ids=ids, sampling_hash=tag, max_chars=3000)
-    jobs = J.judge_jobs(ctx, pairs, chosen)
+    ctx, mode = judges.setup(None, eng, JudgeSpec(), run_id="bench", constitution=c, template=tmpl)
+    ctx.sampling_hash = tag
+    return ctx, mode
+
+
+def logprob_pass(eng, J, c, tmpl, pairs, chosen, tag) -> tuple[int, float, int]:
+    from factory import judges
+    from factory.runner import InputChunk, Runner
+    from factory.store import Store
+
+    ctx, mode = judge_ctx(eng, c, tmpl, tag)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "j.duckdb", writer_run="bench")
         t = time.perf_counter()
-        ptoks = 0
-        for batch in J.cache_waves(jobs):  # the same two waves the preference pipeline sends
-            w = run_wave(store, eng, "judgements", batch, to_rows=J.judgement_row(ids), schema=JUDGEMENT_SCHEMA,
-                         run_id="bench")
-            ptoks += w.prompt_tokens
+        # the streaming runner as prefs runs use it, jobs in prefix-cache order (first principles first)
+        runner = Runner(store, eng, "bench", stage="pairs")
+        runner.run([InputChunk(0, {}, lambda: judges.pair_jobs(ctx, mode, pairs, lambda p: chosen[p.pair_id]))])
+        ptoks = runner.stats["judgements"].prompt_tokens
         dt = time.perf_counter() - t
         ok = store.count("judgements", "status = 'ok'")
         store.close()
@@ -61,12 +67,13 @@ def logprob_pass(eng, J, c, tmpl, pairs, chosen, tag) -> tuple[int, float, int]:
 def text_pass(eng, J, c, tmpl, pairs, chosen) -> tuple[int, float, int, int]:
     from factory.engines.base import Request, Sampling
 
-    ctx = J.JudgeCtx(run_id="bench", model=eng.model, seed=eng.seed, constitution=c, template=tmpl, options=["A", "B"],
-                     option_ids=[0, 0], sampling_hash="text", max_chars=3000)
+    from factory import judges
+
+    ctx, mode = judge_ctx(eng, c, tmpl, "text")
     reqs = []
-    for j in J.judge_jobs(ctx, pairs, chosen):
-        msgs = j.request.messages[:-1]  # no answer prefix: the model writes its verdict
-        reqs.append(Request("t" + j.request.key, msgs, Sampling(max_tokens=64, temperature=0.0)))
+    for j in judges.pair_jobs(ctx, mode, pairs, lambda p: chosen[p.pair_id]):
+        msgs = j.build().messages[:-1]  # no answer prefix: the model writes its verdict
+        reqs.append(Request("t" + j.key, msgs, Sampling(max_tokens=64, temperature=0.0)))
     t = time.perf_counter()
     outs = list(eng.generate(reqs))
     dt = time.perf_counter() - t

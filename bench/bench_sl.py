@@ -32,7 +32,7 @@ def main() -> None:
 
     from factory.constitution import load_constitution
     from factory.engines.base import Sampling
-    from factory.runner import run_wave
+    from factory.runner import InputChunk, Runner
     from factory.stages import sl
     from factory.store import Store, content_key
     from factory.templates import load_template
@@ -56,11 +56,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = Store(Path(tmp) / "b.duckdb", writer_run="bench")
             ctx = sl.Ctx(run_id="bench", model=eng.model, seed=eng.seed,
-                         constitution=load_constitution(REPO / "constitutions/harmless.yaml"))
-            prompts = [(content_key(rep, c), c) for c in convs]
+                         constitution=load_constitution(REPO / "constitutions/harmless.yaml"),
+                         templates={"answer": tmpl}, sampling={"answer": sampling}, sampling_hash={"answer": "bench"},
+                         rounds=0)  # the answer stage alone
+            prompts = [(content_key(rep, c), c, i) for i, c in enumerate(convs)]
             t = time.perf_counter()
-            jobs = sl.answer_jobs(prompts, tmpl, sampling, "bench", ctx)
-            w = run_wave(store, eng, "responses", jobs, run_id="bench")
+            runner = Runner(store, eng, "bench", stage="prompts")
+            runner.run([InputChunk(0, {}, lambda: sl.answer_jobs(ctx, prompts))])  # the streaming runner, as runs use it
+            w = runner.stats["responses"]
             dt = time.perf_counter() - t
             assert store.count("responses") == len(convs)
             store.close()
