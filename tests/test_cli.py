@@ -40,3 +40,35 @@ def test_missing_prompts_file_is_one_line_error(tmp_path):
     (tmp_path / "prompts.jsonl").unlink()
     r = runner.invoke(app, ["run", str(path)])
     assert r.exit_code == 2 and "prompts.jsonl" in r.output and "Traceback" not in r.output
+
+
+def test_every_pipeline_kind_validates_and_renders(tmp_path, hh_rlhf):
+    """The run-kind registry serves validate and render for SL, prefs and audit pipelines alike."""
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "Is tea good?", "response_a": "Yes.", "response_b": "No."}\n')
+    prefs = tmp_path / "prefs.yaml"
+    prefs.write_text(f"""kind: prefs
+name: p
+constitution: {REPO}/constitutions/harmless.yaml
+pairs: {{source: file, path: {tmp_path}/pairs.jsonl}}
+judge: {{template: {REPO}/prompts/judge.j2}}
+engine: {{kind: fake}}
+db: {tmp_path}/p.duckdb
+""")
+    audit = tmp_path / "audit.yaml"
+    audit.write_text(f"""kind: audit
+name: a
+constitution: {REPO}/constitutions/harmless.yaml
+human: {{path: {hh_rlhf}, format: hh-rlhf, limit: 3}}
+judge: {{template: {REPO}/prompts/judge.j2}}
+engine: {{kind: fake}}
+db: {tmp_path}/a.duckdb
+""")
+    for path, kind, text in ((prefs, "prefs", "Is tea good?"), (audit, "audit", "Conversation:")):
+        r = runner.invoke(app, ["validate", str(path)])
+        assert r.exit_code == 0 and f"ok, {kind} pipeline" in r.output and "run id" in r.output, r.output
+        r = runner.invoke(app, ["render", str(path)])
+        assert r.exit_code == 0 and text in r.output and "The better option is (" in r.output, r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(prefs.read_text().replace("kind: prefs", "kind: labels"))
+    r = runner.invoke(app, ["validate", str(bad)])
+    assert r.exit_code == 2 and "unknown pipeline kind 'labels'" in r.output

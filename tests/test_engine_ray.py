@@ -191,3 +191,28 @@ def test_pipeline_through_ray_stores_the_same_rows_as_in_process(tmp_path):
         with Store(d / "out.duckdb", read_only=True) as st:
             dbs[name] = {t: set(st.con.execute(f"SELECT id FROM {t}").fetchall()) for t in ("responses", "critiques", "revisions")}
     assert dbs["ray"] == dbs["local"] and len(dbs["local"]["revisions"]) == 18
+
+
+def test_requests_are_pulled_lazily_and_bounded():
+    """The driver pulls a chunk only when a replica has room: a lazy stream of 200 requests is never
+    read ahead by more than replicas × inflight_per_replica chunks."""
+    rs = reqs(200)
+    pulled = []
+
+    def stream():
+        for r in rs:
+            pulled.append(r.key)
+            yield r
+
+    eng = RayEngine(functools.partial(FakeEngine, model="fake", seed=3), replicas=2, chunk_size=5,
+                    inflight_per_replica=2)
+    try:
+        ahead = []
+        got = []
+        for c in eng.generate(stream()):
+            got.append(c)
+            ahead.append(len(pulled) - len(got))
+        assert max(ahead) <= 2 * 2 * 5 and len(got) == 200
+        assert {c.key: (c.texts, c.option_logprobs, c.status) for c in got} == expected(rs)
+    finally:
+        eng.close()

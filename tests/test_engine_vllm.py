@@ -130,3 +130,26 @@ def test_kill_9_mid_run_then_resume(engine, tmp_path):
             total, distinct = st.one(f"SELECT count(*), count(DISTINCT id) FROM {t}")
             assert total == distinct == 40, t  # nothing lost, nothing duplicated
     assert all(after[k] == v for k, v in before.items())  # stored rows were not recomputed
+
+
+def test_engine_pulls_requests_lazily_within_its_window(engine):
+    """The engine holds at most ``max_pending`` requests and tops the batch up after every step: a
+    lazy stream is never read ahead, and ``None`` ("nothing now") pauses pulling until a completion."""
+    pulled, got = [], []
+
+    def stream():
+        for i in range(20):
+            pulled.append(i)
+            yield Request(f"lazy{i}", [{"role": "user", "content": f"Count to {i}."}], Sampling(max_tokens=4))
+            if i == 9:
+                yield None  # the caller has nothing right now: fine while requests are in flight
+
+    old = engine.max_pending
+    engine.max_pending = 6
+    try:
+        for c in engine.generate(stream()):
+            got.append(c)
+            assert len(pulled) - len(got) <= 6
+    finally:
+        engine.max_pending = old
+    assert sorted(c.key for c in got) == sorted(f"lazy{i}" for i in range(20)) and all(c.status == "ok" for c in got)
