@@ -218,7 +218,7 @@ def label_run(store: Store, run_id: str, constitution: Any, judge: Any) -> dict[
     for table in ("judgements", "rationales"):
         a, b = store.con.execute(
             f"SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM {store.run_rows(table, '$run')}",
-            {"run": run_id}).fetchone()
+            {"run": run_id}).fetchall()[0]  # fetched whole: DuckDB refuses new work while a result is open
         ptok, gtok = ptok + a, gtok + b
     return {"pairs labelled": n, "ties": ties, "mean orders agree": float(agree or 0.0), "mean margin": float(margin or 0.0),
             "prompt tokens/label": round(ptok / n, 1), "generated tokens/label": round(gtok / n, 2),

@@ -33,9 +33,9 @@ class RowLineage:
 def find_row(store: Store, row_id: str) -> tuple[str, dict]:
     for table in TABLES:
         got = store.con.execute(f"SELECT * FROM {table} WHERE id = ?", [row_id])
-        row = got.fetchone()
-        if row is not None:
-            return table, dict(zip([d[0] for d in got.description], row))
+        names, rows = [d[0] for d in got.description], got.fetchall()  # whole: DuckDB keeps an open result busy
+        if rows:
+            return table, dict(zip(names, rows[0]))
     raise StoreError(f"{store.path}: no stored row with id '{row_id}' (looked in {', '.join(TABLES)})")
 
 
