@@ -1,0 +1,88 @@
+"""Copy what an audit's review queue needs from the factory database into the review workspace.
+
+The queue is derived exactly as the audit derives its labels: the run's judgements, clamped by the
+judge's ``clamp``, reduced by :mod:`factory.prefmath` (orders averaged per principle, principles
+weighted by the audit's weights, ties by its ``tie_eps``), then joined to the human labels. A pair
+is in the queue when its AI label is not the human's: a disagreement, or a tie. Items are ranked
+by the AI's confidence (``margin``), most confident first, pair id breaking equal margins (the
+order of the audit's own divergence table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from .. import prefmath
+from . import maindb
+from .workspace import Workspace
+
+ITEMS_SQL = """
+    SELECT l.pair_id, row_number() OVER (ORDER BY l.margin DESC, l.pair_id) AS rank, l.p_a, l.margin, l.is_tie,
+           l.chosen AS ai_choice, h.human_choice,
+           CASE WHEN isnan(l.orders_agree) THEN NULL ELSE l.orders_agree END AS orders_agree,
+           l.n_principles::BIGINT AS n_principles, h.len_a::BIGINT AS len_a, h.len_b::BIGINT AS len_b, h.source,
+           h.source_row::BIGINT AS source_row
+    FROM _labels l JOIN _human h USING (pair_id)
+    WHERE NOT isnan(l.p_a) AND (l.is_tie OR l.chosen <> h.human_choice)
+    ORDER BY rank"""
+CELLS_SQL = """
+    SELECT c.pair_id, c.principle_id, CASE WHEN isnan(c.p_ab) THEN NULL ELSE c.p_ab END AS p_ab,
+           CASE WHEN isnan(c.p_ba) THEN NULL ELSE c.p_ba END AS p_ba, c.p,
+           CASE i.human_choice WHEN 'a' THEN 1 - c.p ELSE c.p END AS toward_wrong,
+           row_number() OVER (PARTITION BY c.principle_id ORDER BY toward_wrong DESC, i.rank) AS prank
+    FROM _cells c JOIN _items i USING (pair_id)"""
+
+
+def derive(judgements: pa.Table, human: pa.Table, weights: Mapping[str, float], tie_eps: float,
+           clamp: tuple[float, float] | None) -> dict[str, pa.Table]:
+    """``items`` (one row per queued pair) and ``cells`` (its per-principle probabilities) from the
+    audit's judgements (pair_id, principle_id, order, p_a; NULL p_a = failed) and human rows
+    (pair_id, human_choice, source_row, len_a, len_b, source)."""
+    p_a = judgements["p_a"].cast(pa.float64()).fill_null(float("nan"))
+    cells = prefmath.principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], p_a,
+                                     clamp)
+    labels = prefmath.pairs_from_cells(cells, weights, tie_eps)
+    cell_table = pa.table({
+        "pair_id": cells.pair_ids.take(pa.array(cells.pair, pa.int64())),
+        "principle_id": cells.principle_ids.take(pa.array(cells.principle, pa.int64())),
+        "p_ab": np.asarray(cells.p_ab, np.float64), "p_ba": np.asarray(cells.p_ba, np.float64),
+        "p": np.asarray(cells.p, np.float64)})
+    con = duckdb.connect()
+    try:
+        con.register("_labels", labels)
+        con.register("_human", human)
+        items = con.sql(ITEMS_SQL).to_arrow_table()
+        con.register("_items", items)
+        con.register("_cells", cell_table)
+        cells_out = con.sql(CELLS_SQL).to_arrow_table()
+    finally:
+        con.close()
+    return {"items": items, "cells": cells_out}
+
+
+def build(ws: Workspace, db: str | Path, audit_id: str | None = None, *, force: bool = True) -> maindb.AuditRow:
+    """(Re)build the workspace's copy of an audit (the newest when ``audit_id`` is None) from ``db``;
+    with ``force=False`` a copy of the same audit (same creation time) is kept and only the verdicts
+    stored in ``db`` are merged in.
+
+    Raises :class:`maindb.Busy` when a run holds the database (the workspace is left as it was)."""
+    with maindb.reading(db) as store:
+        audit = maindb.audit_row(store, audit_id)
+        have = ws.audit(audit.audit_id)
+        if not force and have and have["created_at"] == audit.created_at:
+            ws.merge_events(audit.audit_id, maindb.verdict_events(store, audit.audit_id))
+            return audit
+        settings: dict[str, Any] = audit.result["settings"]
+        tables = derive(maindb.run_judgements(store, audit.run_id), maindb.human_rows(store, audit.set_id),
+                        settings["weights"], settings["tie_eps"], audit.clamp)
+        ids = tables["items"]["pair_id"].to_pylist()
+        tables["texts"] = maindb.pair_texts(store, ids)
+        tables["judgements"] = maindb.judgement_rows(store, audit.run_id, ids)
+        events = maindb.verdict_events(store, audit.audit_id)
+    ws.replace(audit, tables, events)
+    return audit
