@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import HH_RLHF, REPO
 
 XSS_SCRIPT = "<script>window.__xss = 'script'</script>"
@@ -32,7 +34,7 @@ def human_file(tmp: Path, n_hh: int) -> Path:
     return path
 
 
-def make_audit_db(tmp: Path, n_hh: int = 24, tie_eps: float = 0.02) -> tuple[Path, str]:
+def make_audit_db(tmp: Path, n_hh: int = 40, tie_eps: float = 0.05) -> tuple[Path, str]:
     """(database, audit id) of an audit over ``n_hh`` hh-rlhf pairs + 4 planted pairs, fake engine."""
     from factory.audit.run import audit
     from factory.engines.fake import FakeEngine
@@ -52,3 +54,9 @@ audit: {{n_bootstrap: 200, report_dir: {tmp}}}
 """)
     audit_id, _, _ = audit(path, engine=FakeEngine(model="smollm2-135m"), quiet=True)
     return db, audit_id
+
+
+@pytest.fixture(scope="session")
+def review_audit(tmp_path_factory) -> tuple[Path, str]:
+    """One audited database per test session (copy it before writing into it)."""
+    return make_audit_db(tmp_path_factory.mktemp("review-audit"))

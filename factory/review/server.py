@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import signal
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .security import BindError, check_bind
 from .session import Review
@@ -41,10 +43,26 @@ def serve(db: str | Path, audit_id: str | None = None, *, host: str = "127.0.0.1
         if review.state.busy:
             echo(f"note: {review.state.busy}; browsing the workspace copy, verdicts are queued until it is free")
         echo(f"open {url}   (Ctrl-C to stop)")
-        server.run(sockets=[sock])
+        with _stop_quietly():
+            server.run(sockets=[sock])
     finally:
         review.close()
         sock.close()
+    left = review.ws_pending_at_close
+    echo(f"stopped; {left} verdict(s) still queued in {review.ws.path}: they are copied into {db} by the next "
+         "`factory review`" if left else f"stopped; every verdict is in {db}")
+
+
+@contextmanager
+def _stop_quietly() -> Iterator[None]:
+    """uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler that was
+    there before it; a no-op handler here lets the last copy of queued verdicts run instead of dying."""
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _bind(host: str, port: int) -> socket.socket:

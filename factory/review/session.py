@@ -48,6 +48,8 @@ class Review:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self.ws_pending_at_close = 0
         if not self.db.exists():
             raise StoreError(f"{self.db}: no such database")
         self.ws = Workspace(workspace_path(self.db))
@@ -185,7 +187,10 @@ class Review:
                 self.probe()
 
     def close(self) -> None:
-        """Stop the copier, try a last copy of pending verdicts, close the workspace."""
+        """Stop the copier, try a last copy of pending verdicts, close the workspace (once)."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -193,4 +198,5 @@ class Review:
         try:
             self.sync()
         finally:
+            self.ws_pending_at_close = self.ws.n_pending(self.audit_id)
             self.ws.close()
