@@ -261,6 +261,29 @@ def test_sync_builds_the_adjudicated_set_that_factory_audit_accepts(db, review, 
     assert f"{adj.overall.agreement - o['agreement']:+.3f}" in line
 
 
+def test_later_verdicts_and_undo_update_the_set(db, review):
+    path, audit_id = db
+    item = next(i for i in all_items(review) if not i["is_tie"])
+    pid, set_id = item["pair_id"], adjudicated_set(audit_id)
+
+    def label():
+        review.sync()
+        with Store(path, read_only=True) as st:
+            row = st.one("SELECT human_choice FROM human_labels WHERE set_id = ? AND pair_id = ?", [set_id, pid])
+            n, skipped = st.one("SELECT n_pairs, n_skipped FROM human_sets WHERE set_id = ?", [set_id])
+            assert n == st.count("human_labels", "set_id = ?", [set_id])
+        return row[0] if row else None, skipped
+
+    review.record(pid, "ai", None)
+    assert label() == (item["ai_choice"], 0)
+    review.record(pid, "both", None)
+    assert label() == (None, 1)
+    review.undo()
+    assert label() == (item["ai_choice"], 0)
+    review.undo()
+    assert label() == (item["human_choice"], 0)
+
+
 def test_adjudicated_needs_verdicts_first(db):
     from factory.review.agreement import adjudicated_audit
 

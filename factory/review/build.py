@@ -34,8 +34,14 @@ CELLS_SQL = """
     SELECT c.pair_id, c.principle_id, CASE WHEN isnan(c.p_ab) THEN NULL ELSE c.p_ab END AS p_ab,
            CASE WHEN isnan(c.p_ba) THEN NULL ELSE c.p_ba END AS p_ba, c.p,
            CASE i.human_choice WHEN 'a' THEN 1 - c.p ELSE c.p END AS toward_wrong,
-           row_number() OVER (PARTITION BY c.principle_id ORDER BY toward_wrong DESC, i.rank) AS prank
+           row_number() OVER (PARTITION BY c.principle_id ORDER BY toward_wrong DESC, i.rank) AS prank, i.rank
     FROM _cells c JOIN _items i USING (pair_id)"""
+# per item: the principles that sided against the human, most strongly first (shown in the queue)
+DRIVERS_SQL = """
+    SELECT i.*, d.drivers FROM _items i LEFT JOIN (
+        SELECT pair_id, string_agg(principle_id, ', ' ORDER BY toward_wrong DESC, principle_id) AS drivers
+        FROM _cells_out WHERE toward_wrong > 0.5 GROUP BY 1) d USING (pair_id)
+    ORDER BY i.rank"""
 
 
 def derive(judgements: pa.Table, human: pa.Table, weights: Mapping[str, float], tie_eps: float,
@@ -60,6 +66,8 @@ def derive(judgements: pa.Table, human: pa.Table, weights: Mapping[str, float], 
         con.register("_items", items)
         con.register("_cells", cell_table)
         cells_out = con.sql(CELLS_SQL).to_arrow_table()
+        con.register("_cells_out", cells_out)
+        items = con.sql(DRIVERS_SQL).to_arrow_table()
     finally:
         con.close()
     return {"items": items, "cells": cells_out}

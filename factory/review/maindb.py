@@ -216,14 +216,14 @@ def verdict_events(store: Store, audit_id: str) -> pa.Table:
 
 
 def save_verdicts(store: Store, audit: AuditRow, events: pa.Table, workspace: str) -> dict[str, Any]:
-    """Insert verdict events (idempotent on ``event_id``) and rebuild the audit's adjudicated set from
-    every stored event, in one transaction. Returns the set's counts."""
+    """Insert verdict events (idempotent on ``event_id``) and bring the audit's adjudicated set up to date
+    with every stored event, in one transaction. Returns the set's counts."""
     events = events.select(list(EVENT_COLUMNS)).append_column(
         "workspace", pa.array([workspace] * events.num_rows, pa.string()))
     store.con.execute("BEGIN")
     try:
         store.insert("review_verdicts", events)
-        info = _rebuild_set(store, audit)
+        info = _update_set(store, audit, sorted(set(events["pair_id"].to_pylist())))
         store.con.execute("COMMIT")
     except BaseException:
         store.con.execute("ROLLBACK")
@@ -235,26 +235,28 @@ _CURRENT = """SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pair_id O
                              FROM review_verdicts WHERE audit_id = ?) WHERE k = 1 AND verdict IS NOT NULL"""
 
 
-def _rebuild_set(store: Store, audit: AuditRow) -> dict[str, Any]:
+def _update_set(store: Store, audit: AuditRow, touched: list[str]) -> dict[str, Any]:
     """``adjudicated:<audit>`` = the audit's human set with each adjudicated pair's label replaced by the
     verdict's label; pairs whose verdict gives no label (both / neither acceptable, or "AI right" on an
-    AI tie) are left out and counted as skipped rows with their reason."""
+    AI tie) are left out and counted as skipped rows with their reason. Built whole the first time, then
+    only the ``touched`` pairs' rows are rewritten."""
     set_id = adjudicated_set(audit.audit_id)
     params = [audit.audit_id, audit.set_id]
-    base = f"""FROM human_labels h LEFT JOIN ({_CURRENT}) c USING (pair_id) WHERE h.set_id = ?"""
-    store.con.execute("DELETE FROM human_labels WHERE set_id = ?", [set_id])
+    exists = store.one("SELECT 1 FROM human_sets WHERE set_id = ?", [set_id]) is not None
+    only = "AND list_contains(?, h.pair_id)" if exists else ""
+    scope = [touched] if exists else []
+    store.con.execute(f"DELETE FROM human_labels h WHERE h.set_id = ? {only}", [set_id, *scope])
     store.con.execute(
         f"""INSERT INTO human_labels SELECT ?, h.pair_id, h.source_row, coalesce(c.label, h.human_choice),
                    CASE WHEN c.pair_id IS NULL THEN h.annotator ELSE c.annotator END,
                    CASE WHEN c.pair_id IS NULL THEN h.confidence END, h.swapped
-            {base} AND (c.pair_id IS NULL OR c.label IS NOT NULL)""", [set_id, *params])
-    skipped = store.con.execute(
-        f"""SELECT c.verdict, list(h.source_row ORDER BY h.source_row) {base} AND c.pair_id IS NOT NULL
-            AND c.label IS NULL GROUP BY 1 ORDER BY 1""", params).fetchall()
-    by_verdict = dict(store.con.execute(f"SELECT c.verdict, count(*) {base} AND c.pair_id IS NOT NULL GROUP BY 1",
-                                        params).fetchall())
-    annotators = [r[0] for r in store.con.execute(
-        f"SELECT DISTINCT c.annotator {base} AND c.pair_id IS NOT NULL ORDER BY 1", params).fetchall()]
+            FROM human_labels h LEFT JOIN ({_CURRENT}) c USING (pair_id)
+            WHERE h.set_id = ? {only} AND (c.pair_id IS NULL OR c.label IS NOT NULL)""", [set_id, *params, *scope])
+    reviewed = f"FROM ({_CURRENT}) c JOIN human_labels h USING (pair_id) WHERE h.set_id = ?"
+    skipped = store.con.execute(f"""SELECT c.verdict, list(h.source_row ORDER BY h.source_row) {reviewed}
+                                    AND c.label IS NULL GROUP BY 1 ORDER BY 1""", params).fetchall()
+    by_verdict = dict(store.con.execute(f"SELECT c.verdict, count(*) {reviewed} GROUP BY 1", params).fetchall())
+    annotators = [r[0] for r in store.con.execute(f"SELECT DISTINCT c.annotator {reviewed} ORDER BY 1", params).fetchall()]
     by_reason = [{"reason": f"adjudicated: {VERDICTS[v].excluded}", "count": len(rows), "rows": rows[:20]}
                  for v, rows in skipped]
     n = store.one("SELECT count(*) FROM human_labels WHERE set_id = ?", [set_id])[0]

@@ -69,16 +69,14 @@ class Filters:
 
 def _from(audit_id: str, f: Filters) -> tuple[str, list[Any], str]:
     """(FROM … WHERE … clause, its parameters, the sort key expression) of the filtered queue."""
-    params: list[Any] = []
-    sql = "FROM items i "
-    key = "i.rank"
-    if f.principle:
-        sql += ("JOIN cells c ON c.audit_id = i.audit_id AND c.pair_id = i.pair_id AND c.principle_id = ? "
-                "AND c.toward_wrong > 0.5 ")
-        params.append(f.principle)
-        key = "c.prank"
+    sql = "FROM items i " + ("JOIN cells c ON c.rank = i.rank " if f.principle else "")
     sql += "LEFT JOIN current v ON v.audit_id = i.audit_id AND v.pair_id = i.pair_id WHERE i.audit_id = ?"
-    params.append(audit_id)
+    params: list[Any] = [audit_id]
+    key = "i.rank"
+    if f.principle:  # joined on the integer rank, the other conditions filter: the fast plan at scale
+        sql += " AND c.audit_id = ? AND c.principle_id = ? AND c.toward_wrong > 0.5"
+        params += [audit_id, f.principle]
+        key = "c.prank"
     where = {"exclude": " AND NOT i.is_tie", "only": " AND i.is_tie"}.get(f.ties, "")
     where += {"yes": " AND i.orders_agree < 1", "no": " AND i.orders_agree = 1"}.get(f.inconsistent, "")
     longer = "CASE WHEN i.len_a > i.len_b THEN 'a' WHEN i.len_b > i.len_a THEN 'b' END"
@@ -97,17 +95,15 @@ def _from(audit_id: str, f: Filters) -> tuple[str, list[Any], str]:
 
 
 ROW_COLUMNS = """i.pair_id, i.rank, i.p_a, i.margin, i.is_tie, i.ai_choice, i.human_choice, i.orders_agree,
-                 i.n_principles, i.len_a, i.len_b, i.source, v.verdict, v.note, v.annotator"""
-DRIVERS = """(SELECT string_agg(d.principle_id, ', ' ORDER BY d.toward_wrong DESC) FROM cells d
-              WHERE d.audit_id = i.audit_id AND d.pair_id = i.pair_id AND d.toward_wrong > 0.5) AS drivers"""
+                 i.n_principles, i.len_a, i.len_b, i.source, i.drivers, v.verdict, v.note, v.annotator"""
 
 
 def page(ws: Workspace, audit_id: str, f: Filters, number: int = 1, size: int = PAGE_SIZE) -> list[dict[str, Any]]:
-    """Page ``number`` (from 1) of the filtered queue, each row with its position and the principles that
-    sided against the human (most strongly first)."""
+    """Page ``number`` (from 1) of the filtered queue; ``drivers`` lists the principles that sided against
+    the human, most strongly first."""
     frm, params, key = _from(audit_id, f)
     offset = (max(number, 1) - 1) * size
-    return ws.rows(f"SELECT {ROW_COLUMNS}, {DRIVERS}, {key} AS sort_key {frm} ORDER BY sort_key LIMIT ? OFFSET ?",
+    return ws.rows(f"SELECT {ROW_COLUMNS}, {key} AS sort_key {frm} ORDER BY sort_key LIMIT ? OFFSET ?",
                    [*params, size, offset])
 
 
@@ -136,18 +132,19 @@ class Place:
 
 def place(ws: Workspace, audit_id: str, f: Filters, pair_id: str) -> Place:
     """Where a pair stands in the filtered queue and its neighbours (keyset: right even when the pair
-    itself has just left the filter)."""
+    itself has just left the filter). One scan of the filtered queue."""
     frm, params, key = _from(audit_id, f)
     k = _key_of(ws, audit_id, f, pair_id)
-    total = count(ws, audit_id, f)
-    if k is None:
-        first = ws.one(f"SELECT i.pair_id {frm} ORDER BY {key} LIMIT 1", params)
-        return Place(None, total, None, first["pair_id"] if first else None)
-    nxt = ws.one(f"SELECT i.pair_id {frm} AND {key} > ? ORDER BY {key} LIMIT 1", [*params, k])
-    prv = ws.one(f"SELECT i.pair_id {frm} AND {key} < ? ORDER BY {key} DESC LIMIT 1", [*params, k])
-    here = ws.one(f"SELECT count(*) FILTER (WHERE {key} <= ?) AS pos, count(*) FILTER (WHERE i.pair_id = ?) AS inside "
-                  f"{frm}", [k, pair_id, *params])
-    return Place(here["pos"] if here["inside"] else None, total, prv and prv["pair_id"], nxt and nxt["pair_id"])
+    row = ws.one(f"""WITH q AS MATERIALIZED (SELECT i.pair_id, {key} AS k {frm})
+                     SELECT (SELECT count(*) FROM q) AS total,
+                            (SELECT count(*) FROM q WHERE k <= ?) AS pos,
+                            (SELECT count(*) FROM q WHERE pair_id = ?) AS inside,
+                            (SELECT pair_id FROM q WHERE k > ? ORDER BY k LIMIT 1) AS next,
+                            (SELECT pair_id FROM q WHERE k < ? ORDER BY k DESC LIMIT 1) AS prev""",
+                 [*params, -1 if k is None else k, pair_id, -1 if k is None else k, -1 if k is None else k])
+    if k is None:  # not a key under this sort at all: start from the first pair
+        return Place(None, row["total"], None, row["next"])
+    return Place(row["pos"] if row["inside"] else None, row["total"], row["prev"], row["next"])
 
 
 def first(ws: Workspace, audit_id: str, f: Filters) -> str | None:

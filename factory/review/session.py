@@ -49,6 +49,7 @@ class Review:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._audit: dict[str, Any] | None = None
         self.ws_pending_at_close = 0
         if not self.db.exists():
             raise StoreError(f"{self.db}: no such database")
@@ -78,7 +79,10 @@ class Review:
     # -- the audit and the state shown in the banner ---------------------------------------------
     @property
     def audit(self) -> dict[str, Any]:
-        return self.ws.audit(self.audit_id)
+        """The workspace's copy of the audit (run, human set, result), read once per build."""
+        if self._audit is None or self._audit["audit_id"] != self.audit_id:
+            self._audit = self.ws.audit(self.audit_id)
+        return self._audit
 
     def status(self) -> dict[str, Any]:
         s = self.state
@@ -98,6 +102,7 @@ class Review:
             except maindb.Busy as b:
                 self.state.busy, self.state.checked_at = b, now()
                 raise
+            self._audit = None
             self.state.busy, self.state.checked_at = None, now()
 
     def sync(self) -> bool:

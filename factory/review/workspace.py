@@ -31,11 +31,12 @@ SCHEMA = [
     # the queue: the audit's pairs where the AI label is not the human's (disagreements and ties)
     """CREATE TABLE IF NOT EXISTS items (audit_id VARCHAR, pair_id VARCHAR, rank BIGINT, p_a DOUBLE, margin DOUBLE,
         is_tie BOOLEAN, ai_choice VARCHAR, human_choice VARCHAR, orders_agree DOUBLE, n_principles BIGINT,
-        len_a BIGINT, len_b BIGINT, source VARCHAR, source_row BIGINT)""",
+        len_a BIGINT, len_b BIGINT, source VARCHAR, source_row BIGINT, drivers VARCHAR)""",
     # per (pair, principle): P(a better) in each order and averaged; toward_wrong = P(the side the human
-    # did not choose); prank = rank among the pairs this principle pushed against the human
+    # did not choose); prank = rank among the pairs this principle pushed against the human; rank = the
+    # item's (an integer join key)
     """CREATE TABLE IF NOT EXISTS cells (audit_id VARCHAR, pair_id VARCHAR, principle_id VARCHAR, p_ab DOUBLE,
-        p_ba DOUBLE, p DOUBLE, toward_wrong DOUBLE, prank BIGINT)""",
+        p_ba DOUBLE, p DOUBLE, toward_wrong DOUBLE, prank BIGINT, rank BIGINT)""",
     """CREATE TABLE IF NOT EXISTS texts (audit_id VARCHAR, pair_id VARCHAR, conversation VARCHAR,
         response_a VARCHAR, response_b VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS judgements (audit_id VARCHAR, id VARCHAR, pair_id VARCHAR, principle_id VARCHAR,
@@ -47,6 +48,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS current (audit_id VARCHAR, pair_id VARCHAR, verdict VARCHAR, label VARCHAR,
         note VARCHAR, annotator VARCHAR, given_at TIMESTAMPTZ, event_id VARCHAR, PRIMARY KEY (audit_id, pair_id))""",
     "CREATE TABLE IF NOT EXISTS ui (audit_id VARCHAR, key VARCHAR, value VARCHAR, PRIMARY KEY (audit_id, key))",
+    # point lookups of one pair (the pair view) without scanning the copied tables
+    *(f"CREATE INDEX IF NOT EXISTS {t}_pair ON {t} (pair_id)" for t in ("items", "cells", "texts", "judgements")),
 ]
 DERIVED = ("items", "cells", "texts", "judgements")
 
