@@ -259,6 +259,14 @@ def test_sync_builds_the_adjudicated_set_that_factory_audit_accepts(db, review, 
     line = next(ln for ln in text.splitlines() if "factory default" in ln)
     assert f"{o['agreement']:.3f}" in line and f"{adj.overall.agreement:.3f}" in line
     assert f"{adj.overall.agreement - o['agreement']:+.3f}" in line
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    out = CliRunner().invoke(app, ["audit", "adjudicated", audit_id, "--db", str(path), "--report-dir", str(tmp_path)],
+                             env={"COLUMNS": "250"})
+    assert out.exit_code == 0, out.output
+    assert f"{o['agreement']:.3f}" in out.output and f"human set {set_id}: {n1:,} pairs, 6 adjudicated" in out.output
 
 
 def test_later_verdicts_and_undo_update_the_set(db, review):

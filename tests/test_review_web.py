@@ -95,6 +95,9 @@ def test_every_post_needs_the_csrf_token(review):
     assert r.status_code == 303 and n_events(review) == 2
     r = client.post("/verdict", data={**form, "csrf": token, "verdict": "maybe"})
     assert r.status_code == 400 and n_events(review) == 2
+    for back in ("//evil.example/x", "/\\evil.example", "https://evil.example"):  # never sent to another site
+        r = client.post("/sync", data={"csrf": token, "back": back}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/queue?done=")
 
 
 def test_read_only_refuses_writes(built, tmp_path):

@@ -37,6 +37,8 @@ class DbState:
 
 
 class Review:
+    """One audit under review by one annotator (see the module docstring); ``close()`` when done."""
+
     def __init__(self, db: str | Path, audit_id: str | None = None, *, annotator: str, read_only: bool = False,
                  sync_interval: float = 5.0):
         self.db = Path(db)
@@ -91,7 +93,7 @@ class Review:
                 "busy": str(s.busy.who) if s.busy else None, "busy_run": s.busy.run_id if s.busy else None,
                 "busy_pid": s.busy.pid if s.busy else None, "checked_at": s.checked_at, "synced_at": s.synced_at,
                 "pending": self.ws.n_pending(self.audit_id), "error": s.error, "built_at": self.audit["built_at"],
-                "retry_s": self.sync_interval}
+                "retry_s": self.sync_interval, "adjudicated": s.adjudicated}
 
     # -- copying ---------------------------------------------------------------------------------
     def refresh(self) -> None:

@@ -31,6 +31,7 @@ from .session import Review
 from .verdicts import VERDICTS
 
 HERE = Path(__file__).resolve().parent
+SVG_CACHE = 256  # plots kept in memory
 DONE_MESSAGES = {"undo": "Undid your last verdict.", "nothing": "Nothing to undo.",
                  "end": "That was the last pair under this filter.", "synced": "All verdicts are in the database.",
                  "queued": "Verdicts are queued in the workspace; the database is in use.",
@@ -61,7 +62,9 @@ def banner(s: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(("error", f"Copying verdicts into the database failed: {s['error']}. They stay queued in the "
                                "workspace and the copy is retried."))
     if not lines and s["synced_at"]:
-        lines.append(("ok", f"All verdicts are saved in {s['db']} (human set {s['set_id']}) as of "
+        a = s["adjudicated"]
+        counts = f": {a['n_pairs']:,} pairs, {a['reviewed']:,} adjudicated" if a else ""
+        lines.append(("ok", f"All verdicts are saved in {s['db']} (human set {s['set_id']}{counts}) as of "
                             f"{_when(s['synced_at'])}."))
     return lines
 
@@ -88,7 +91,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def create_app(review: Review, *, token: str | None = None) -> Starlette:
+def create_app(review: Review, *, token: str | None = None) -> Guard:
     """The ASGI app (wrapped in :class:`security.Guard`). The caller owns ``review`` (start/close)."""
     templates = Jinja2Templates(env=_environment())
     secret = review.ws.secret()
@@ -115,8 +118,8 @@ def create_app(review: Review, *, token: str | None = None) -> Starlette:
         ws.remember(aid, "last_url", _here(request))
         principles = sorted(b["name"] for b in review.audit["result"]["per_principle"])
         return render(request, "queue.html", f=f, rows=rows, number=number, total=total,
-                      pages=max(1, -(-total // Q.PAGE_SIZE)), sources=Q.sources(ws, aid), principles=principles,
-                      choices=Q.CHOICES)
+                      pages=max(1, -(-total // Q.PAGE_SIZE)), page_size=Q.PAGE_SIZE, sources=Q.sources(ws, aid),
+                      principles=principles, choices=Q.CHOICES)
 
     def pair_page(request: Request) -> Response:
         f = Q.Filters.parse(request.query_params)
@@ -154,6 +157,8 @@ def create_app(review: Review, *, token: str | None = None) -> Starlette:
     def svg(request: Request) -> Response:
         what = request.path_params["what"]
         if what not in svg_cache:
+            if len(svg_cache) >= SVG_CACHE:
+                svg_cache.pop(next(iter(svg_cache)))  # the oldest
             result = review.audit["result"]
             if what == "principles.svg":
                 svg_cache[what] = plots.principles_svg(result)
@@ -177,16 +182,20 @@ def create_app(review: Review, *, token: str | None = None) -> Starlette:
             raise HTTPException(403, "403: this review app runs with --read-only: verdicts cannot be given")
         return data
 
+    def give(pair_id: str, verdict: str, note: str | None, f: Q.Filters) -> str | None:
+        """Record the verdict; the next pair under the filter (None at the end)."""
+        try:
+            review.record(pair_id, verdict, note)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        return Q.place(ws, aid, f, pair_id).next
+
     async def verdict(request: Request) -> Response:
         data = await form(request)
         pair_id, f = data.get("pair_id", ""), Q.Filters.parse(dict(parse_qsl(data.get("q", ""))))
         if data.get("verdict") not in VERDICTS:
             raise HTTPException(400, f"verdict must be one of {', '.join(VERDICTS)}")
-        try:
-            await run_in_threadpool(review.record, pair_id, data["verdict"], data.get("note"))
-        except KeyError as e:
-            raise HTTPException(404, str(e.args[0])) from None
-        nxt = Q.place(ws, aid, f, pair_id).next
+        nxt = await run_in_threadpool(give, pair_id, data["verdict"], data.get("note"), f)
         q = f"?{urlencode(f.params())}" if f.params() else ""
         return RedirectResponse(f"/pair/{nxt}{q}" if nxt else f"/queue?{urlencode({**f.params(), 'done': 'end'})}",
                                 status_code=303)
@@ -230,6 +239,7 @@ def create_app(review: Review, *, token: str | None = None) -> Starlette:
         Route("/judgement/{judgement_id}/messages", messages_json), Route("/plot/{what}", svg),
         Route("/verdict", verdict, methods=["POST"]), Route("/undo", undo, methods=["POST"]),
         Route("/sync", sync, methods=["POST"]), Route("/refresh", refresh, methods=["POST"]),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Q.FilterError: http_error})
@@ -244,7 +254,7 @@ def _here(request: Request) -> str:
 def _back(data: dict[str, str], done: str) -> str:
     """The page a form came from (a local path only), with a ``done`` message code."""
     back = data.get("back") or "/queue"
-    if not back.startswith("/") or back.startswith("//"):
+    if not back.startswith("/") or back.startswith(("//", "/\\")):  # a path here, never another site
         back = "/queue"
     if not done:
         return back
