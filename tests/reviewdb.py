@@ -56,7 +56,13 @@ audit: {{n_bootstrap: 200, report_dir: {tmp}}}
     return db, audit_id
 
 
+_BUILT: dict[str, tuple[Path, str]] = {}
+
+
 @pytest.fixture(scope="session")
 def review_audit(tmp_path_factory) -> tuple[Path, str]:
-    """One audited database per test session (copy it before writing into it)."""
-    return make_audit_db(tmp_path_factory.mktemp("review-audit"))
+    """One audited database per test session, shared by every module that imports this fixture (copy it
+    before writing into it)."""
+    if "db" not in _BUILT:
+        _BUILT["db"] = make_audit_db(tmp_path_factory.mktemp("review-audit"))
+    return _BUILT["db"]

@@ -174,6 +174,18 @@ def test_bad_filter_values_say_what_is_allowed():
     assert f == Q.Filters(ties="include", min_gap=30) and f.params() == {"ties": "include", "min_gap": "30"}
 
 
+def test_clear_errors_for_a_missing_database_or_audit(db, tmp_path):
+    path, audit_id = db
+    with pytest.raises(StoreError, match="no such database"):
+        Review(tmp_path / "nope.duckdb", annotator="alice")
+    empty = tmp_path / "empty.duckdb"
+    Store(empty).close()
+    with pytest.raises(StoreError, match=r"no audits yet; run one first \(`factory audit PIPELINE`"):
+        Review(empty, annotator="alice")
+    with pytest.raises(StoreError, match=rf"no audit 'abc'; audits in this db: \['{audit_id}'\]"):
+        Review(path, "abc", annotator="alice")
+
+
 # -- verdicts ---------------------------------------------------------------------------------
 
 
@@ -290,6 +302,17 @@ def test_later_verdicts_and_undo_update_the_set(db, review):
     assert label() == (item["ai_choice"], 0)
     review.undo()
     assert label() == (item["human_choice"], 0)
+
+
+def test_refresh_rebuilds_the_copy_and_keeps_verdicts(db, review):
+    before = all_items(review)
+    review.record(before[0]["pair_id"], "ai", "kept")
+    review.ws.con.execute("DELETE FROM items WHERE rank > 3")  # a stale or damaged copy
+    review.refresh()
+    review.refresh()  # twice: replacing rows of the same audit in one transaction each time
+    after = all_items(review)
+    assert [(i["pair_id"], i["rank"]) for i in after] == [(i["pair_id"], i["rank"]) for i in before]
+    assert after[0]["verdict"] == "ai" and review.ws.n_pending(review.audit_id) == 1
 
 
 def test_adjudicated_needs_verdicts_first(db):

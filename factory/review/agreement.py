@@ -30,7 +30,7 @@ def adjudicated_audit(db: str | Path, audit_id: str, *, report_dir: str | Path |
     with maindb.reading(db) as store:
         original = maindb.audit_row(store, audit_id)
         set_id = maindb.adjudicated_set(audit_id)
-        if store.one("SELECT 1 FROM human_sets WHERE set_id = ?", [set_id]) is None:
+        if not maindb.has_set(store, set_id):
             raise StoreError(f"{db}: audit {audit_id} has no adjudicated labels yet; give verdicts with "
                              f"`factory review --db {db} --audit {audit_id}` (they are saved as human set {set_id})")
         info = set_info(store, set_id)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import duckdb
 import pyarrow as pa
 
 from ..store import Store, StoreError, ddl, now
@@ -144,15 +145,18 @@ class AuditRow:
 
 def audit_row(store: Store, audit_id: str | None = None) -> AuditRow:
     """One stored audit (the newest when ``audit_id`` is None) with the judge's clamp from its run."""
-    sql = "SELECT audit_id, run_id, set_id, created_at, result_json FROM audits "
-    row = store.one(sql + ("WHERE audit_id = ?" if audit_id else "ORDER BY created_at DESC LIMIT 1"),
-                    [audit_id] if audit_id else [])
-    if row is None:
+    none_yet = StoreError(f"{store.path}: no audits yet; run one first (`factory audit PIPELINE` or "
+                          "`factory audit --run R --human S --db DB`)")
+    try:
         known = [r[0] for r in store.con.execute("SELECT audit_id FROM audits ORDER BY created_at").fetchall()]
-        if audit_id is None or not known:
-            raise StoreError(f"{store.path}: no audits yet; run one first (`factory audit PIPELINE` or "
-                             "`factory audit --run R --human S --db DB`)")
+    except duckdb.CatalogException:  # a database from before audits existed
+        raise none_yet from None
+    if not known:
+        raise none_yet
+    if audit_id is not None and audit_id not in known:
         raise StoreError(f"{store.path}: no audit '{audit_id}'; audits in this db: {known}")
+    row = store.one("SELECT audit_id, run_id, set_id, created_at, result_json FROM audits WHERE audit_id = ?",
+                    [audit_id or known[-1]])
     config = store.one("SELECT config_json FROM runs WHERE run_id = ?", [row[1]])
     clamp = (json.loads(config[0] or "{}").get("judge") or {}).get("clamp") if config else None
     return AuditRow(row[0], row[1], row[2], row[3], json.loads(row[4]), tuple(clamp) if clamp else None)
@@ -201,6 +205,10 @@ def messages(store: Store, row_id: str) -> list[dict]:
     from ..lineage import row_messages
 
     return row_messages(store, row_id)
+
+
+def has_set(store: Store, set_id: str) -> bool:
+    return store.one("SELECT count(*) FROM human_sets WHERE set_id = ?", [set_id])[0] > 0
 
 
 def verdict_events(store: Store, audit_id: str) -> pa.Table:
