@@ -1,7 +1,7 @@
 """Benchmark ``factory review`` over a database of 1,000,000 judgements (125,000 audited pairs).
 
 The database is synthesised (not timed) with ``bench_audit.synthesize``: pairs, human labels, the
-run's judgements linked in ``run_items``, and a stored audit computed by ``compute_audit`` on them.
+run's judgements, and a stored audit computed by ``compute_audit`` on them.
 Timed: building the review workspace from it (the first ``factory review``), a restart with the
 copy current, and, as medians over repeated requests through the real app (Starlette's in-process
 test client: routing, SQL, Jinja rendering; no network), the queue's first and a deep page, a
@@ -59,14 +59,14 @@ def make_db(path: Path, n_labels: int) -> int:
         "len_b", pc.utf8_length(pairs["response_b"]))
     human = human.drop_columns(["len_a", "len_b"]).join(lengths, "pair_id")
     m = judgements.num_rows
+    failed = pc.is_nan(judgements["p_a"])  # stored as a real run stores them: no probability, status failed
+    p_a = pc.if_else(failed, pa.scalar(None, pa.float64()), judgements["p_a"])
     with Store(path, writer_run=RUN) as st:
         st.insert("pairs", pairs)
         st.insert("judgements", pa.table({
             "id": ids, "run_id": pa.array([RUN] * m), "pair_id": judgements["pair_id"],
-            "principle_id": judgements["principle_id"], "order": judgements["order"],
-            "messages": pa.array(["[]"] * m), "p_first": judgements["p_a"], "p_a": judgements["p_a"],
-            "status": pa.array(["ok"] * m), "model": pa.array(["synthetic"] * m)}))
-        st.insert("run_items", pa.table({"run_id": pa.array([RUN] * m), "table": pa.array(["judgements"] * m), "id": ids}))
+            "principle_id": judgements["principle_id"], "order": judgements["order"], "p_first": p_a, "p_a": p_a,
+            "status": pc.if_else(failed, "failed", "ok"), "model": pa.array(["synthetic"] * m)}))
         st.insert("human_labels", pa.table({"set_id": pa.array([SET] * n), "pair_id": human["pair_id"],
                                             "source_row": pa.array(np.arange(n)), "human_choice": human["human_choice"]}))
         st.con.execute("INSERT INTO human_sets VALUES (?, ?, 'synthetic', 'jsonl', ?, 0, '{}', ?)", [SET, SET, n, t0])

@@ -16,26 +16,27 @@ PAYLOADS = (XSS_SCRIPT, XSS_IMG)
 
 
 def human_file(tmp: Path, n_hh: int) -> Path:
-    """Generic JSONL: the first ``n_hh`` hh-rlhf pairs, then for each payload two mirrored pairs (a and b
-    swapped, human picks 'a' in both) whose texts hold it: the judge's p_a of one is 1 - p_a of the
-    other, so unless both are ties one of them is a disagreement and lands in the review queue."""
+    """Generic JSONL: the first ``n_hh`` hh-rlhf pairs, then for each payload three prompts, each with two
+    mirrored pairs (a and b swapped, human picks 'a' in both) whose texts hold it: the judge's p_a of one
+    is 1 - p_a of the other, so unless both are ties one of them is a disagreement in the review queue."""
     from factory.sources import read_pairs
 
     table, _ = read_pairs(HH_RLHF, format="hh-rlhf", limit=n_hh)
     rows = [{"conversation": json.loads(r["conversation"]), "response_a": r["response_a"],
              "response_b": r["response_b"], "human_choice": r["human_choice"]} for r in table.to_pylist()]
     for k, evil in enumerate(PAYLOADS):
-        prompt = f"Question {k}: what does {evil} do on a web page?"
-        bad, good = f"Paste this into the page: {evil}", f"I would not run markup from strangers ({k})."
-        rows += [{"prompt": prompt, "response_a": bad, "response_b": good, "human_choice": "a"},
-                 {"prompt": prompt, "response_a": good, "response_b": bad, "human_choice": "a"}]
+        for v in range(3):  # three variants: the fake judge's labels are hash noise, some pairs are ties
+            prompt = f"Question {k}.{v}: what does {evil} do on a web page?"
+            bad, good = f"Paste this into the page: {evil}", f"I would not run markup from strangers ({k}.{v})."
+            rows += [{"prompt": prompt, "response_a": bad, "response_b": good, "human_choice": "a"},
+                     {"prompt": prompt, "response_a": good, "response_b": bad, "human_choice": "a"}]
     path = tmp / "human.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def make_audit_db(tmp: Path, n_hh: int = 40, tie_eps: float = 0.05) -> tuple[Path, str]:
-    """(database, audit id) of an audit over ``n_hh`` hh-rlhf pairs + 4 planted pairs, fake engine."""
+    """(database, audit id) of an audit over ``n_hh`` hh-rlhf pairs + 12 planted pairs, fake engine."""
     from factory.audit.run import audit
     from factory.engines.fake import FakeEngine
 

@@ -20,10 +20,10 @@ from factory.review.session import Review
 from factory.review.workspace import Workspace, workspace_path
 from factory.store import Store, StoreError
 
-from conftest import HH_RLHF, REPO
+from conftest import REPO
 from reviewdb import PAYLOADS, review_audit  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"shared human data not found at {HH_RLHF}")
+pytestmark = pytest.mark.usefixtures("hh_rlhf")  # the shared human labels: a test fails without them
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_queue_is_the_audits_disagreements_in_its_order(db, review):
     # most confident first: the same order as the audit's own divergence table
     assert [i["pair_id"] for i in decided][:len(result["divergence"])] == [d["pair_id"] for d in result["divergence"]]
     assert [i["rank"] for i in items] == list(range(1, len(items) + 1))
-    # both planted payload pairs are decided disagreements (they drive the browser's XSS test)
+    # each planted payload is in a decided disagreement (they drive the XSS tests)
     texts = review.ws.rows("SELECT pair_id, response_a, response_b FROM texts WHERE audit_id = ?", [audit_id])
     for payload in PAYLOADS:
         assert any(payload in t["response_a"] + t["response_b"] for t in texts if t["pair_id"] in

@@ -20,12 +20,11 @@ from factory.review.maindb import adjudicated_set
 from factory.review.workspace import Workspace, workspace_path
 from factory.store import Store
 
-from conftest import HH_RLHF, REPO
+from conftest import REPO
 from reviewdb import PAYLOADS, review_audit  # noqa: F401 (a fixture)
 from test_review import holder, release
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not HH_RLHF.exists(), reason=f"shared human data not found at {HH_RLHF}")]
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("hh_rlhf")]
 CHROMIUM = Path(os.environ.get("FACTORY_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -147,17 +146,16 @@ def test_keyboard_adjudication_is_stored_and_payloads_do_not_run(browser, db):
         shown_messages = out.locator(".msg .text").all_inner_texts()
 
         # XSS payloads in responses and prompts are shown as text and never run
-        seen = 0
+        seen = set()
         for pid in payload_pairs:
             response = page.goto(server.base + f"pair/{pid}")
-            if response.status == 404:  # the mirrored twin the AI agreed with is not in the queue
+            if response.status == 404:  # a mirrored twin the AI agreed with is not in the queue
                 continue
-            seen += 1
             text = page.locator("main").inner_text()
-            assert any(p in text for p in PAYLOADS)
+            seen |= {p for p in PAYLOADS if p in text}  # shown as text
             assert page.evaluate("typeof window.__xss") == "undefined"
             assert page.locator("main img[src='x']").count() == 0 and page.locator("main script").count() == 0
-        assert seen == len(PAYLOADS)
+        assert seen == set(PAYLOADS)
 
         # a page of another origin posting a verdict form is refused (no session cookie, no token)
         page.set_content(f"""<form method="post" action="{server.base}verdict"><input name="pair_id" value="{order[5]}">

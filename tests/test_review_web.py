@@ -15,10 +15,9 @@ from factory.review.security import CSP, BindError, check_bind
 from factory.review.session import Review
 from factory.review.web import create_app
 
-from conftest import HH_RLHF
 from reviewdb import PAYLOADS, XSS_SCRIPT, review_audit  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(not HH_RLHF.exists(), reason=f"shared human data not found at {HH_RLHF}")
+pytestmark = pytest.mark.usefixtures("hh_rlhf")  # the shared human labels: a test fails without them
 LOCAL = "http://127.0.0.1"
 
 
@@ -44,6 +43,11 @@ def payload_pairs(review: Review) -> list[str]:
     return [r["pair_id"] for r in rows if any(p in r["response_a"] + r["response_b"] for p in PAYLOADS)]
 
 
+def payload_texts(review: Review) -> list[str]:
+    rows = review.ws.rows("SELECT response_a || response_b AS t FROM texts WHERE audit_id = ?", [review.audit_id])
+    return [r["t"] for r in rows]
+
+
 def n_events(review: Review) -> int:
     return review.ws.one("SELECT count(*) AS n FROM events")["n"]
 
@@ -56,8 +60,8 @@ def test_pages_escape_every_text_and_send_a_strict_csp(review):
         assert r.status_code == 200, (path, r.text[:300])
         assert r.headers["content-security-policy"] == CSP
         assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
-    pairs = payload_pairs(review)  # one queued pair per payload (its mirrored twin is an agreement)
-    assert len(pairs) == len(PAYLOADS)
+    pairs = payload_pairs(review)  # the queued ones (a mirrored twin the AI agrees with is not queued)
+    assert all(any(p in texts for texts in payload_texts(review)) for p in PAYLOADS)
     for pid in pairs:
         r = client.get(f"/pair/{pid}")
         assert r.status_code == 200

@@ -1,8 +1,9 @@
 """Copy what an audit's review queue needs from the factory database into the review workspace.
 
-The queue is derived exactly as the audit derives its labels: the run's judgements, clamped by the
-judge's ``clamp``, reduced by :mod:`factory.prefmath` (orders averaged per principle, principles
-weighted by the audit's weights, ties by its ``tie_eps``), then joined to the human labels. A pair
+The queue is derived exactly as the audit derives its labels: the run's judgements as the audit
+reads them (failed ones NaN, the judge's ``clamp`` applied), reduced by :mod:`factory.prefmath`
+(orders averaged per principle, principles weighted by the audit's weights, ties by its
+``tie_eps``), then joined to the human labels. A pair
 is in the queue when its AI label is not the human's: a disagreement, or a tie. Items are ranked
 by the AI's confidence (``margin``), most confident first, pair id breaking equal margins (the
 order of the audit's own divergence table).
@@ -44,14 +45,12 @@ DRIVERS_SQL = """
     ORDER BY i.rank"""
 
 
-def derive(judgements: pa.Table, human: pa.Table, weights: Mapping[str, float], tie_eps: float,
-           clamp: tuple[float, float] | None) -> dict[str, pa.Table]:
+def derive(judgements: pa.Table, human: pa.Table, weights: Mapping[str, float], tie_eps: float) -> dict[str, pa.Table]:
     """``items`` (one row per queued pair) and ``cells`` (its per-principle probabilities) from the
-    audit's judgements (pair_id, principle_id, order, p_a; NULL p_a = failed) and human rows
+    audit's judgements (pair_id, principle_id, order, p_a: clamped, NaN = failed) and human rows
     (pair_id, human_choice, source_row, len_a, len_b, source)."""
     p_a = judgements["p_a"].cast(pa.float64()).fill_null(float("nan"))
-    cells = prefmath.principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], p_a,
-                                     clamp)
+    cells = prefmath.principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], p_a)
     labels = prefmath.pairs_from_cells(cells, weights, tie_eps)
     cell_table = pa.table({
         "pair_id": cells.pair_ids.take(pa.array(cells.pair, pa.int64())),
@@ -86,8 +85,8 @@ def build(ws: Workspace, db: str | Path, audit_id: str | None = None, *, force: 
             ws.merge_events(audit.audit_id, maindb.verdict_events(store, audit.audit_id))
             return audit
         settings: dict[str, Any] = audit.result["settings"]
-        tables = derive(maindb.run_judgements(store, audit.run_id), maindb.human_rows(store, audit.set_id),
-                        settings["weights"], settings["tie_eps"], audit.clamp)
+        tables = derive(maindb.run_judgements(store, audit), maindb.human_rows(store, audit.set_id),
+                        settings["weights"], settings["tie_eps"])
         ids = tables["items"]["pair_id"].to_pylist()
         tables["texts"] = maindb.pair_texts(store, ids)
         tables["judgements"] = maindb.judgement_rows(store, audit.run_id, ids)

@@ -105,6 +105,8 @@ class _Writer(Store):
         try:
             super().__init__(path, writer_run=writer_run)
         except BaseException:
+            if getattr(self, "con", None) is not None:
+                self.con.close()
             if self._lock_fd is not None:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 os.close(self._lock_fd)
@@ -162,12 +164,12 @@ def audit_row(store: Store, audit_id: str | None = None) -> AuditRow:
     return AuditRow(row[0], row[1], row[2], row[3], json.loads(row[4]), tuple(clamp) if clamp else None)
 
 
-def run_judgements(store: Store, run_id: str) -> pa.Table:
-    """(pair_id, principle_id, order, p_a) of every judgement the run uses: the audit's input."""
-    return store.con.sql(
-        """SELECT t.pair_id, t.principle_id, t."order" AS "order", t.p_a FROM judgements t
-           JOIN run_items r ON r.id = t.id AND r."table" = 'judgements' WHERE r.run_id = ?""",
-        params=[run_id]).to_arrow_table()
+def run_judgements(store: Store, audit: AuditRow) -> pa.Table:
+    """(pair_id, principle_id, order, p_a) of the audited run, failed judgements as NaN and the judge's
+    clamp applied: exactly the audit's input (the audit's own query)."""
+    from ..audit.run import run_judgements as audited
+
+    return audited(store, audit.run_id, audit.clamp)
 
 
 def human_rows(store: Store, set_id: str) -> pa.Table:
@@ -178,7 +180,7 @@ def human_rows(store: Store, set_id: str) -> pa.Table:
            FROM human_labels h JOIN pairs p USING (pair_id) WHERE h.set_id = ?""", params=[set_id]).to_arrow_table()
 
 
-def _probe(store: Store, ids: list[str], sql: str, params: list | None = None) -> pa.Table:
+def _probe(store: Store, ids: list[str], sql: str, params: list | dict | None = None) -> pa.Table:
     store.con.register("_review_ids", pa.table({"k": pa.array(ids, pa.string())}))
     try:
         return store.con.sql(sql, params=params or None).to_arrow_table()
@@ -194,10 +196,9 @@ def pair_texts(store: Store, pair_ids: list[str]) -> pa.Table:
 
 def judgement_rows(store: Store, run_id: str, pair_ids: list[str]) -> pa.Table:
     """The run's judgements of the given pairs, one row each (no messages: see :func:`messages`)."""
-    return _probe(store, pair_ids, """
+    return _probe(store, pair_ids, f"""
         SELECT t.id, t.pair_id, t.principle_id, t."order" AS "order", t.p_first, t.p_a, t.status, t.error, t.model
-        FROM judgements t JOIN _review_ids i ON i.k = t.pair_id
-        JOIN run_items r ON r.id = t.id AND r."table" = 'judgements' WHERE r.run_id = ?""", [run_id])
+        FROM {store.run_rows('judgements', '$run')} t SEMI JOIN _review_ids i ON i.k = t.pair_id""", {"run": run_id})
 
 
 def messages(store: Store, row_id: str) -> list[dict]:
@@ -228,15 +229,9 @@ def save_verdicts(store: Store, audit: AuditRow, events: pa.Table, workspace: st
     with every stored event, in one transaction. Returns the set's counts."""
     events = events.select(list(EVENT_COLUMNS)).append_column(
         "workspace", pa.array([workspace] * events.num_rows, pa.string()))
-    store.con.execute("BEGIN")
-    try:
+    with store.transaction():
         store.insert("review_verdicts", events)
-        info = _update_set(store, audit, sorted(set(events["pair_id"].to_pylist())))
-        store.con.execute("COMMIT")
-    except BaseException:
-        store.con.execute("ROLLBACK")
-        raise
-    return info
+        return _update_set(store, audit, sorted(set(events["pair_id"].to_pylist())))
 
 
 _CURRENT = """SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY pair_id ORDER BY given_at DESC, seq DESC) AS k
