@@ -70,7 +70,12 @@ def make_db(path: Path, n_labels: int) -> int:
         st.insert("human_labels", pa.table({"set_id": pa.array([SET] * n), "pair_id": human["pair_id"],
                                             "source_row": pa.array(np.arange(n)), "human_choice": human["human_choice"]}))
         st.con.execute("INSERT INTO human_sets VALUES (?, ?, 'synthetic', 'jsonl', ?, 0, '{}', ?)", [SET, SET, n, t0])
-        st.con.execute("INSERT INTO runs (run_id, kind, config_json, status) VALUES (?, 'audit', '{}', 'done')", [RUN])
+        const = {"name": "bench", "version": "1", "principles": [
+            {"id": k, "critique": "c", "revision": "r", "comparison": f"Which response is more {k}?", "weight": w}
+            for k, w in WEIGHTS.items()]}
+        chash = st.put_config("constitution", const)  # the run's label rule reads its weights from here
+        st.con.execute("INSERT INTO runs (run_id, kind, config_json, constitution_hash, status) "
+                       "VALUES (?, 'audit', '{}', ?, 'done')", [RUN, chash])
         result = compute_audit(judgements, human, WEIGHTS, n_bootstrap=200)
         st.con.execute("INSERT INTO audits VALUES (?, ?, ?, ?, ?, NULL)", [AUDIT, RUN, SET, t0, json.dumps(result.to_dict())])
     return n

@@ -1,42 +1,34 @@
 """Copy what an audit's review queue needs from the factory database into the review workspace.
 
-The queue is derived exactly as the audit derives its labels: the run's judgements as the audit
-reads them (failed ones NaN, the judge's ``clamp`` applied), reduced by :mod:`factory.prefmath`
-(orders averaged per principle, principles weighted by the audit's weights, ties by its
-``tie_eps``), then joined to the human labels. A pair
-is in the queue when its AI label is not the human's: a disagreement, or a tie. Items are ranked
-by the AI's confidence (``margin``), most confident first, pair id breaking equal margins (the
-order of the audit's own divergence table).
+The queue is derived from the audited run's labels as the audit derives them: the one label rule
+(:mod:`factory.labels`, the run's own weights, tie band, clamp and calibration) over the run's
+judgements, joined to the human labels. A pair is in the queue when its AI label is not the
+human's: a disagreement, or a tie. Items are ranked by the AI's confidence (``margin``), most
+confident first, pair id breaking equal margins (the order of the audit's own divergence table).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
-from .. import prefmath
 from . import maindb
 from .workspace import Workspace
 
 ITEMS_SQL = """
     SELECT l.pair_id, row_number() OVER (ORDER BY l.margin DESC, l.pair_id) AS rank, l.p_a, l.margin, l.is_tie,
-           l.chosen AS ai_choice, h.human_choice,
-           CASE WHEN isnan(l.orders_agree) THEN NULL ELSE l.orders_agree END AS orders_agree,
-           l.n_principles::BIGINT AS n_principles, h.len_a::BIGINT AS len_a, h.len_b::BIGINT AS len_b, h.source,
-           h.source_row::BIGINT AS source_row
+           l.chosen AS ai_choice, h.human_choice, l.orders_agree, l.n_principles::BIGINT AS n_principles,
+           h.len_a::BIGINT AS len_a, h.len_b::BIGINT AS len_b, h.source, h.source_row::BIGINT AS source_row
     FROM _labels l JOIN _human h USING (pair_id)
-    WHERE NOT isnan(l.p_a) AND (l.is_tie OR l.chosen <> h.human_choice)
+    WHERE l.p_a IS NOT NULL AND (l.is_tie OR l.chosen <> h.human_choice)
     ORDER BY rank"""
 CELLS_SQL = """
-    SELECT c.pair_id, c.principle_id, CASE WHEN isnan(c.p_ab) THEN NULL ELSE c.p_ab END AS p_ab,
-           CASE WHEN isnan(c.p_ba) THEN NULL ELSE c.p_ba END AS p_ba, c.p,
+    SELECT c.pair_id, c.principle_id, c.p_ab, c.p_ba, c.p,
            CASE i.human_choice WHEN 'a' THEN 1 - c.p ELSE c.p END AS toward_wrong,
            row_number() OVER (PARTITION BY c.principle_id ORDER BY toward_wrong DESC, i.rank) AS prank, i.rank
-    FROM _cells c JOIN _items i USING (pair_id)"""
+    FROM _cells c JOIN _items i USING (pair_id) WHERE c.p IS NOT NULL"""
 # per item: the principles that sided against the human, most strongly first (shown in the queue)
 DRIVERS_SQL = """
     SELECT i.*, d.drivers FROM _items i LEFT JOIN (
@@ -45,25 +37,18 @@ DRIVERS_SQL = """
     ORDER BY i.rank"""
 
 
-def derive(judgements: pa.Table, human: pa.Table, weights: Mapping[str, float], tie_eps: float) -> dict[str, pa.Table]:
-    """``items`` (one row per queued pair) and ``cells`` (its per-principle probabilities) from the
-    audit's judgements (pair_id, principle_id, order, p_a: clamped, NaN = failed) and human rows
-    (pair_id, human_choice, source_row, len_a, len_b, source)."""
-    p_a = judgements["p_a"].cast(pa.float64()).fill_null(float("nan"))
-    cells = prefmath.principle_cells(judgements["pair_id"], judgements["principle_id"], judgements["order"], p_a)
-    labels = prefmath.pairs_from_cells(cells, weights, tie_eps)
-    cell_table = pa.table({
-        "pair_id": cells.pair_ids.take(pa.array(cells.pair, pa.int64())),
-        "principle_id": cells.principle_ids.take(pa.array(cells.principle, pa.int64())),
-        "p_ab": np.asarray(cells.p_ab, np.float64), "p_ba": np.asarray(cells.p_ba, np.float64),
-        "p": np.asarray(cells.p, np.float64)})
+def derive(labels: pa.Table, cells: pa.Table, human: pa.Table) -> dict[str, pa.Table]:
+    """``items`` (one row per queued pair) and ``cells`` (its per-principle probabilities) from the run's
+    labels (pair_id, p_a, chosen, margin, is_tie, orders_agree, n_principles), its cells (pair_id,
+    principle_id, p_ab, p_ba, p) and the human rows (pair_id, human_choice, source_row, len_a, len_b,
+    source)."""
     con = duckdb.connect()
     try:
         con.register("_labels", labels)
         con.register("_human", human)
         items = con.sql(ITEMS_SQL).to_arrow_table()
         con.register("_items", items)
-        con.register("_cells", cell_table)
+        con.register("_cells", cells)
         cells_out = con.sql(CELLS_SQL).to_arrow_table()
         con.register("_cells_out", cells_out)
         items = con.sql(DRIVERS_SQL).to_arrow_table()
@@ -84,9 +69,7 @@ def build(ws: Workspace, db: str | Path, audit_id: str | None = None, *, force: 
         if not force and have and have["created_at"] == audit.created_at:
             ws.merge_events(audit.audit_id, maindb.verdict_events(store, audit.audit_id))
             return audit
-        settings: dict[str, Any] = audit.result["settings"]
-        tables = derive(maindb.run_judgements(store, audit), maindb.human_rows(store, audit.set_id),
-                        settings["weights"], settings["tie_eps"])
+        tables = derive(*maindb.audit_labels(store, audit), maindb.human_rows(store, audit.set_id))
         ids = tables["items"]["pair_id"].to_pylist()
         tables["texts"] = maindb.pair_texts(store, ids)
         tables["judgements"] = maindb.judgement_rows(store, audit.run_id, ids)

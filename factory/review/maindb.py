@@ -142,11 +142,10 @@ class AuditRow:
     set_id: str
     created_at: Any
     result: dict[str, Any]
-    clamp: tuple[float, float] | None
 
 
 def audit_row(store: Store, audit_id: str | None = None) -> AuditRow:
-    """One stored audit (the newest when ``audit_id`` is None) with the judge's clamp from its run."""
+    """One stored audit (the newest when ``audit_id`` is None)."""
     none_yet = StoreError(f"{store.path}: no audits yet; run one first (`factory audit PIPELINE` or "
                           "`factory audit --run R --human S --db DB`)")
     try:
@@ -159,17 +158,20 @@ def audit_row(store: Store, audit_id: str | None = None) -> AuditRow:
         raise StoreError(f"{store.path}: no audit '{audit_id}'; audits in this db: {known}")
     row = store.one("SELECT audit_id, run_id, set_id, created_at, result_json FROM audits WHERE audit_id = ?",
                     [audit_id or known[-1]])
-    config = store.one("SELECT config_json FROM runs WHERE run_id = ?", [row[1]])
-    clamp = (json.loads(config[0] or "{}").get("judge") or {}).get("clamp") if config else None
-    return AuditRow(row[0], row[1], row[2], row[3], json.loads(row[4]), tuple(clamp) if clamp else None)
+    return AuditRow(row[0], row[1], row[2], row[3], json.loads(row[4]))
 
 
-def run_judgements(store: Store, audit: AuditRow) -> pa.Table:
-    """(pair_id, principle_id, order, p_a) of the audited run, failed judgements as NaN and the judge's
-    clamp applied: exactly the audit's input (the audit's own query)."""
-    from ..audit.run import run_judgements as audited
+def audit_labels(store: Store, audit: AuditRow) -> tuple[pa.Table, pa.Table]:
+    """The audited run's labels per pair and per (pair, principle) cell, made by the one label rule
+    (:mod:`factory.labels`, the run's own rule) exactly as the audit makes them."""
+    from ..labels import cells_sql, labels_table, run_rule
 
-    return audited(store, audit.run_id, audit.clamp)
+    rule = run_rule(store, audit.run_id)
+    rel, params = store.run_rows("judgements", "$run"), {"run": audit.run_id}
+    labels = labels_table(store, rel, rule, params)
+    cells = store.con.sql(f"SELECT pair_id, principle_id, p_ab, p_ba, p FROM ({cells_sql(rel, rule)})",
+                          params=params).to_arrow_table()
+    return labels, cells
 
 
 def human_rows(store: Store, set_id: str) -> pa.Table:

@@ -116,7 +116,7 @@ class Review:
             if not events.num_rows:
                 return True
             a = self.audit
-            row = maindb.AuditRow(a["audit_id"], a["run_id"], a["set_id"], a["created_at"], a["result"], None)
+            row = maindb.AuditRow(a["audit_id"], a["run_id"], a["set_id"], a["created_at"], a["result"])
             try:
                 with maindb.writing(self.db, f"review:{self.audit_id}") as store:
                     info = maindb.save_verdicts(store, row, events, str(self.ws.path))
