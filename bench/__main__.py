@@ -15,7 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("FACTORY_BENCH_RESULTS", HERE / "results"))
-SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_scale.py", "bench_audit.py", "bench_hostile.py"]
+SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py", "bench_scale.py", "bench_audit.py",
+           "bench_hostile.py", "bench_review.py"]
 
 
 def latest(quick: bool, name: str) -> dict | None:
@@ -60,6 +61,9 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
         rows.append(("hostile config files: worst `factory validate` time / peak RSS",
                      f"{r['worst_seconds']:.2f} s / {r['worst_peak_rss_mb']:.0f} MB over {r['files']} files "
                      f"(loader alone ≤ {r['worst_loader_ms']:.0f} ms; all refused: {r['all_refused']})"))
+    if r := latest(quick, "review"):
+        rows.append(("review app: slowest page median (ms)",
+                     f"{r['worst_ms']} ms over {r['labels']:,} judgements; workspace build {r['build_s']} s"))
     return rows
 
 

@@ -416,5 +416,52 @@ def audit_compare_cmd(a: str, b: str, db: Path = typer.Option(..., help="the Duc
     console.print(compare_audits(db, a, b, db_b))
 
 
+# -- reviewing disagreements (issue 12) -------------------------------------------------------
+
+
+@app.command("review")
+@user_errors
+def review_cmd(db: Path = typer.Option(..., help="the DuckDB file holding the audit"),
+               audit_id: Optional[str] = typer.Option(None, "--audit", help="the audit to review (default: the newest)"),
+               host: str = typer.Option("127.0.0.1", help="address to listen on (loopback unless --allow-remote)"),
+               port: int = typer.Option(8765, help="port (0: any free port)"),
+               allow_remote: bool = typer.Option(False, help="allow a non-loopback --host (a token is then required)"),
+               token: Optional[str] = typer.Option(None, help="require this token on every request (generated and "
+                                                   "printed once with --allow-remote when not given)"),
+               read_only: bool = typer.Option(False, help="browse only: no verdicts"),
+               annotator: Optional[str] = typer.Option(None, help="name stored with each verdict (default: $USER)"),
+               sync_interval: float = typer.Option(5.0, help="seconds between tries to copy queued verdicts into "
+                                                   "the database while a run holds it")):
+    """Review and adjudicate an audit's AI-vs-human disagreements in a local web app.
+
+    Example: factory review --db data/hh.duckdb   (then open the printed URL; keys: j/k move, 1-4 verdict, u undo)
+    """
+    from .review.security import BindError
+    from .review.server import serve
+
+    try:
+        serve(db, audit_id, host=host, port=port, allow_remote=allow_remote, token=token, read_only=read_only,
+              annotator=annotator, sync_interval=sync_interval,
+              echo=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
+    except BindError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2)
+
+
+@audit_app.command("adjudicated")
+@user_errors
+def audit_adjudicated_cmd(audit_id: str = typer.Argument(..., help="the audit whose pairs were adjudicated"),
+                          db: Path = typer.Option(..., help="the DuckDB file"),
+                          report_dir: Optional[Path] = typer.Option(None, help="HTML report folder (default: beside the db)")):
+    """Agreement against the original and the adjudicated labels side by side (audits the same run
+    against human set adjudicated:AUDIT_ID, stored like any audit)."""
+    from .review.agreement import adjudicated_audit, side_by_side_table, summary_lines
+
+    original, adj_id, adjudicated, info = adjudicated_audit(db, audit_id, report_dir=report_dir)
+    console.print(side_by_side_table(original, adjudicated, (audit_id, adj_id)))
+    for line in summary_lines(audit_id, adj_id, info):
+        console.print(line, markup=False, highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
