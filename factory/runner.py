@@ -53,7 +53,7 @@ class ChunkState:
     n_new: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """One request and the row fields (besides the outcome) it will be stored with.
 

@@ -50,45 +50,74 @@ def test_small_preference_run_on_real_engine(engine, tmp_path):
 
 
 class Interrupt:
-    """Wraps the real engine and raises KeyboardInterrupt after ``after`` completions (Ctrl-C)."""
+    """Wraps the real engine: counts the scoring (judgement) requests it receives and raises
+    KeyboardInterrupt (Ctrl-C) after ``after`` judgement completions."""
 
     def __init__(self, engine, after):
         self.e, self.after = engine, after
         self.model, self.seed, self.max_model_len = engine.model, engine.seed, engine.max_model_len
-        self.sent: list[int] = []
+        self.capabilities = engine.capabilities
+        self.judgements_sent = 0
 
     def token_ids(self, text):
         return self.e.token_ids(text)
 
+    def close(self):
+        pass
+
     def generate(self, requests):
-        self.sent.append(len(requests))
-        for i, c in enumerate(self.e.generate(requests)):
-            if self.after is not None and i == self.after:
-                raise KeyboardInterrupt
+        scoring = set()
+
+        def counted():
+            for r in requests:
+                if r is not None and r.options:
+                    scoring.add(r.key)
+                    self.judgements_sent += 1
+                yield r
+
+        done = 0
+        for c in self.e.generate(counted()):
+            if c.key in scoring:
+                if self.after is not None and done == self.after:
+                    raise KeyboardInterrupt
+                done += 1
             yield c
 
 
 def test_interrupted_preference_run_resumes(engine, tmp_path):
     path = write(tmp_path, n_prompts=5, per_pair=3)
     with pytest.raises(KeyboardInterrupt):
-        prefs.run(path, engine=_judge_interrupt(engine), quiet=True)
+        prefs.run(path, engine=Interrupt(engine, after=6), quiet=True)
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         before = dict(st.con.execute("SELECT id, p_a FROM judgements").fetchall())
-    assert 0 < len(before)
+    assert len(before) >= 6  # every judgement that completed before the interrupt was written
     again = Interrupt(engine, after=None)
     prefs.run(path, engine=again, quiet=True)
     with Store(tmp_path / "out.duckdb", read_only=True) as st:
         after = dict(st.con.execute("SELECT id, p_a FROM judgements").fetchall())
         total = st.count("pairs", "status = 'ok'") * 3 * 2
         assert st.one("SELECT count(*), count(DISTINCT id) FROM judgements") == (total, total)
-    assert sum(again.sent) == total - len(before)  # samples all reused; only the missing judgements were asked
+    assert again.judgements_sent == total - len(before)  # only the missing judgements were asked
     assert all(after[k] == v for k, v in before.items())
 
 
-def _judge_interrupt(engine):
-    """Let the sampling wave finish, then interrupt the judging wave after 6 completions."""
-    class _I(Interrupt):
-        def generate(self, requests):
-            self.after = 6 if requests and requests[0].options else None
-            return super().generate(requests)
-    return _I(engine, None)
+def test_vote_mode_on_the_real_engine(engine, tmp_path):
+    """Sampled verdicts after the answer prefix, parsed strictly; every text stored, none guessed."""
+    from factory.judges import parse_verdict
+
+    path = write(tmp_path, n_prompts=2, per_pair=1)
+    path.write_text(path.read_text().replace("per_pair: 1}", "per_pair: 1, mode: vote, votes: 4, vote_temperature: 1.0}"))
+    s = prefs.run(path, engine=engine, quiet=True)
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        rows = st.con.execute('SELECT "order", verdicts, p_first, p_a, status, error FROM judgements').fetchall()
+    assert rows and s.labels.get("pairs labelled", 0) >= 1
+    for order, verdicts, p_first, p_a_, status, error in rows:
+        texts = json.loads(verdicts)
+        picks = [parse_verdict(t, ["A", "B"]) for t in texts]
+        valid = [x for x in picks if x is not None]
+        assert len(texts) == 4
+        if valid:
+            assert status == "ok" and p_first == pytest.approx(sum(x == 0 for x in valid) / len(valid))
+            assert p_a_ == pytest.approx(p_first if order == "ab" else 1 - p_first)
+        else:
+            assert status == "failed" and "no parseable verdict" in error

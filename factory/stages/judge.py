@@ -109,7 +109,7 @@ class JudgeCtx:
     skeletons: bool = True  # render each (pair, order) once and fill in the principles (checked, below)
 
     def __post_init__(self) -> None:
-        self._skel: dict[tuple[str, str], list[dict]] = {}
+        self._skel: dict[tuple[str, str], list] = {}
         self._checked: bool | None = None if self.skeletons else False
         nonce = uuid.uuid4().hex
         self._marks = {f: f"\x00{nonce}:{f}\x00" for f in ("id", "critique", "revision", "comparison")}
@@ -133,8 +133,8 @@ class JudgeCtx:
         if cot or rationale is not None or self._checked is False:
             return self.render(pair, p, order, cot=cot, rationale=rationale)
         if self._checked is None:
-            self._checked = all(self._fill(self.render(pair, self._sentinel, order), q) == self.render(pair, q, order)
-                                for q in self.constitution.principles)
+            sk = self._split(self.render(pair, self._sentinel, order))
+            self._checked = all(self._fill(sk, q) == self.render(pair, q, order) for q in self.constitution.principles)
             if not self._checked:
                 return self.render(pair, p, order)
         key = (pair.pair_id, order)
@@ -142,18 +142,30 @@ class JudgeCtx:
         if sk is None:
             if len(self._skel) >= 8192:
                 self._skel.clear()
-            sk = self._skel[key] = self.render(pair, self._sentinel, order)
+            sk = self._skel[key] = self._split(self.render(pair, self._sentinel, order))
         return self._fill(sk, p)
 
-    def _fill(self, skeleton: list[dict], p: Principle) -> list[dict]:
+    def _fill(self, skeleton: list[tuple[str, list[str] | str]], p: Principle) -> list[dict]:
         out = []
-        for m in skeleton:
-            text = m["content"]
-            if "\x00" in text:
-                for f, mark in self._marks.items():
-                    text = text.replace(mark, getattr(p, f))
-                text = text.strip()
-            out.append({"role": m["role"], "content": text})
+        for role, parts in skeleton:
+            if isinstance(parts, str):
+                out.append({"role": role, "content": parts})
+            else:  # text, field, text, field, …, text
+                out.append({"role": role, "content": "".join(
+                    getattr(p, x) if i % 2 else x for i, x in enumerate(parts)).strip()})
+        return out
+
+    def _split(self, messages: list[dict]) -> list[tuple[str, list[str] | str]]:
+        """A sentinel render cut at the principle's marks: [text, field name, text, …] per message."""
+        import re
+
+        pattern = re.compile("(" + "|".join(re.escape(m) for m in self._marks.values()) + ")")
+        names = {m: f for f, m in self._marks.items()}
+        out = []
+        for m in messages:
+            pieces = pattern.split(m["content"])
+            out.append((m["role"], m["content"]) if len(pieces) == 1 else
+                       (m["role"], [names[x] if i % 2 else x for i, x in enumerate(pieces)]))
         return out
 
     def key(self, table: str, pair: Pair, p: Principle, order: str, rationale_id: str | None = None) -> str:
