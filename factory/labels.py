@@ -187,27 +187,36 @@ def _check(principles: list[str], rule: LabelRule) -> None:
                          f"constitution (or the weight set), or drop their judgements (known: {sorted(rule.weights)[:10]})")
 
 
-def label_run(store: Store, run_id: str, constitution: Any, judge: Any) -> dict[str, float]:
+def label_run(store: Store, run_id: str, constitution: Any, judge: Any, *, changed: bool = True) -> dict[str, float]:
     """Recompute the run's ``preferences`` (derived data, replaced each time) and ``calibration``
-    priors from its judgements; returns the summary figures."""
+    priors from its judgements; returns the summary figures. With ``changed=False`` (this invocation
+    stored nothing new) labels already made by the same rule are kept as they are."""
     rule = rule_for(store, constitution, judge)
     rel = store.run_rows("judgements", "$run")
+    if changed or not store.one("SELECT count(*) FROM preferences WHERE run_id = ? AND rule_hash = ?",
+                                [run_id, rule.hash])[0]:
+        _relabel(store, run_id, rule, rel)
+    return _label_summary(store, run_id, rule)
+
+
+def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:
     check_weights(store, rel, rule, {"run": run_id})
-    final = labels_sql(rel, rule)
-    raw = labels_sql(rel, rule.with_(calibrate=False))
-    cal = labels_sql(rel, rule.with_(calibrate=True))
+    other = labels_sql(rel, rule.with_(calibrate=not rule.calibrate))  # the label is one of raw / calibrated
+    raw, cal = ("o.p_a", "f.p_a") if rule.calibrate else ("f.p_a", "o.p_a")
     with store.transaction():
         store.con.execute("DELETE FROM preferences WHERE run_id = $run", {"run": run_id})
         store.con.execute(f"""
             INSERT INTO preferences (run_id, pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree,
                                      n_principles, orders_complete, created_at, p_a_raw, p_a_cal, rule_hash)
             SELECT $run, f.pair_id, f.p_a, f.chosen, f.margin, f.is_tie, f.orders_agree, f.principles_agree,
-                   f.n_principles, f.orders_complete, now(), r.p_a, c.p_a, $h
-            FROM ({final}) f JOIN ({raw}) r USING (pair_id) JOIN ({cal}) c USING (pair_id)""",
-                          {"run": run_id, "h": rule.hash})
+                   f.n_principles, f.orders_complete, now(), {raw}, {cal}, $h
+            FROM ({labels_sql(rel, rule)}) f JOIN ({other}) o USING (pair_id)""", {"run": run_id, "h": rule.hash})
         store.con.execute("DELETE FROM calibration WHERE run_id = $run", {"run": run_id})
         store.con.execute(f"""INSERT INTO calibration SELECT $run, principle_id, "order", avg(p_first), count(p_first)
                               FROM {rel} WHERE status = 'ok' GROUP BY ALL""", {"run": run_id})
+
+
+def _label_summary(store: Store, run_id: str, rule: LabelRule) -> dict[str, float]:
     n, ties, agree, margin = store.one(
         "SELECT count(*), count(*) FILTER (WHERE is_tie), avg(orders_agree), avg(margin) FROM preferences WHERE run_id = ?",
         [run_id])

@@ -125,7 +125,7 @@ class PrefsKind(RunKind):
                 f"SELECT error, count(*) FROM {store.run_rows('pairs', '?')} t WHERE t.status <> 'ok' GROUP BY 1",
                 [ctx.run_id]).fetchall():
             s.failures[f"pairs skipped: {err}"] = n
-        s.labels = label_run(store, ctx.run_id, ctx.lp.constitution, ctx.lp.cfg.judge)
+        s.labels = label_run(store, ctx.run_id, ctx.lp.constitution, ctx.lp.cfg.judge, changed=s.written > 0 or s.reused > s.skipped_jobs)
 
     def render(self, lp: Loaded, stage: str, example: int) -> list[dict]:
         from .render import render_judge

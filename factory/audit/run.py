@@ -133,7 +133,7 @@ class AuditKind(RunKind):
         lp, store, cfg = ctx.lp, ctx.store, ctx.lp.cfg
         s = ctx.summary
         s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
-        s.labels = label_run(store, lp.run_id, lp.constitution, cfg.judge)
+        s.labels = label_run(store, lp.run_id, lp.constitution, cfg.judge, changed=s.written > 0 or s.reused > s.skipped_jobs)
         settings = self.settings(ctx).model_copy(update={"naive_principle": s.extra["naive"]})
         naive_j = run_judgements(store, naive_run(lp.run_id), cfg.judge.clamp)
         c = lp.constitution
