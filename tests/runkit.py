@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
+from typer.testing import CliRunner
 
 from conftest import REPO
 
@@ -253,3 +255,95 @@ def rows_differ(a: list[tuple], b: list[tuple]) -> str | None:
             elif u != v:
                 return f"column {col}: {u!r} vs {v!r} in {dict(x)}"
     return None
+
+
+# -- the fault suites' shared pieces ----------------------------------------------------------------------
+RESULTS: list[dict] = []  # per case: fault, how injected, times, rows lost, rows duplicated
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_report():
+    """Print the per-case counts after a module (and append them to $FACTORY_FAULT_REPORT); a fault
+    module imports this fixture."""
+    yield
+    if not RESULTS:
+        return
+    lines = [f"{'fault':<44} {'how injected':<58} {'times':>5} {'lost':>5} {'dup':>5}"]
+    lines += [f"{r['fault']:<44} {r['how']:<58} {r['times']:>5} {r['lost']:>5} {r['duplicated']:>5}" for r in RESULTS]
+    print("\nfault-injection results\n" + "\n".join(lines))
+    out = os.environ.get("FACTORY_FAULT_REPORT")
+    if out:
+        with open(out, "a") as f:
+            for r in RESULTS:
+                f.write(json.dumps(r) + "\n")
+    RESULTS.clear()
+
+
+def record(fault: str, how: str, times: int, lost: int, duplicated: int) -> None:
+    RESULTS.append({"fault": fault, "how": how, "times": times, "lost": lost, "duplicated": duplicated})
+
+
+def fake(**kw):
+    from factory.engines.fake import FakeEngine
+
+    return FakeEngine(model="smollm2-135m", **kw)
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """The CLI's consoles wide enough that paths and messages are not wrapped in captured output."""
+    from factory import cli
+
+    monkeypatch.setattr(cli.console, "width", 1000)
+    monkeypatch.setattr(cli.err, "width", 1000)
+
+
+def invoke(args: list[str]):
+    """``factory ARGS`` in-process: (exit code, output, exception)."""
+    from factory import cli
+
+    r = CliRunner().invoke(cli.app, [str(a) for a in args])
+    return r.exit_code, r.output, r.exception
+
+
+class Reference:
+    """An uninterrupted run of a pipeline into its own database: what every faulted run must equal."""
+
+    def __init__(self, path: Path, db: Path, engine=None):
+        from factory import prefs
+
+        prefs.run(path, engine=engine, quiet=True)  # engine None: the pipeline's own (a server, say)
+        self.db, self.values, self.labels = db, judgement_values(db), labels(db)
+        assert self.values and self.labels
+
+    @classmethod
+    def of(cls, tmp: Path, pairs: Path, *, per_pair: int, **kw) -> "Reference":
+        """The same file pairs on the fake engine, in ``tmp/reference/``."""
+        d = tmp / "reference"
+        d.mkdir()
+        db = d / "ref.duckdb"
+        return cls(prefs_yaml(d / "ref.yaml", pairs=pairs, db=db, per_pair=per_pair, **kw), db, fake())
+
+    def compare(self, db: Path) -> tuple[int, int]:
+        """(lost, duplicated) judgements of ``db``; asserts values and labels equal the reference's."""
+        n, distinct = judgement_counts(db)
+        got = judgement_values(db)
+        lost, dup = len(self.values.keys() - got.keys()), n - distinct
+        assert not got.keys() - self.values.keys(), "rows the uninterrupted run does not have"
+        changed = [k for k in self.values.keys() & got.keys() if got[k] != self.values[k]]
+        assert not changed, f"{len(changed)} judgements differ from the uninterrupted run, e.g. {got[changed[0]]}"
+        bad = same_labels(labels(db), self.labels)
+        assert not bad, f"{len(bad)} labels differ from the uninterrupted run"
+        return lost, dup
+
+
+def finished_chunks_complete(db: Path, per_pair: int) -> None:
+    """Every input chunk recorded as finished has all its judgements stored (no partial chunk)."""
+    for meta, in query(db, "SELECT meta_json FROM chunks"):
+        m = json.loads(meta)
+        want, got = query(db, """SELECT count(DISTINCT p.pair_id) * ?, count(j.id) FROM run_pairs p
+                                 LEFT JOIN judgements j ON j.pair_id = p.pair_id
+                                 WHERE p.source_row BETWEEN ? AND ?""", [2 * per_pair, m["first"], m["last"]])[0]
+        assert got == want, f"chunk at lines {m['first']}-{m['last']} is recorded as finished with {got}/{want} judgements"
+
+

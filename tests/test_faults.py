@@ -1,5 +1,6 @@
-"""Fault injection: kill -9, engine failures and death, graceful stop, disk full and read-only, 5xx/429
-storms and a server that goes away, truncated and corrupted inputs (issue 10).
+"""Fault injection, process side: kill -9 (20 times over 20,000 judgements, and between follow-up jobs),
+engine errors and engine death at random requests, graceful stop on SIGTERM/SIGINT and abort on a second
+signal (issue 10). Files and servers: tests/test_faults_io.py.
 
 Every case resumes after the fault and compares with an uninterrupted run of the same pipeline into a
 separate database: 0 judgements lost, 0 duplicated, the same judgement values and the same final labels
@@ -10,106 +11,21 @@ it is set; the README's Reliability section shows them.
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import random
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from factory import cli, prefs
-from factory.engines.base import Completion, EngineError
+from factory import pipeline, prefs
+from factory.engines.base import Completion
 from factory.engines.fake import FakeEngine
-from factory.runner import EngineFailed, Runner
-from factory.sources import SourceError
-from factory.store import Store, StoreError
+from factory.runner import EngineFailed
 
-from fakeserver import FakeServer
-from runkit import (ANNOUNCE_COMMITS, child, finish, judgement_counts, judgement_values, kill9, labels, pair_records,
-                    prefs_yaml, query, run_status, same_labels, slow_fake, wait_line, write_jsonl)
-
-RESULTS: list[dict] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fault_report():
-    """Print the per-case counts after the module (and append them to $FACTORY_FAULT_REPORT)."""
-    yield
-    if not RESULTS:
-        return
-    lines = [f"{'fault':<44} {'how injected':<58} {'times':>5} {'lost':>5} {'dup':>5}"]
-    lines += [f"{r['fault']:<44} {r['how']:<58} {r['times']:>5} {r['lost']:>5} {r['duplicated']:>5}" for r in RESULTS]
-    print("\nfault-injection results\n" + "\n".join(lines))
-    out = os.environ.get("FACTORY_FAULT_REPORT")
-    if out:
-        with open(out, "a") as f:
-            for r in RESULTS:
-                f.write(json.dumps(r) + "\n")
-
-
-def record(fault: str, how: str, times: int, lost: int, duplicated: int) -> None:
-    RESULTS.append({"fault": fault, "how": how, "times": times, "lost": lost, "duplicated": duplicated})
-
-
-def fake(**kw) -> FakeEngine:
-    return FakeEngine(model="smollm2-135m", **kw)
-
-
-@pytest.fixture
-def wide(monkeypatch):
-    """The CLI's consoles wide enough that paths and messages are not wrapped in captured output."""
-    monkeypatch.setattr(cli.console, "width", 1000)
-    monkeypatch.setattr(cli.err, "width", 1000)
-
-
-def invoke(args: list[str]):
-    r = CliRunner().invoke(cli.app, [str(a) for a in args])
-    return r.exit_code, r.output, r.exception
-
-
-class Reference:
-    """An uninterrupted run of a pipeline into its own database: what every faulted run must equal."""
-
-    def __init__(self, path: Path, db: Path, engine=None):
-        prefs.run(path, engine=engine, quiet=True)  # engine None: the pipeline's own (a server, say)
-        self.db, self.values, self.labels = db, judgement_values(db), labels(db)
-        assert self.values and self.labels
-
-    @classmethod
-    def of(cls, tmp: Path, pairs: Path, *, per_pair: int, **kw) -> "Reference":
-        """The same file pairs on the fake engine, in ``tmp/reference/``."""
-        d = tmp / "reference"
-        d.mkdir()
-        db = d / "ref.duckdb"
-        return cls(prefs_yaml(d / "ref.yaml", pairs=pairs, db=db, per_pair=per_pair, **kw), db, fake())
-
-    def compare(self, db: Path) -> tuple[int, int]:
-        """(lost, duplicated) judgements of ``db``; asserts values and labels equal the reference's."""
-        n, distinct = judgement_counts(db)
-        got = judgement_values(db)
-        lost, dup = len(self.values.keys() - got.keys()), n - distinct
-        assert not got.keys() - self.values.keys(), "rows the uninterrupted run does not have"
-        changed = [k for k in self.values.keys() & got.keys() if got[k] != self.values[k]]
-        assert not changed, f"{len(changed)} judgements differ from the uninterrupted run, e.g. {got[changed[0]]}"
-        bad = same_labels(labels(db), self.labels)
-        assert not bad, f"{len(bad)} labels differ from the uninterrupted run"
-        return lost, dup
-
-
-def finished_chunks_complete(db: Path, per_pair: int) -> None:
-    """Every input chunk recorded as finished has all its judgements stored (no partial chunk)."""
-    for meta, in query(db, "SELECT meta_json FROM chunks"):
-        m = json.loads(meta)
-        want, got = query(db, """SELECT count(DISTINCT p.pair_id) * ?, count(j.id) FROM run_pairs p
-                                 LEFT JOIN judgements j ON j.pair_id = p.pair_id
-                                 WHERE p.source_row BETWEEN ? AND ?""", [2 * per_pair, m["first"], m["last"]])[0]
-        assert got == want, f"chunk at lines {m['first']}-{m['last']} is recorded as finished with {got}/{want} judgements"
+from runkit import (ANNOUNCE_COMMITS, Reference, child, fake, fault_report, finish, invoke, judgement_counts,  # noqa: F401
+                    judgement_values, kill9, pair_records, prefs_yaml, query, record, rows_differ, run_status, sl_yaml,
+                    slow_fake, table_rows, wait_line, wide, write_jsonl)
 
 
 # -- kill -9 ---------------------------------------------------------------------------------------------
@@ -163,6 +79,48 @@ def test_kill_9_at_random_points_twenty_times_then_resume(tmp_path):
     record("kill -9 (20,000 judgements)", "SIGKILL 20× at seeded random points, then resume", 20, lost, dup)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sampled", "sl"])
+def test_kill_9_between_follow_up_jobs_then_resume(tmp_path, kind):
+    """Runs whose jobs create follow-ups (a prompt's samples → its pairs → their judgements; an answer →
+    its critiques → a revision → round 2) killed 6 times at random points, then resumed: every table equals
+    an uninterrupted run's, row for row."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"Question {i}: how should I handle situation {i}?"} for i in range(150)])
+    sample = f"{{source: sample, prompts: {{path: {prompts}}}, n: 3, sampling: {{max_tokens: 16}}}}"
+
+    def pipe(d: Path) -> Path:
+        d.mkdir()
+        if kind == "sl":
+            return sl_yaml(d / "p.yaml", prompts=prompts, db=d / "out.duckdb", rounds=2, chunk_inputs=15, chunk_rows=40)
+        return prefs_yaml(d / "p.yaml", pairs="", db=d / "out.duckdb", per_pair=2, source=sample, chunk_inputs=15,
+                          chunk_rows=40)
+
+    ref_path, path = pipe(tmp_path / "reference"), pipe(tmp_path / "faulted")
+    run = pipeline.run if kind == "sl" else prefs.run
+    run(ref_path, engine=fake(), quiet=True)
+    db = tmp_path / "faulted" / "out.duckdb"
+    rng = random.Random(kind)
+    for i in range(6):
+        commits = rng.choice([0, 1, 2, 3])
+        proc = child(["run", path, "--quiet"], prelude=ANNOUNCE_COMMITS + slow_fake(0.002))
+        wait_line(proc, "READY")
+        if commits == 0:
+            time.sleep(rng.uniform(0.0, 1.5))
+        for _ in range(commits):
+            wait_line(proc, "COMMIT")
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert kill9(proc) == -signal.SIGKILL, f"kill {i + 1}: the run ended by itself before it was killed"
+    assert run(path, engine=fake(), quiet=True).status == "done"
+    want, got = table_rows(tmp_path / "reference" / "out.duckdb"), table_rows(db)
+    diffs = {t: d for t in want if (d := rows_differ(want[t], got.get(t, []))) is not None}
+    assert diffs == {}
+    table = "judgements" if kind == "sampled" else "revisions"
+    n, distinct = query(db, f"SELECT count(*), count(DISTINCT id) FROM {table}")[0]
+    record(f"kill -9 between follow-up jobs ({kind})", "SIGKILL 6× at seeded random points, then resume", 6,
+           len(want[table]) - distinct, n - distinct)
+
+
 # -- engine failures and engine death -------------------------------------------------------------------
 class Flaky(FakeEngine):
     """A fake engine failing a seeded random share of requests (a failed completion with its reason) and,
@@ -179,56 +137,64 @@ class Flaky(FakeEngine):
         return super()._one(req)
 
 
-def test_engine_errors_and_deaths_at_random_requests_then_resume_and_retry(tmp_path):
-    per_pair = 2
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(150))
-    ref = Reference.of(tmp_path, pairs, per_pair=per_pair, chunk_inputs=20, chunk_rows=25)
+@pytest.fixture
+def engine_case(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(100))
+    ref = Reference.of(tmp_path, pairs, per_pair=2, chunk_inputs=20, chunk_rows=40)
     db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=per_pair, chunk_inputs=20, chunk_rows=25)
+    return ref, db, prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=20, chunk_rows=40)
+
+
+def test_engine_deaths_at_random_requests_then_resume(engine_case):
+    ref, db, y = engine_case
     rng = random.Random(10)
-    deaths, failed, before = 0, 0, 0
+    before = 0
     for i in range(4):
-        eng = Flaky(0.05, seed=i, die_after=rng.randrange(20, 120))
+        eng = fake(die_after=rng.randrange(20, 80))
         with pytest.raises(EngineFailed, match="rerun the same command"):
             prefs.run(y, engine=eng, quiet=True)
-        deaths += 1
-        failed += eng.failed
         status, error = run_status(db)
         assert status == "failed" and "died after" in error, (status, error)
         n, distinct = judgement_counts(db)
-        # every completion that came back before the death is stored, ok or failed with its reason
-        assert n == distinct == before + eng.die_after, (n, distinct, before, eng.die_after)
-        assert query(db, "SELECT count(*) FROM judgements WHERE status <> 'ok' AND error IS NULL")[0][0] == 0
+        assert n == distinct == before + eng.die_after, (n, distinct, before, eng.die_after)  # every completion stored
         before = n
-    eng = Flaky(0.05, seed=99)
+    eng = fake()
+    assert prefs.run(y, engine=eng, quiet=True).status == "done"
+    assert eng.requests == len(ref.values) - before  # the resume asks only for what is missing
+    lost, dup = ref.compare(db)
+    record("engine death at random requests", "the engine raises after 20–80 completions (seeded), 4× in a row",
+           4, lost, dup)
+
+
+def test_engine_errors_at_random_requests_then_retry_failed(engine_case):
+    ref, db, y = engine_case
+    eng = Flaky(0.05, seed=1)
     s = prefs.run(y, engine=eng, quiet=True)
-    failed += eng.failed
-    assert s.status == "done" and run_status(db) == ("done", None)
+    assert s.status == "done" and run_status(db) == ("done", None) and eng.failed > 0
     n_failed = query(db, "SELECT count(*) FROM judgements WHERE status = 'failed'")[0][0]
-    assert n_failed == failed and s.failures == {"judgements failed: injected engine error": n_failed}
-    n, distinct = judgement_counts(db)
-    assert n == distinct == len(ref.values)
+    assert query(db, "SELECT DISTINCT error FROM judgements WHERE status = 'failed'") == [("injected engine error",)]
+    assert n_failed == eng.failed and s.failures == {"judgements failed: injected engine error": n_failed}
+    assert judgement_counts(db) == (len(ref.values), len(ref.values))
     eng = fake()
     prefs.run(y, engine=eng, quiet=True, retry_failed=True)
     assert eng.requests == n_failed, f"--retry-failed sent {eng.requests} requests for {n_failed} failed rows"
     lost, dup = ref.compare(db)
     record("engine errors at random requests", "5% of requests fail (seeded), then --retry-failed", n_failed, lost, dup)
-    record("engine death mid-run", "fake engine raises after 20–120 completions, 4×", deaths, lost, dup)
 
 
 def test_engine_death_through_the_cli_says_how_to_resume(tmp_path, monkeypatch, wide):
     import factory.engines as engines
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(60))
-    ref = Reference.of(tmp_path, pairs, per_pair=2, chunk_inputs=10, chunk_rows=10)
+    ref = Reference.of(tmp_path, pairs, per_pair=2, chunk_inputs=10, chunk_rows=20)
     db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=10, chunk_rows=10)
+    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=10, chunk_rows=20)
     real = engines.make_engine
     monkeypatch.setattr(engines, "make_engine", lambda spec, model: FakeEngine(model=model, die_after=37))
     code, out, exc = invoke(["run", y, "--quiet"])
     assert code != 0 and "Traceback" not in out, out
     flat = " ".join(out.split())
-    assert "died after 37" in flat and f"rerun the same command" in flat, out
+    assert "died after 37" in flat and "rerun the same command" in flat, out
     assert run_status(db)[0] == "failed" and "died after 37" in run_status(db)[1]
     assert judgement_counts(db) == (37, 37)
     monkeypatch.setattr(engines, "make_engine", real)
@@ -266,10 +232,10 @@ _RS.Runner._flush = _slow_final
 
 @pytest.fixture
 def stop_case(tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(400))
-    ref = Reference.of(tmp_path, pairs, per_pair=2, chunk_inputs=25, chunk_rows=100)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(150))
+    ref = Reference.of(tmp_path, pairs, per_pair=2, chunk_inputs=25, chunk_rows=60)
     db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=25, chunk_rows=100)
+    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=25, chunk_rows=60)
     return ref, db, y
 
 
@@ -292,8 +258,7 @@ def test_first_signal_stops_gracefully_and_writes_everything_completed(stop_case
     n, distinct = judgement_counts(db)
     assert 0 < n < len(ref.values), "the signal did not land mid-run"
     assert n == distinct == completed, f"{completed} completions came back, {n} stored"
-    rc, out, err = finish(child(["run", y, "--quiet"]))
-    assert rc == 0, err
+    assert prefs.run(y, engine=fake(), quiet=True).status == "done"  # the resume
     lost, dup = ref.compare(db)
     record(f"graceful stop ({sig.name})", f"{sig.name} to a child `factory run` mid-run, then resume", 1, lost, dup)
 
@@ -316,308 +281,6 @@ def test_second_signal_aborts_at_once_and_nothing_is_lost(stop_case):
     assert status == "stopped" and "second interrupt" in (error or ""), (status, error)
     n, distinct = judgement_counts(db)
     assert n == distinct
-    rc, out, err = finish(child(["run", y, "--quiet"]))
-    assert rc == 0, err
+    assert prefs.run(y, engine=fake(), quiet=True).status == "done"  # the resume
     lost, dup = ref.compare(db)
     record("second signal during the stop", "SIGTERM, then SIGINT while the final write runs", 2, lost, dup)
-
-
-# -- disk full / read-only -------------------------------------------------------------------------------
-def test_disk_full_at_a_write_stops_with_the_path_and_resumes(tmp_path, monkeypatch, wide):
-    per_pair = 2
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(300))
-    ref = Reference.of(tmp_path, pairs, per_pair=per_pair, chunk_inputs=20, chunk_rows=50)
-    db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=per_pair, chunk_inputs=20, chunk_rows=50)
-    committed = {"rows": 0, "flushes": 0}
-    flush, insert = Runner._flush, Store.insert
-
-    def counting_flush(self):
-        n = sum(len(rows) for (t, _), rows in self._buf.items() if t == "judgements")
-        flush(self)
-        committed["rows"] += n
-        committed["flushes"] += bool(n)
-
-    def full_disk(self, table, rows, schema=None, replace=False):
-        # the last write of a flush's transaction: its judgements are already inserted and must roll back
-        if table == "chunks" and committed["flushes"] >= 5:
-            raise OSError(28, "No space left on device")
-        return insert(self, table, rows, schema, replace)
-
-    monkeypatch.setattr(Runner, "_flush", counting_flush)
-    monkeypatch.setattr(Store, "insert", full_disk)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 2 and "Traceback" not in out, (code, out, exc)
-    assert str(db) in out and "No space left on device" in out and "rerun the same command" in out, out
-    monkeypatch.setattr(Store, "insert", insert)
-    monkeypatch.setattr(Runner, "_flush", flush)
-    status, error = run_status(db)
-    assert status == "failed" and "No space left" in error
-    n, distinct = judgement_counts(db)
-    assert n == distinct == committed["rows"] > 0, (n, distinct, committed)  # no partial transaction
-    finished_chunks_complete(db, per_pair)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 0, out
-    lost, dup = ref.compare(db)
-    record("disk full (injected)", "OSError ENOSPC at the 6th write transaction, then resume", 1, lost, dup)
-
-
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    except OSError:
-        return False
-    return r.returncode == 0
-
-
-def _remount(path: Path, opts: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{opts}", str(path)], check=True, capture_output=True)
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 3 MB tmpfs (needs root and permission to mount); skipped only where it cannot be mounted."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if not _mount_tmpfs(mnt, "3M"):
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def test_real_full_filesystem_stops_with_the_path_and_resumes_after_space_is_freed(tmp_path, small_fs, wide):
-    per_pair = 2
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(3000))
-    ref = Reference.of(tmp_path, pairs, per_pair=per_pair, chunk_inputs=200, chunk_rows=1000)
-    db = small_fs / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=per_pair, chunk_inputs=200, chunk_rows=1000)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 2 and "Traceback" not in out, (code, out, repr(exc))
-    assert str(db) in out and "rerun the same command" in out, out
-    n, distinct = judgement_counts(db)  # the database opens and is consistent
-    assert n == distinct < len(ref.values)
-    finished_chunks_complete(db, per_pair)
-    _remount(small_fs, "size=256M")  # space freed
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 0, (out, repr(exc))
-    lost, dup = ref.compare(db)
-    record("disk full (real 3 MB tmpfs)", "database on a full tmpfs; then the tmpfs grown to 256 MB", 1, lost, dup)
-
-
-def test_read_only_database_directory_is_a_clear_error_and_resumes(tmp_path, small_fs, wide, monkeypatch):
-    import factory.engines as engines
-
-    _remount(small_fs, "size=256M")
-    per_pair = 2
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(100))
-    ref = Reference.of(tmp_path, pairs, per_pair=per_pair, chunk_inputs=20, chunk_rows=20)
-    db = small_fs / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=per_pair, chunk_inputs=20, chunk_rows=20)
-    real = engines.make_engine
-    monkeypatch.setattr(engines, "make_engine", lambda spec, model: FakeEngine(model=model, die_after=150))
-    assert invoke(["run", y, "--quiet"])[0] != 0  # a partial run
-    monkeypatch.setattr(engines, "make_engine", real)
-    _remount(small_fs, "ro")
-    try:
-        code, out, exc = invoke(["run", y, "--quiet"])
-        assert code == 2 and "Traceback" not in out, (code, out, repr(exc))
-        assert str(db) in out or str(small_fs) in out, out
-        assert judgement_counts(db) == (150, 150)
-    finally:
-        _remount(small_fs, "rw")
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 0, (out, repr(exc))
-    lost, dup = ref.compare(db)
-    record("read-only database directory", "tmpfs remounted read-only mid-job, then read-write", 1, lost, dup)
-
-
-# -- 5xx / 429 storms, a server that goes away ----------------------------------------------------------
-def _server_yaml(tmp: Path, pairs: Path, db: Path, url: str, *, retries: int = 8) -> Path:
-    return prefs_yaml(tmp / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=20, chunk_rows=20,
-                      engine=f"{{kind: openai, base_url: {url}, max_retries: {retries}, max_concurrency: 8, timeout_s: 5}}",
-                      extra="model: fake-model")
-
-
-def _server_reference(tmp: Path, pairs: Path) -> Reference:
-    """The uninterrupted run, through a healthy server."""
-    d = tmp / "reference"
-    d.mkdir()
-    with FakeServer(models=("fake-model",)) as healthy:
-        return Reference(_server_yaml(d, pairs, d / "ref.duckdb", healthy.url), d / "ref.duckdb")
-
-
-def test_429_and_5xx_storms_lose_and_duplicate_nothing(tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(60))
-    ref = _server_reference(tmp_path, pairs)
-    db = tmp_path / "out.duckdb"
-    with FakeServer(models=("fake-model",), retry_after=0.01) as srv:
-        storm = ["429"] * 20 + ["503"] * 10 + ["500"] * 5 + ["429"] * 10
-        srv.faults = list(storm)
-        s = prefs.run(_server_yaml(tmp_path, pairs, db, srv.url), quiet=True)
-        assert s.status == "done"
-        assert srv.faults == [] and sum(srv.attempts.values()) == len(ref.values) + len(storm)  # one retry per fault
-    assert query(db, "SELECT count(*) FROM judgements WHERE status <> 'ok'")[0][0] == 0
-    lost, dup = ref.compare(db)
-    record("429/5xx storm", "local server answers 45 requests with 429/503/500 in bursts", len(storm), lost, dup)
-
-
-def test_server_going_away_fails_the_run_and_resume_completes(tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(60))
-    ref = _server_reference(tmp_path, pairs)
-    db = tmp_path / "out.duckdb"
-    srv = FakeServer(models=("fake-model",)).__enter__()
-    port = srv.port
-
-    def kill_server():
-        deadline = time.monotonic() + 60
-        while len(srv.bodies) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        srv.stop()
-
-    threading.Thread(target=kill_server, daemon=True).start()
-    path = _server_yaml(tmp_path, pairs, db, srv.url, retries=2)
-    with pytest.raises(EngineError, match="went away"):
-        prefs.run(path, quiet=True)
-    status, error = run_status(db)
-    assert status == "failed" and "went away" in error, (status, error)
-    n, distinct = judgement_counts(db)
-    assert n == distinct and query(db, "SELECT count(*) FROM judgements WHERE status <> 'ok'")[0][0] == 0
-    with FakeServer(models=("fake-model",), port=port):  # the server is back
-        s = prefs.run(path, quiet=True)
-    assert s.status == "done"
-    lost, dup = ref.compare(db)
-    record("server goes away mid-run", "local server shut down after 100 requests, restarted for the resume", 1,
-           lost, dup)
-
-
-# -- truncated and corrupted input files ------------------------------------------------------------------
-def _clean_reference(tmp: Path, records: list[dict], per_pair: int = 1) -> Reference:
-    return Reference.of(tmp, write_jsonl(tmp / "clean.jsonl", records), per_pair=per_pair, chunk_inputs=16,
-                     chunk_rows=64)
-
-
-def test_jsonl_truncated_mid_line_records_the_line_as_skipped(tmp_path, wide):
-    recs = pair_records(50)
-    ref = _clean_reference(tmp_path, recs[:49])
-    f = write_jsonl(tmp_path / "pairs.jsonl", recs)
-    data = f.read_bytes()
-    f.write_bytes(data[:len(data) - len(json.dumps(recs[-1])) // 2])  # the last line cut in half
-    db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=f, db=db, per_pair=1, chunk_inputs=16, chunk_rows=64)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 0 and "Traceback" not in out, out
-    skips = query(db, 'SELECT "row", reason FROM skips')
-    assert len(skips) == 1 and skips[0][0] == 50 and "invalid JSON" in skips[0][1], skips
-    assert query(db, "SELECT count(*) FROM run_pairs")[0][0] == 49
-    lost, dup = ref.compare(db)
-    record("JSONL truncated mid-line", "last line cut in half", 1, lost, dup)
-
-
-def test_garbage_bytes_in_a_jsonl_file_are_recorded_skips_and_nothing_else_is_lost(tmp_path, wide):
-    recs = pair_records(120)
-    f = write_jsonl(tmp_path / "pairs.jsonl", recs)
-    data = f.read_bytes()
-    rng = random.Random(3)
-    garbage = bytes(rng.randrange(256) for _ in range(2000))
-    mid = len(data) // 2
-    corrupted = data[:mid] + garbage + data[mid:]
-    f.write_bytes(corrupted)
-    lines = corrupted.split(b"\n")
-    intact = [json.loads(x) for x in lines if _parses(x)]
-    nonblank = [x for x in lines if x.strip()]
-    ref = _clean_reference(tmp_path, intact)
-    db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=f, db=db, per_pair=1, chunk_inputs=16, chunk_rows=64)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 0 and "Traceback" not in out, out
-    n_pairs = query(db, "SELECT count(*) FROM run_pairs")[0][0]
-    n_skips = query(db, "SELECT count(*) FROM skips")[0][0]
-    assert n_pairs == len(intact) and n_pairs + n_skips == len(nonblank), (n_pairs, n_skips, len(nonblank))
-    assert all(r for (r,) in query(db, "SELECT reason FROM skips"))
-    lost, dup = ref.compare(db)
-    record("garbage bytes inside a JSONL file", "2,000 random bytes inserted mid-file", n_skips, lost, dup)
-
-
-def _parses(line: bytes) -> bool:
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(obj, dict) and {"prompt", "response_a", "response_b"} <= obj.keys()
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_damaged_gzip_is_a_source_error_naming_the_file(tmp_path, wide, damage):
-    f = tmp_path / "pairs.jsonl.gz"
-    with gzip.open(f, "wt") as g:
-        for r in pair_records(400):
-            g.write(json.dumps(r) + "\n")
-    data = f.read_bytes()
-    if damage == "truncated":
-        f.write_bytes(data[:len(data) * 2 // 3])
-    else:
-        mid = len(data) // 2
-        f.write_bytes(data[:mid] + bytes(random.Random(4).randrange(256) for _ in range(64)) + data[mid + 64:])
-    db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=f, db=db, per_pair=1, chunk_inputs=50, chunk_rows=100)
-    with pytest.raises(SourceError, match="pairs.jsonl.gz"):
-        prefs.run(y, engine=fake(), quiet=True)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 2 and "Traceback" not in out and str(f) in out, (code, out, repr(exc))
-    assert "engine failed" not in out, out  # a damaged input file is not an engine failure
-    n, distinct = judgement_counts(db)
-    record(f"gzip file {damage}", "last third cut off" if damage == "truncated" else "64 bytes overwritten mid-file",
-           1, 0, n - distinct)
-
-
-def test_truncated_parquet_is_a_source_error_naming_the_file(tmp_path, wide):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    f = tmp_path / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist(pair_records(300)), f, row_group_size=50)
-    data = f.read_bytes()
-    f.write_bytes(data[:len(data) // 2])
-    db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=f, db=db, per_pair=1, chunk_inputs=50, chunk_rows=100)
-    with pytest.raises(SourceError, match="pairs.parquet"):
-        prefs.run(y, engine=fake(), quiet=True)
-    code, out, exc = invoke(["run", y, "--quiet"])
-    assert code == 2 and "Traceback" not in out and str(f) in out, (code, out, repr(exc))
-    record("parquet file truncated", "second half of the file cut off", 1, 0, 0)
-
-
-# -- fake → real: nothing reused -------------------------------------------------------------------------
-def test_fake_then_real_engine_reuses_nothing(tmp_path, engine):
-    """Five file pairs judged by the fake engine, then by the real vLLM engine into the same database."""
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(5))
-    db = tmp_path / "out.duckdb"
-    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=1)
-    prefs.run(y, engine=fake(), quiet=True)
-    fake_rows = dict(query(db, "SELECT id, model FROM judgements"))
-    assert len(fake_rows) == 10 and set(fake_rows.values()) == {"fake:smollm2-135m"}
-    calls = []
-    real_generate = engine.generate
-
-    def counting(requests):
-        def seen(reqs):
-            for r in reqs:
-                if r is not None:
-                    calls.append(r.key)
-                yield r
-        return real_generate(seen(requests))
-
-    engine.generate = counting
-    try:
-        s = prefs.run(y, engine=engine, quiet=True)
-    finally:
-        del engine.generate
-    assert len(calls) == 10, f"the real engine was asked for {len(calls)} of the 10 judgements"
-    assert s.reused == 0 and sum(w.written for w in s.stages) == 10
-    rows = dict(query(db, "SELECT id, model FROM judgements"))
-    real = {k: v for k, v in rows.items() if k not in fake_rows}
-    assert len(real) == 10 and not set(calls) & set(fake_rows), "real keys equal to fake ones"
-    assert all(v.startswith("smollm2-135m@") and v != "smollm2-135m@" for v in real.values()), set(real.values())
-    assert set(fake_rows.values()) == {"fake:smollm2-135m"}

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from factory import pipeline, prefs
 from factory.cli import app
-from factory.engines.fake import FakeEngine
 
-from runkit import (labels, pair_records, peak_rss_run, prefs_yaml, query, rows_differ, same_labels, sl_yaml,
+from runkit import (fake, labels, pair_records, peak_rss_run, prefs_yaml, query, rows_differ, same_labels, sl_yaml,
                     table_rows, write_jsonl)
-
-
-def fake(**kw) -> FakeEngine:
-    return FakeEngine(model="smollm2-135m", **kw)
 
 
 def prompts_file(path, n: int):
@@ -29,14 +23,14 @@ def _three_pipelines(d, *, chunk_inputs: int, chunk_rows: int) -> list:
     """A file-pairs prefs run, a 2-round SL run and a sampled-pairs prefs run, all into ``d/out.duckdb``."""
     d.mkdir()
     db = d / "out.duckdb"
-    pairs = write_jsonl(d / "pairs.jsonl", pair_records(120))
-    prompts = prompts_file(d / "prompts.jsonl", 24)
+    pairs = write_jsonl(d / "pairs.jsonl", pair_records(60))
+    prompts = prompts_file(d / "prompts.jsonl", 16)
     sample = f"{{source: sample, prompts: {{path: {prompts}}}, n: 3, sampling: {{max_tokens: 16}}}}"
     return [prefs_yaml(d / "file.yaml", pairs=pairs, db=db, name="file", per_pair=2, chunk_inputs=chunk_inputs,
                        chunk_rows=chunk_rows),
             sl_yaml(d / "sl.yaml", prompts=prompts, db=db, name="sl", rounds=2, chunk_inputs=chunk_inputs,
                     chunk_rows=chunk_rows),
-            prefs_yaml(d / "sampled.yaml", pairs="", db=db, name="sampled", per_pair=3, chunk_inputs=chunk_inputs,
+            prefs_yaml(d / "sampled.yaml", pairs="", db=db, name="sampled", per_pair=2, chunk_inputs=chunk_inputs,
                        chunk_rows=chunk_rows, source=sample)]
 
 
@@ -51,15 +45,15 @@ def test_streamed_result_is_identical_row_for_row_to_unstreamed(tmp_path):
     whole, streamed = (dict(query(dbs[k], "SELECT stage || ':' || split_part(run_id, '-', 1), count(*) FROM chunks "
                                           "GROUP BY 1")) for k in ("whole", "streamed"))
     assert whole == {"pairs:file": 1, "prompts:sl": 1, "prompts:sampled": 1}
-    assert streamed == {"pairs:file": 120 // 7 + 1, "prompts:sl": 24 // 7 + 1, "prompts:sampled": 24 // 7 + 1}
+    assert streamed == {"pairs:file": 60 // 7 + 1, "prompts:sl": 16 // 7 + 1, "prompts:sampled": 16 // 7 + 1}
     a, b = table_rows(dbs["whole"]), table_rows(dbs["streamed"])
     assert a.keys() == b.keys()
     # every result table has rows (so the comparison compares something)
     for t in ("judgements", "preferences", "pairs", "run_pairs", "samples", "responses", "critiques", "revisions",
               "prompts", "run_prompts", "configs"):
         assert a[t], t
-    assert len(a["judgements"]) == 120 * 2 * 2 + 24 * 3 * 3 * 2
-    assert len(a["revisions"]) == 24 * 2
+    assert len(a["judgements"]) == 60 * 2 * 2 + 16 * 3 * 2 * 2
+    assert len(a["revisions"]) == 16 * 2
     diffs = {t: d for t in a if (d := rows_differ(a[t], b[t])) is not None}
     assert diffs == {}
     assert not same_labels(labels(dbs["streamed"]), labels(dbs["whole"]))
@@ -67,17 +61,19 @@ def test_streamed_result_is_identical_row_for_row_to_unstreamed(tmp_path):
 
 # -- memory ----------------------------------------------------------------------------------------------
 def test_peak_memory_does_not_grow_with_a_5x_larger_run(tmp_path):
-    """A child process per size, reaped with os.wait4 (its own peak RSS, as bench/bench_scale.py does)."""
+    """2,000 vs 10,000 file pairs (1,500-character texts, so that holding the run's rows in memory shows),
+    one principle × 2 orders, 200 pairs a chunk; each size in a child process reaped with os.wait4 (its own
+    peak RSS, as bench/bench_scale.py measures it)."""
     rss = {}
-    for n in (3_000, 15_000):
-        pairs = write_jsonl(tmp_path / f"pairs{n}.jsonl", pair_records(n, chars=300))
+    for n in (2_000, 10_000):
+        pairs = write_jsonl(tmp_path / f"pairs{n}.jsonl", pair_records(n, chars=1500))
         y = prefs_yaml(tmp_path / f"m{n}.yaml", pairs=pairs, db=tmp_path / f"m{n}.duckdb", name=f"m{n}", per_pair=1,
                        chunk_inputs=200, chunk_rows=1024)
         rc, rss[n], err = peak_rss_run(["run", str(y), "--quiet"])
         assert rc == 0, err
         assert query(tmp_path / f"m{n}.duckdb", "SELECT count(*), count(DISTINCT id) FROM judgements")[0] == (2 * n, 2 * n)
-    small, large = rss[3_000], rss[15_000]
-    print(f"peak RSS: 3,000 pairs {small:.0f} MB, 15,000 pairs {large:.0f} MB ({large / small:.2f}x)")
+    small, large = rss[2_000], rss[10_000]
+    print(f"peak RSS: 2,000 pairs {small:.0f} MB, 10,000 pairs {large:.0f} MB ({large / small:.2f}x)")
     assert large <= 1.15 * small + 20, f"peak RSS grew from {small:.0f} MB to {large:.0f} MB for a 5x larger run"
 
 
@@ -85,7 +81,7 @@ def test_peak_memory_does_not_grow_with_a_5x_larger_run(tmp_path):
 def test_restart_skips_finished_chunks_and_an_edited_input_resumes(tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(50))
     path = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=tmp_path / "out.duckdb", per_pair=2, chunk_inputs=8,
-                      chunk_rows=16)
+                      chunk_rows=64)
     first = prefs.run(path, engine=fake(), quiet=True)
     n_chunks = query(tmp_path / "out.duckdb", "SELECT count(*) FROM chunks")[0][0]
     assert n_chunks == 7 and first.requests == 50 * 2 * 2
@@ -158,7 +154,7 @@ def _show(db, row_id):
 
 def test_show_verifies_every_kind_of_row_and_catches_tampering(tmp_path):
     db = tmp_path / "out.duckdb"
-    prompts = prompts_file(tmp_path / "prompts.jsonl", 4)
+    prompts = prompts_file(tmp_path / "prompts.jsonl", 3)
     pipeline.run(sl_yaml(tmp_path / "sl.yaml", prompts=prompts, db=db, rounds=2), engine=fake(), quiet=True)
     sample = f"{{source: sample, prompts: {{path: {prompts}}}, n: 2, sampling: {{max_tokens: 16}}}}"
     prefs.run(prefs_yaml(tmp_path / "logprob.yaml", pairs="", db=db, name="lp", per_pair=2, source=sample),
