@@ -107,7 +107,8 @@ def _judge_lineage(store: Store, table: str, row: dict) -> RowLineage:
                         [row["pair_id"], row["principle_id"], row["order"], row["model"], row["sampling_hash"], rationale])
         rationale_id = got[0] if got else None
     messages = ctx.render(pr, p, row["order"], cot=cot, rationale=rationale)  # in full, never from skeletons
-    checks = {"principle": p.hash == row["principle_hash"], "template": template.hash == row["template_hash"],
+    # rationale rows carry no principle_hash column: their principle is checked through the key
+    checks = {"principle": p.hash == row["principle_hash"] if row.get("principle_hash") else None, "template": template.hash == row["template_hash"],
               "messages_hash": J.messages_hash(messages) == row["messages_hash"],
               "key": ctx.key(table, pr, p, row["order"], rationale_id) == row["id"]}
     return RowLineage(table, row, messages, checks)
