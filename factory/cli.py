@@ -67,7 +67,9 @@ def validate(path: Path):
         from .runs import load
 
         kind, lp = load(path)
-        console.print(f"ok, {kind.name} pipeline '{lp.cfg.name}': {kind.describe(lp)}, run id {lp.run_id}")
+        lp.engine_model = lp.expected_engine_model()
+        rid = lp.run_id if lp.engine_model else "known once the engine says which model it serves"
+        console.print(f"ok, {kind.name} pipeline '{lp.cfg.name}': {kind.describe(lp)}, run id {rid}")
 
 
 @app.command()

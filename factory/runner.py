@@ -139,6 +139,7 @@ class Runner:
         self.chunks_done = 0
         self.stopped = False
         self.first_write_at = None  # when this invocation first committed rows (restart latency)
+        self._plan_error: BaseException | None = None
         self._stop = False
         self._todo: deque[Job] = deque()
         self._followups: list[Job] = []
@@ -177,8 +178,10 @@ class Runner:
                         break
                     except (KeyboardInterrupt, SystemExit):
                         raise
-                    except Exception as e:  # the engine (or the server behind it) died
-                        raise EngineFailed(f"{type(e).__name__}: {str(e)[:500]}") from e
+                    except Exception as e:
+                        if e is self._plan_error:  # reading, planning or storing the input: not the engine
+                            raise
+                        raise EngineFailed(f"{type(e).__name__}: {str(e)[:500]}") from e  # the engine died
                     self._complete(c)
                     if self._stop:
                         break
@@ -194,6 +197,13 @@ class Runner:
 
     # -- the request stream ----------------------------------------------------------------------
     def _requests(self) -> Iterator[Request | None]:
+        try:
+            yield from self._stream()
+        except BaseException as e:  # raised here, it surfaces from the engine's generate: tell them apart
+            self._plan_error = e
+            raise
+
+    def _stream(self) -> Iterator[Request | None]:
         while not self._stop:
             if self._todo:
                 job = self._todo.popleft()
@@ -312,8 +322,9 @@ class Runner:
 
     def _chunk_done(self, chunk: ChunkState) -> None:
         self._open.remove(chunk)
+        meta = {**chunk.meta, "engine": self.engine.model}  # what answered: another engine redoes the chunk
         self._records.append({"run_id": self.run_id, "stage": self.stage, "chunk": chunk.index, "source": "",
-                              "meta_json": json.dumps(chunk.meta), "n_jobs": chunk.n_jobs, "n_new": chunk.n_new,
+                              "meta_json": json.dumps(meta), "n_jobs": chunk.n_jobs, "n_new": chunk.n_new,
                               "done_at": now()})
         self._buffered += 1
         self.chunks_done += 1

@@ -45,6 +45,9 @@ class Loaded:
     cfg: Any
     constitution: Constitution
     templates: dict[str, Template]
+    # what answers (the engine's identity): part of the run id, so the same pipeline run with another
+    # engine (a trial on the fake engine, a retrained checkpoint, another served model) is another run
+    engine_model: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -55,7 +58,23 @@ class Loaded:
         from .store import content_key
 
         body = {k: v for k, v in self.cfg.snapshot().items() if k not in OPERATIONAL + getattr(self.cfg, "NOT_IDENTITY", ())}
-        return content_key(self.kind, body, self.constitution.hash, {k: t.hash for k, t in self.templates.items()})
+        return content_key(self.kind, body, self.constitution.hash, {k: t.hash for k, t in self.templates.items()},
+                           self.engine_model)
+
+    def expected_engine_model(self) -> str | None:
+        """The engine identity known without starting the engine (for `factory validate`): fake, or a
+        local model folder's fingerprint; None where only the engine can say (a server's model)."""
+        from . import models
+
+        kind = self.cfg.engine.kind
+        if kind == "fake":
+            return f"fake:{self.cfg.model}"
+        if kind in ("vllm", "ray"):
+            try:
+                return models.identity(self.cfg.model, models.resolve(self.cfg.model, pull=False))
+            except (models.ModelError, OSError):
+                return None
+        return None
 
 
 @dataclass
@@ -147,28 +166,21 @@ class RunContext:
     """What a kind's ``execute`` works with: the open store, the loaded pipeline, the engine (built on
     first use), the summary, and :meth:`stream` to run jobs through the engine."""
 
-    def __init__(self, lp: Loaded, store: Store, summary: Summary, *, engine: Engine | None, quiet: bool,
-                 retry_failed: bool, options: dict[str, Any]):
+    def __init__(self, lp: Loaded, store: Store, summary: Summary, *, engine: Engine, owned: list[Engine],
+                 quiet: bool, retry_failed: bool, options: dict[str, Any]):
         self.lp, self.store, self.summary = lp, store, summary
         self.quiet, self.retry_failed, self.options = quiet, retry_failed, options
-        self.owned: list[Engine] = []
+        self.owned = owned
         self._engine = engine
         self.runner: Runner | None = None
         self.stop_requested = False
+        self.own_runs: list[str] = []  # other run ids this run makes rows under (an audit's naive pass)
 
     @property
     def run_id(self) -> str:
         return self.lp.run_id
 
     def engine(self) -> Engine:
-        if self._engine is None or self._engine not in self.owned and not hasattr(self, "_recorded"):
-            self._engine = ensure_engine(self._engine, self.lp.cfg.engine, self.lp.cfg.model, self.owned)
-            self._recorded = True
-            caps = getattr(self._engine, "capabilities", None)
-            lineage = {"engine_model": self._engine.model, "engine_seed": self._engine.seed,
-                       "capabilities": caps.__dict__ if caps is not None else None}
-            self.store.con.execute("UPDATE runs SET lineage_json = ? WHERE run_id = ?",
-                                   [json.dumps(lineage, default=str), self.run_id])
         return self._engine
 
     def stream(self, stage: str, inputs: Iterable[InputChunk], *, progress: Callable[[], float | None] = lambda: None,
@@ -191,17 +203,41 @@ class RunContext:
         return self.runner
 
     def done_chunks(self, stage: str, fingerprint: str | None = None) -> tuple[dict[int, dict], bool]:
-        """Finished input chunks of this run's ``stage`` (index -> the meta recorded with it), and
-        whether the input changed since they were recorded (``fingerprint`` differs): then none is
-        skipped and planned keys are looked up everywhere (stored rows are still reused)."""
+        """Finished input chunks of this run's ``stage`` (index -> the meta recorded with it) that a
+        restart may skip, and whether planned keys must be looked up everywhere. Chunks are not
+        skipped when the input changed since they were recorded (``fingerprint`` differs: their
+        records are dropped, stored rows are still reused by key) or when the run answers with
+        another engine; with ``--retry-failed`` the chunks holding failed rows are planned again."""
         rows = self.store.con.execute("SELECT chunk, meta_json, n_jobs FROM chunks WHERE run_id = ? AND stage = ?",
                                       [self.run_id, stage]).fetchall()
-        done = {i: json.loads(m) for i, m, _ in rows}
-        if any(m.get("fingerprint") != fingerprint for m in done.values()):
+        done = {i: (json.loads(m), n) for i, m, n in rows}
+        engine = self.engine().model
+        if any(m.get("fingerprint") != fingerprint or m.get("engine", engine) != engine for m, _ in done.values()):
+            self.store.con.execute("DELETE FROM chunks WHERE run_id = ? AND stage = ?", [self.run_id, stage])
             return {}, True
-        self.summary.skipped_chunks += len(rows)
-        self.summary.skipped_jobs += sum(n for *_, n in rows)
-        return done, False
+        full = False
+        if self.retry_failed and done:
+            failed, linked = self._failed_chunks()
+            full = linked  # failed rows this run reused from another run: their chunks are unknown here
+            done = {} if linked else {i: v for i, v in done.items() if i not in failed}
+        self.summary.skipped_chunks += len(done)
+        self.summary.skipped_jobs += sum(n for _, n in done.values())
+        return {i: m for i, (m, _) in done.items()}, full
+
+    def _failed_chunks(self) -> tuple[set[int], bool]:
+        """The input chunks with failed rows this run made, and whether it uses failed rows it did not make."""
+        kind = get_kind(self.lp.kind)
+        own_ids = [self.run_id, *self.own_runs]
+        failed: set[int] = set()
+        linked = False
+        for table in kind.tables:
+            failed |= {c for (c,) in self.store.con.execute(
+                f"SELECT DISTINCT chunk FROM {table} WHERE status = 'failed' AND run_id IN ({', '.join('?' * len(own_ids))})",
+                own_ids).fetchall()}
+            linked = linked or bool(self.store.one(
+                f"""SELECT 1 FROM {table} t SEMI JOIN run_items i ON i.id = t.id AND i."table" = '{table}'
+                    AND i.run_id = ? WHERE t.status = 'failed' LIMIT 1""", [self.run_id]))
+        return failed, linked
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -219,9 +255,21 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
     (e.g. an audit's ``naive_principle``)."""
     kind, lp = load(path)
     start = time.perf_counter()
-    store = open_run(lp)
+    # the writer lock first (a second process learns at once that the database is busy), then the
+    # engine (its identity completes the run id), then the run's row
+    store = Store(lp.cfg.db, writer_run=lp.run_id)
+    owned: list[Engine] = []
+    try:
+        engine = ensure_engine(engine, lp.cfg.engine, lp.cfg.model, owned)
+        lp.engine_model = engine.model
+        store.relabel_lock(lp.run_id)
+        record_run(store, lp, engine)
+    except BaseException:
+        release(store, owned)
+        raise
     summary = Summary(run_id=lp.run_id, db=str(lp.cfg.db), kind=kind.name)
-    ctx = RunContext(lp, store, summary, engine=engine, quiet=quiet, retry_failed=retry_failed, options=options)
+    ctx = RunContext(lp, store, summary, engine=engine, owned=owned, quiet=quiet, retry_failed=retry_failed,
+                     options=options)
     restore = _install_signals(ctx)
     try:
         try:
@@ -250,9 +298,8 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
     return summary
 
 
-def open_run(lp: Loaded) -> Store:
-    """Take the writer lock, record the run and its lineage blobs."""
-    store = Store(lp.cfg.db, writer_run=lp.run_id)
+def record_run(store: Store, lp: Loaded, engine: Engine) -> None:
+    """Record the run, its lineage blobs and what answers (the engine's identity and capabilities)."""
     c = lp.constitution
     store.put_config("constitution", c.model_dump(), key=c.hash)
     for t in lp.templates.values():
@@ -264,8 +311,11 @@ def open_run(lp: Loaded) -> Store:
         [lp.run_id, lp.cfg.name, lp.kind, lp.path, lp.config_hash, json.dumps(lp.cfg.snapshot()), c.name, c.version,
          c.hash, lp.cfg.model, lp.cfg.engine.model_dump_json(), now()],
     )
-    store.con.execute("UPDATE runs SET status = 'running', error = NULL WHERE run_id = ?", [lp.run_id])
-    return store
+    caps = getattr(engine, "capabilities", None)
+    lineage = {"engine_model": engine.model, "engine_seed": engine.seed,
+               "capabilities": caps.__dict__ if caps is not None else None}
+    store.con.execute("UPDATE runs SET status = 'running', error = NULL, lineage_json = ? WHERE run_id = ?",
+                      [json.dumps(lineage, default=str), lp.run_id])
 
 
 def _finish(store: Store, lp: Loaded, kind: RunKind, summary: Summary, start: float) -> None:

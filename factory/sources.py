@@ -18,6 +18,7 @@ exist raises; anything else is a Hugging Face dataset name for ``datasets.load_d
 from __future__ import annotations
 
 import gzip
+import zlib
 import json
 import math
 import re
@@ -127,12 +128,17 @@ class _JsonlReader(Reader):
             while True:
                 start, first = offset, lineno + 1
                 lines = []
-                for raw in fh:
-                    lineno += 1
-                    offset += len(raw)
-                    lines.append(raw)
-                    if len(lines) == chunk_size:
-                        break
+                try:
+                    for raw in fh:
+                        lineno += 1
+                        offset += len(raw)
+                        lines.append(raw)
+                        if len(lines) == chunk_size:
+                            break
+                except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
+                    raise SourceError(f"{self.path}: cannot read past line {lineno} ({type(e).__name__}: {e}); the "
+                                      "file is truncated or corrupted: repair or re-download it (everything read "
+                                      "before this point is kept; rerun to resume)") from None
                 if not lines:
                     self.progress = 1.0
                     return

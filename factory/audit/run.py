@@ -123,6 +123,7 @@ class AuditKind(RunKind):
                            f"human set {set_id}", [set_id])
         parse = lambda row, rec: {"pair_id": rec[0], "source_row": row, "conversation": rec[1],  # noqa: E731
                                   "response_a": rec[2], "response_b": rec[3], "status": "ok"}
+        ctx.own_runs = [naive_run(lp.run_id)]
         done, changed = ctx.done_chunks("pairs", reader.fingerprint)
         inputs = chunked(store, lp.run_id, "pairs", reader, parse, entity="pairs", expand=expand, done=done,
                          chunk_size=cfg.chunk_inputs)
