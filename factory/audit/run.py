@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from ..config import EngineSpec, JudgeSpec, RunName, Strict
+from ..config import EngineSpec, JudgeSpec, RunName, Strict, VLLMEngineSpec
 from ..constitution import Constitution, load_constitution
 from ..engines import Engine, ensure_engine
 from ..human import human_table, import_into, set_info, skip_counts
@@ -74,7 +74,7 @@ class AuditPipeline(Strict):
     human: HumanSpec
     judge: JudgeSpec = JudgeSpec()
     model: str = Field("smollm2-135m", description="the feedback model under audit")
-    engine: EngineSpec = EngineSpec()
+    engine: EngineSpec = VLLMEngineSpec()
     db: str
     chunk_rows: int = Field(256, ge=1)
     audit: AuditSettings = AuditSettings()
