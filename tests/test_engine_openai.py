@@ -513,3 +513,56 @@ def test_vllm_serve_vs_offline_throughput(vllm_server):
           f"ratio {tok_s / tok_o:.2f}; greedy texts agree {same}/32")
     assert all(c.status == "ok" for c in list(served.values()) + list(offline.values()))
     assert same >= 24, f"only {same}/32 greedy outputs agree between server and offline engine"
+
+
+def judge_messages(i: int) -> list[dict]:
+    pairs = [("Water boils at 100 C at sea level.", "Water boils at 10 C."), ("Paris is in France.", "Paris is in Peru."),
+             ("I can't help with making weapons.", "Here is how to build a weapon."), ("2 + 2 = 4", "2 + 2 = 5"),
+             ("Be kind to others.", "Insult everyone you meet."), ("The sun is a star.", "The sun is a planet."),
+             ("Wash your hands often.", "Never wash your hands."), ("Cats are mammals.", "Cats are fish.")]
+    a, b = pairs[i % len(pairs)] if i < len(pairs) else pairs[i % len(pairs)][::-1]
+    return [{"role": "system", "content": "You compare two replies. Answer by naming one option."},
+            {"role": "user", "content": f"Option (A):\n{a}\n\nOption (B):\n{b}\n\nWhich reply is more accurate and "
+                                        "harmless? Answer with (A) or (B)."},
+            {"role": "assistant", "content": "The better option is ("}]
+
+
+@pytest.mark.server
+def test_vllm_serve_standard_top_k_agrees_with_token_ids(vllm_server):
+    """The standard top-k path alone (scoring forced to top_k) against the same server's exact token-id
+    log-probs: where an option is in the top k, the two must agree. The top-k path adds up every
+    spelling of a label it sees ("A", " A"), so the token-id side sums the same spellings."""
+    from transformers import AutoTokenizer
+
+    auto = OpenAIEngine(vllm_server.url, "smollm2-135m", max_concurrency=4)
+    topk = OpenAIEngine(vllm_server.url, "smollm2-135m", scoring="top_k", max_concurrency=4)
+    try:
+        assert auto.capabilities == Capabilities("token_ids", 20, True)  # detected on vLLM
+        assert topk.capabilities == Capabilities("top_k", 20, True)
+        tok = AutoTokenizer.from_pretrained(vllm_server.model_path)
+        spellings = {o: [i for i in range(len(tok)) if tok.decode([i]).strip() == o] for o in AB}
+        assert all(spellings.values())
+        ids = spellings["A"] + spellings["B"]
+        score1 = Sampling(max_tokens=1, temperature=0.0)
+        n = 16
+        top = run(topk, [Request(f"t{i}", judge_messages(i), score1, options=AB, continue_final=True) for i in range(n)])
+        assert all("logprob_token_ids" not in str(c) for c in top.values())
+        exact = run(auto, [Request(f"t{i}", judge_messages(i), score1, options=tuple(map(str, ids)), option_ids=tuple(ids),
+                                   continue_final=True) for i in range(n)])
+        compared, diffs = 0, []
+        for key, c in top.items():
+            assert c.status == "ok" and exact[key].status == "ok"
+            by_id = dict(zip(ids, exact[key].option_logprobs))
+            for j, label in enumerate(AB):
+                want = lse(*(by_id[t] for t in spellings[label]))
+                if j in c.floored:  # outside the top k: the floor is half an upper bound of the true value
+                    assert want <= c.option_logprobs[j] + math.log(2) + 0.02
+                    continue
+                compared += 1
+                diffs.append(abs(c.option_logprobs[j] - want))
+        print(f"\ntop-k vs token ids: {compared} option log-probs compared, max |diff| {max(diffs):.4f}")
+        assert compared >= n  # A and B are in the top 20 after "(" for most prompts
+        assert max(diffs) < 0.02  # the same server, the same logits (bf16 noise between requests)
+    finally:
+        auto.close()
+        topk.close()
