@@ -18,7 +18,7 @@ Answers are a pure function of the request, so tests compute expectations by han
 Switches: ``logprobs`` "ids" (vLLM: both), "top_k" (standard only, the extension ignored), "none"
 (no ``logprobs`` field at all); ``prefill`` "honour" | "ignore" | "reject" (400 on the fields);
 ``strict`` (a hosted API: any field it does not know is a 400); ``tokenize`` / ``list_models``
-(False: 404, as on hosted APIs); ``max_top_logprobs`` (a larger k is a 400).
+(False: 404, as on hosted APIs); ``max_top_logprobs`` (a larger k is a 400); ``api_key`` (401 without it).
 
 Faults: ``faults`` is a list of actions consumed by successive chat requests (any request), and
 ``sticky`` maps a substring of the last message to an action applied on every attempt. Actions:
@@ -48,7 +48,7 @@ def entry(token: str, logprob: float) -> dict:
 class FakeServer:
     def __init__(self, models=("fake-model",), *, port: int = 0, max_model_len: int = 2048, logprobs: str = "ids",
                  prefill: str = "honour", strict: bool = False, tokenize: bool = True, list_models: bool = True,
-                 max_top_logprobs: int = 20, retry_after: float = 0.05, slow_s: float = 1.0):
+                 max_top_logprobs: int = 20, api_key: str | None = None, retry_after: float = 0.05, slow_s: float = 1.0):
         self.models = list(models)
         self.max_model_len = max_model_len
         self.logprobs = logprobs
@@ -57,6 +57,7 @@ class FakeServer:
         self.tokenize = tokenize
         self.list_models = list_models
         self.max_top_logprobs = max_top_logprobs
+        self.api_key = api_key  # when set, requests without "Authorization: Bearer <api_key>" get a 401
         self.retry_after = retry_after
         self.slow_s = slow_s
         self.top: list[tuple[str, float]] = list(DEFAULT_TOP)
@@ -157,9 +158,17 @@ class FakeServer:
             def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
                 self._send_raw(code, json.dumps(payload).encode(), headers)
 
+            def _denied(self) -> bool:
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                    return True
+                return False
+
             def do_GET(self) -> None:
                 if server.dead:
                     self.close_connection = True
+                    return
+                if self._denied():
                     return
                 if self.path == "/v1/models" and server.list_models:
                     data = [{"id": m, "object": "model", "max_model_len": server.max_model_len} for m in server.models]
@@ -171,6 +180,8 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if server.dead:
                     self.close_connection = True
+                    return
+                if self._denied():
                     return
                 if self.path == "/tokenize" and server.tokenize:
                     self._send(200, {"tokens": [ord(c) for c in body["prompt"]], "count": len(body["prompt"])})

@@ -31,7 +31,7 @@ def fail(tmp_path, engine: str) -> ConfigError:
     return info.value
 
 
-@pytest.mark.parametrize("engine, cls", [
+@pytest.mark.parametrize("section, cls", [
     ("engine: {kind: fake, seed: 3}\n", FakeEngineSpec),
     ("engine: {kind: vllm, kv_cache_gib: 1.5, max_num_seqs: 8}\n", VLLMEngineSpec),
     ("engine: {seed: 2, dtype: bfloat16}\n", VLLMEngineSpec),  # no kind: vllm, as before
@@ -39,8 +39,8 @@ def fail(tmp_path, engine: str) -> ConfigError:
     ("engine: {kind: openai, base_url: 'http://h:8000/v1', scoring: top_k, top_logprobs: 5, prefill: false}\n",
      OpenAIEngineSpec),
 ])
-def test_each_kind_loads_into_its_own_settings(tmp_path, engine, cls):
-    spec = load(tmp_path, engine).engine
+def test_each_kind_loads_into_its_own_settings(tmp_path, section, cls):  # (a parameter named `engine` would mark it slow)
+    spec = load(tmp_path, section).engine
     assert type(spec) is cls and spec.kind == cls.model_fields["kind"].default
     assert isinstance(spec.seed, int) and spec.max_model_len == 2048  # every kind keeps seed and max_model_len
 

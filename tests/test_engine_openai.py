@@ -355,6 +355,15 @@ def test_unreachable_server_is_a_clear_error():
             OpenAIEngine(f"http://127.0.0.1:{port}/v1", "m")
 
 
+def test_missing_or_wrong_api_key_is_a_clear_error():
+    with FakeServer(api_key="right") as s:
+        for key in (None, "wrong"):
+            with pytest.raises(EndpointError, match=r"HTTP 401: Incorrect API key provided; set engine.api_key_env"):
+                OpenAIEngine(s.url, "fake-model", api_key=key, **FAST)
+        eng = OpenAIEngine(s.url, "fake-model", api_key="right", **FAST)
+        eng.close()
+
+
 def test_base_url_forms():
     assert split_url("http://h:8000/v1/") == ("http://h:8000/v1", "http://h:8000")
     assert split_url("http://h:8000") == ("http://h:8000/v1", "http://h:8000")

@@ -161,15 +161,19 @@ class OpenAIEngine:
         self.seed_per_request = seed_per_request
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._sync = httpx.Client(base_url=self.api, headers=self.headers, timeout=min(timeout_s, 30.0))
-        served = self._models()
-        self.served_model, info = ep.match_served(model, served) if served is not None else (model, {})
-        self.model = self.served_model  # what answers: the endpoint's own id for it
-        self.max_model_len = int(info.get("max_model_len") or max_model_len)
-        self._tokenizer_path = tokenizer or ep.local_tokenizer(model, self.served_model)
-        self._tokenizer: Any = None
-        self._tokenize_error: str | None = None
-        self.capabilities, self.detection = ep.detect(self._probe, self.served_model, self.token_ids,
-                                                       scoring=scoring, k=top_logprobs, prefill=prefill)
+        try:
+            served = self._models()
+            self.served_model, info = ep.match_served(model, served) if served is not None else (model, {})
+            self.model = self.served_model  # what answers: the endpoint's own id for it
+            self.max_model_len = int(info.get("max_model_len") or max_model_len)
+            self._tokenizer_path = tokenizer or ep.local_tokenizer(model, self.served_model)
+            self._tokenizer: Any = None
+            self._tokenize_error: str | None = None
+            self.capabilities, self.detection = ep.detect(self._probe, self.served_model, self.token_ids,
+                                                           scoring=scoring, k=top_logprobs, prefill=prefill)
+        except BaseException:
+            self._sync.close()
+            raise
         _announce(f"openai engine {self.api} ({self.model}): option scoring {self.capabilities.scoring} — "
                   f"{self.detection['scoring']}; prefill {'yes' if self.capabilities.prefill else 'no'} — "
                   f"{self.detection['prefill']}")
