@@ -48,6 +48,9 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
                      f"{r['top_k_labels_s']} vs {r['token_ids_labels_s']} (best passes {r['top_k_vs_token_ids']:.3f}, "
                      f"per-round median {r['top_k_vs_token_ids_median']:.3f}; {r['judge_labels']} labels, "
                      f"{r['top_k_floored_labels']} with a floored option)"))
+        if "top_k_vs_token_ids_cpu" in r:
+            rows.append(("server judge: standard top-k vs token-id extension labels per server CPU s",
+                         f"{r['top_k_labels_per_cpu_s']} vs {r['token_ids_labels_per_cpu_s']} (ratio {r['top_k_vs_token_ids_cpu']:.3f})"))
     if r := latest(quick, "ingest"):
         rows.append(("DuckDB ingest rows/s", f"{r['rows_s']:,} ({r['rows']:,} rows)"))
     if r := latest(quick, "audit"):

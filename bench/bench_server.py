@@ -7,7 +7,8 @@
    requests to the same server (labels/s; target: top-k ≥ 0.95× the extension). The server runs in
    dev mode so its prefix cache is reset before every pass; the passes alternate in rounds (ids then
    top-k, then top-k then ids, ...) and both the best passes' ratio and the median of the per-round
-   ratios are reported (this machine is shared: adjacent passes see similar load).
+   ratios are reported (this machine is shared: adjacent passes see similar load), and labels per
+   CPU second of the server's processes, which other jobs on the machine hardly affect.
 
     python bench/bench_server.py            # 128 requests × 64 tokens; 24 hh-rlhf pairs × 4 principles × 2 orders
     python bench/bench_server.py --quick    # 16 × 16; 6 pairs × 2 principles × 2 orders
@@ -60,13 +61,31 @@ def judge_requests(n_pairs: int, n_principles: int, option_ids: tuple[int, int])
     return [w for w in waves if w]
 
 
-def judge_pass(eng, waves, reset) -> tuple[float, dict]:
+def server_cpu(pid: int) -> float:
+    """CPU seconds used so far by the server process and its children (vLLM's engine core is a child):
+    unlike wall time, hardly affected by other jobs on a shared machine."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def judge_pass(eng, waves, reset, pid: int) -> tuple[float, float, dict]:
+    """labels/s (wall), labels per server CPU second, completions."""
     reset()
-    t = time.perf_counter()
+    c0, t = server_cpu(pid), time.perf_counter()
     outs = {c.key: c for wave in waves for c in eng.generate(wave)}
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, server_cpu(pid) - c0
     assert all(o.status == "ok" for o in outs.values()), [o.error for o in outs.values() if o.status != "ok"][:3]
-    return len(outs) / dt, outs
+    return len(outs) / dt, len(outs) / cpu, outs
 
 
 def p_first(c) -> float:
@@ -74,7 +93,7 @@ def p_first(c) -> float:
     return 1.0 / (1.0 + math.exp(b - a))
 
 
-def judging(url: str, reset, a) -> dict:
+def judging(url: str, reset, pid: int, a) -> dict:
     """Standard top-k vs the token-id extension on the same judge requests to the same server."""
     from factory.engines.openai import OpenAIEngine
 
@@ -83,19 +102,22 @@ def judging(url: str, reset, a) -> dict:
     try:
         assert ids.capabilities.scoring == "token_ids" and top.capabilities.scoring == "top_k"
         waves = judge_requests(a.pairs, a.principles, tuple(ids.token_ids(x)[0] for x in ("A", "B")))
-        judge_pass(ids, waves[:1], reset)  # warm-up, both paths
-        judge_pass(top, waves[:1], reset)
+        judge_pass(ids, waves[:1], reset, pid)  # warm-up, both paths
+        judge_pass(top, waves[:1], reset, pid)
         rates: dict[str, list[float]] = {"ids": [], "top": []}
+        per_cpu: dict[str, list[float]] = {"ids": [], "top": []}
         outs: dict[str, dict] = {}
         for r in range(a.rounds):  # adjacent passes share the machine's load; alternate who goes first
             for name, eng in (("ids", ids), ("top", top))[:: 1 if r % 2 == 0 else -1]:
-                rate, outs[name] = judge_pass(eng, waves, reset)
+                rate, cpu_rate, outs[name] = judge_pass(eng, waves, reset, pid)
                 rates[name].append(rate)
+                per_cpu[name].append(cpu_rate)
     finally:
         ids.close()
         top.close()
     ids_s, top_s = max(rates["ids"]), max(rates["top"])
     median = statistics.median(t / i for t, i in zip(rates["top"], rates["ids"]))
+    cpu_ids, cpu_top = statistics.median(per_cpu["ids"]), statistics.median(per_cpu["top"])
     labels = len(outs["top"])
     floored = sum(bool(c.floored) for c in outs["top"].values())
     # vs the single-token extension: the top-k path also adds the " A" spellings, so P differs a little
@@ -105,11 +127,15 @@ def judging(url: str, reset, a) -> dict:
           f"ratio {top_s / ids_s:.3f} (best passes; median of per-round ratios {median:.3f}; {labels} labels, "
           f"{ptoks:.0f} prompt tokens/label; passes top-k {[round(x, 2) for x in rates['top']]}, ids "
           f"{[round(x, 2) for x in rates['ids']]}; {floored} labels with a floored option; max |P(first) diff| {diff:.4f})")
+    print(f"RESULT server judge CPU: standard top-k {cpu_top:.2f} vs token-id extension {cpu_ids:.2f} labels per server "
+          f"CPU second (medians), ratio {cpu_top / cpu_ids:.3f}")
     return {"judge_labels": labels, "judge_prompt_tokens_per_label": round(ptoks, 1),
             "token_ids_labels_s": round(ids_s, 2), "top_k_labels_s": round(top_s, 2),
             "top_k_vs_token_ids": round(top_s / ids_s, 3), "top_k_vs_token_ids_median": round(median, 3),
             "top_k_passes": [round(x, 2) for x in rates["top"]], "token_ids_passes": [round(x, 2) for x in rates["ids"]],
-            "top_k_floored_labels": floored, "p_first_max_abs_diff": round(diff, 5)}
+            "top_k_floored_labels": floored, "p_first_max_abs_diff": round(diff, 5),
+            "token_ids_labels_per_cpu_s": round(cpu_ids, 3), "top_k_labels_per_cpu_s": round(cpu_top, 3),
+            "top_k_vs_token_ids_cpu": round(cpu_top / cpu_ids, 3)}
 
 
 def main() -> None:
@@ -166,7 +192,7 @@ def main() -> None:
                 result.update(requests=a.requests, max_tokens=a.max_tokens, server_tok_s=round(srv_tps, 1),
                               offline_tok_s=round(off_tps, 1), ratio=round(srv_tps / off_tps, 3))
             if a.only != "generation":
-                result.update(judging(server.url, reset, a))
+                result.update(judging(server.url, reset, server.proc.pid, a))
         finally:
             server.stop()
     record("server", {**result, "quick": a.quick})
