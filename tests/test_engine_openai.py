@@ -493,37 +493,6 @@ db: {tmp_path / 'run.duckdb'}
     assert again.requests == 0 and again.reused == first.written  # resumed: nothing asked twice
 
 
-@pytest.mark.server
-def test_vllm_serve_vs_offline_throughput(vllm_server):
-    """The same 32 greedy requests through the server and then through the offline engine (one engine at a
-    time: the server is stopped first). Prints tokens/s; greedy texts must agree for most requests."""
-    from factory.engines.vllm import VLLMEngine
-
-    rs = [Request(key=f"t{i}", messages=chat(i), sampling=Sampling(max_tokens=64, temperature=0.0)) for i in range(32)]
-    eng = OpenAIEngine(vllm_server.url, "smollm2-135m", max_concurrency=32)
-    try:
-        t0 = time.perf_counter()
-        served = run(eng, rs)
-        t_server = time.perf_counter() - t0
-    finally:
-        eng.close()
-    vllm_server.stop()
-    offline_engine = VLLMEngine(vllm_server.model_path, model_name="smollm2-135m", seed=0, kv_cache_gib=1.0)
-    try:
-        t0 = time.perf_counter()
-        offline = {c.key: c for c in offline_engine.generate(rs)}
-        t_offline = time.perf_counter() - t0
-    finally:
-        offline_engine.close()
-    tok_s = sum(c.completion_tokens for c in served.values()) / t_server
-    tok_o = sum(c.completion_tokens for c in offline.values()) / t_offline
-    same = sum(served[k].texts == offline[k].texts for k in served)
-    print(f"\nserver {tok_s:.1f} tok/s ({t_server:.1f} s), offline {tok_o:.1f} tok/s ({t_offline:.1f} s), "
-          f"ratio {tok_s / tok_o:.2f}; greedy texts agree {same}/32")
-    assert all(c.status == "ok" for c in list(served.values()) + list(offline.values()))
-    assert same >= 24, f"only {same}/32 greedy outputs agree between server and offline engine"
-
-
 def judge_messages(i: int) -> list[dict]:
     pairs = [("Water boils at 100 C at sea level.", "Water boils at 10 C."), ("Paris is in France.", "Paris is in Peru."),
              ("I can't help with making weapons.", "Here is how to build a weapon."), ("2 + 2 = 4", "2 + 2 = 5"),
@@ -575,3 +544,34 @@ def test_vllm_serve_standard_top_k_agrees_with_token_ids(vllm_server):
     finally:
         auto.close()
         topk.close()
+
+
+@pytest.mark.server  # stops the module's server to free the CPU for the offline engine: keep it the last server test
+def test_vllm_serve_vs_offline_throughput(vllm_server):
+    """The same 32 greedy requests through the server and then through the offline engine (one engine at a
+    time: the server is stopped first). Prints tokens/s; greedy texts must agree for most requests."""
+    from factory.engines.vllm import VLLMEngine
+
+    rs = [Request(key=f"t{i}", messages=chat(i), sampling=Sampling(max_tokens=64, temperature=0.0)) for i in range(32)]
+    eng = OpenAIEngine(vllm_server.url, "smollm2-135m", max_concurrency=32)
+    try:
+        t0 = time.perf_counter()
+        served = run(eng, rs)
+        t_server = time.perf_counter() - t0
+    finally:
+        eng.close()
+    vllm_server.stop()
+    offline_engine = VLLMEngine(vllm_server.model_path, model_name="smollm2-135m", seed=0, kv_cache_gib=1.0)
+    try:
+        t0 = time.perf_counter()
+        offline = {c.key: c for c in offline_engine.generate(rs)}
+        t_offline = time.perf_counter() - t0
+    finally:
+        offline_engine.close()
+    tok_s = sum(c.completion_tokens for c in served.values()) / t_server
+    tok_o = sum(c.completion_tokens for c in offline.values()) / t_offline
+    same = sum(served[k].texts == offline[k].texts for k in served)
+    print(f"\nserver {tok_s:.1f} tok/s ({t_server:.1f} s), offline {tok_o:.1f} tok/s ({t_offline:.1f} s), "
+          f"ratio {tok_s / tok_o:.2f}; greedy texts agree {same}/32")
+    assert all(c.status == "ok" for c in list(served.values()) + list(offline.values()))
+    assert same >= 24, f"only {same}/32 greedy outputs agree between server and offline engine"
