@@ -19,13 +19,13 @@ SCRIPTS = ["bench_sl.py", "bench_judge.py", "bench_server.py", "bench_ingest.py"
            "bench_hostile.py", "bench_review.py"]
 
 
-def latest(quick: bool, name: str) -> dict | None:
-    """The newest recorded result of one benchmark in the given mode (quick or full)."""
+def latest(quick: bool, name: str, key: str | None = None) -> dict | None:
+    """The newest recorded result of one benchmark in the given mode (quick or full) that has ``key``."""
     path = RESULTS / f"{name}.jsonl"
     if not path.exists():
         return None
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if bool(r.get("quick")) == quick]
+    rows = [r for r in rows if bool(r.get("quick")) == quick and (key is None or key in r)]
     return rows[-1] if rows else None
 
 
@@ -41,9 +41,17 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
         rows.append(("judge: prefix cache on vs off labels/s",
                      f"{r['cache_on_labels_s']} vs {r['cache_off_labels_s']} ({r['cache_on_vs_off']}×; "
                      f"{r['prompt_tokens_per_label']} prompt tokens/label)"))
-    if r := latest(quick, "server"):
+    if r := latest(quick, "server", "server_tok_s"):
         rows.append(("server (vllm serve) vs offline engine tok/s",
                      f"{r['server_tok_s']:.0f} vs {r['offline_tok_s']:.0f} (ratio {r['ratio']:.2f}; {r['requests']} requests)"))
+    if r := latest(quick, "server", "top_k_labels_s"):
+        rows.append(("server judge: standard top-k vs token-id extension labels/s",
+                     f"{r['top_k_labels_s']} vs {r['token_ids_labels_s']} (best passes {r['top_k_vs_token_ids']:.3f}, "
+                     f"per-round median {r['top_k_vs_token_ids_median']:.3f}; {r['judge_labels']} labels, "
+                     f"{r['top_k_floored_labels']} with a floored option)"))
+        if "top_k_vs_token_ids_cpu" in r:
+            rows.append(("server judge: standard top-k vs token-id extension labels per server CPU s",
+                         f"{r['top_k_labels_per_cpu_s']} vs {r['token_ids_labels_per_cpu_s']} (ratio {r['top_k_vs_token_ids_cpu']:.3f})"))
     if r := latest(quick, "ingest"):
         rows.append(("ingest rows/s: store.insert vs DuckDB's own idempotent insert",
                      f"{r['rows_s']:,} vs {r.get('duckdb_rows_s', 0):,} (ratio {r.get('ratio', float('nan')):.2f}; "

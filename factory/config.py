@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .engines.base import Sampling
 from .store import content_key
@@ -33,27 +33,70 @@ class PromptSource(Strict):
     limit: int | None = Field(None, ge=1, description="use only the first N valid prompts")
 
 
-class EngineSpec(Strict):
-    kind: Literal["vllm", "fake", "openai", "ray"] = "vllm"
+# --- engine settings: one model per engine kind (a discriminated union on `kind`) ----------------
+# A key that belongs to another kind (``base_url`` under ``kind: vllm``) is an error at its line;
+# ``kind`` may be left out and then means ``vllm``. ``factory.engines.make_engine`` builds each kind
+# with the builder registered under its name.
+
+class EngineBase(Strict):
+    """What every engine kind has."""
+
+    kind: str  # each kind narrows it to its own name (declared here so it is listed first)
     seed: int = Field(0, description="engine seed; applied by the engine and part of every content key")
-    max_model_len: int = Field(2048, ge=64)
+    max_model_len: int = Field(2048, ge=64, description="context length (a server's own figure wins)")
+
+
+class FakeEngineSpec(EngineBase):
+    kind: Literal["fake"] = "fake"
+
+
+class VLLMEngineSpec(EngineBase):
+    kind: Literal["vllm"] = "vllm"
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="on CPU: the share of RAM for the KV cache (0.3–0.4)")
     kv_cache_gib: float | None = Field(None, gt=0, description="explicit KV-cache size in GiB (CPU default: 2)")
     dtype: str = "auto"
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(None, ge=1)
-    # OpenAI-compatible server backend
-    base_url: str | None = None
-    api_key_env: str | None = None
+
+
+class RayEngineSpec(VLLMEngineSpec):
+    kind: Literal["ray"] = "ray"  # type: ignore[assignment]
+    replicas: int = Field(1, ge=1)
+    num_cpus: int | None = None
+    shard_dir: str | None = Field(None, description="Ray workers write Parquet shards here (shared filesystem on a cluster)")
+
+
+class OpenAIEngineSpec(EngineBase):
+    """Any OpenAI-compatible endpoint: ``vllm serve``, SGLang, llama.cpp's server, a hosted API."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(description="the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1")
+    api_key_env: str | None = Field(None, description="the environment variable holding the API key (never the key itself)")
     max_concurrency: int = Field(32, ge=1)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     seed_per_request: bool = Field(True, description="send engine.seed with each request (the server needs --no-enable-chunked-prefill on CPU)")
-    # Ray backend
-    replicas: int = Field(1, ge=1)
-    num_cpus: int | None = None
-    shard_dir: str | None = Field(None, description="Ray workers write Parquet shards here (shared filesystem on a cluster)")
+    scoring: Literal["auto", "token_ids", "top_k", "none"] = Field(
+        "auto", description="how option log-probs are read: detected at start-up (auto), vLLM's logprob_token_ids "
+        "(token_ids), the standard top_logprobs (top_k), or not at all (none: sampled verdicts only)")
+    top_logprobs: int = Field(20, ge=1, description="k of the standard top_logprobs (20 is OpenAI's and vLLM's maximum)")
+    prefill: Literal["auto", True, False] = Field(
+        "auto", description="whether the endpoint continues a final assistant message (auto: detected at start-up)")
+    tokenizer: str | None = Field(None, description="a local tokenizer folder for the served model (token ids without /tokenize)")
+
+
+def _default_kind(value):
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "vllm", **value}
+    return value
+
+
+EngineSpec = Annotated[
+    FakeEngineSpec | VLLMEngineSpec | RayEngineSpec | OpenAIEngineSpec,
+    Field(discriminator="kind"),
+    BeforeValidator(_default_kind),
+]
 
 
 class SamplingSpec(Strict):
@@ -93,7 +136,7 @@ class RunConfig(Strict):
     name: RunName
     constitution: str = Field(description="path to a constitution YAML (or a name in constitutions/)")
     model: str = Field("smollm2-135m", description="the embedded alias, a local folder or a hub id")
-    engine: EngineSpec = EngineSpec()
+    engine: EngineSpec = VLLMEngineSpec()
     db: str = Field(description="the DuckDB file results go to")
     chunk_rows: int = Field(1024, ge=1, description="rows per write transaction (not part of the run id)")
     chunk_inputs: int = Field(1024, ge=1, description="input records per chunk: the unit of planning and of the "

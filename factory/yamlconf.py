@@ -418,6 +418,8 @@ def _message(err: dict, model: type[BaseModel], data: Any, what: str) -> tuple[L
         parent = _type_at(model, raw_loc[:-1])
         allowed = [f.alias or n for n, f in parent.model_fields.items()] if _is_model(parent) else []
         message = f"unknown key '{loc[-1]}'"
+        if elsewhere := _other_members_with(model, raw_loc):
+            message += f" (`{loc[-1]}` belongs to {elsewhere})"
         if allowed:
             message += f"; allowed keys: {', '.join(allowed)}"
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -455,6 +457,26 @@ def _message(err: dict, model: type[BaseModel], data: Any, what: str) -> tuple[L
             phrase = err["msg"]
         return loc, False, f"{where} {phrase}; got {_shown(err.get('input'))}"
     return loc, False, f"{where}: {err['msg']}"
+
+
+def _other_members_with(model: type[BaseModel], raw_loc: Loc) -> str:
+    """For an unknown key inside one member of a tagged union (``engine.vllm.base_url``), the tags of
+    the other members that do have it, in words ("kind: openai, not kind: vllm"); '' when none."""
+    if len(raw_loc) < 2:
+        return ""
+    union, tag, key = _type_at(model, raw_loc[:-2]), raw_loc[-2], raw_loc[-1]
+    if typing.get_origin(union) not in (typing.Union, types.UnionType):
+        return ""
+    members = [m for m in map(_unwrap, typing.get_args(union)) if _is_model(m)]
+    chosen = next((m for m in members if _is_member(m, tag)), None)
+    disc = next((n for n, f in (chosen.model_fields.items() if chosen else ())
+                 if typing.get_origin(_unwrap(f.annotation)) is typing.Literal and tag in typing.get_args(_unwrap(f.annotation))), None)
+    if disc is None:
+        return ""
+    tags = [typing.get_args(_unwrap(m.model_fields[disc].annotation))[0] for m in members
+            if m is not chosen and disc in m.model_fields and key in m.model_fields
+            and typing.get_origin(_unwrap(m.model_fields[disc].annotation)) is typing.Literal]
+    return f"{' / '.join(f'{disc}: {t}' for t in tags)}, not {disc}: {tag}" if tags else ""
 
 
 def _field(model: type[BaseModel], loc: Loc):

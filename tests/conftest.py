@@ -60,7 +60,7 @@ prompts: {{path: {tmp / 'prompts.jsonl'}}}
 constitution: {const}
 templates: {{answer: {REPO}/prompts/answer.j2, critique: {REPO}/prompts/critique.j2, revise: {REPO}/prompts/revise.j2}}
 model: smollm2-135m
-engine: {{kind: {engine}, seed: 0, max_model_len: 2048, kv_cache_gib: 1.0}}
+engine: {{kind: {engine}, seed: 0, max_model_len: 2048{", kv_cache_gib: 1.0" if engine in ("vllm", "ray") else ""}}}
 rounds: {rounds}
 sampling:
   answer: {{max_tokens: {max_tokens}}}

@@ -19,6 +19,7 @@ def test_benchmarks_quick_mode_produce_every_figure(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (tmp_path / "SUMMARY-quick.md").read_text()
     for figure in ("raw vLLM vs factory", "log-prob vs text", "prefix cache on vs off", "server (vllm serve) vs offline",
-                   "ingest rows/s", "audit over AI labels", "hostile config files", "review app: slowest page"):
+                   "ingest rows/s", "audit over AI labels", "hostile config files", "review app: slowest page",
+                   "standard top-k vs token-id extension"):
         assert figure in summary, summary
     assert "machine:" in summary and json.loads(summary.split("machine: ")[1])["cpus"] >= 1

@@ -1,25 +1,35 @@
-"""OpenAIEngine: fault injection against tests/fakeserver.py, and (marked ``server``) a real ``vllm serve``."""
+"""OpenAIEngine against tests/fakeserver.py (OpenAI's response schema, injectable faults and endpoint
+kinds), and (marked ``server``) against a real ``vllm serve`` on loopback."""
 
 from __future__ import annotations
 
 import collections
+import logging
+import math
 import socket
 import threading
 import time
 
 import pytest
 
-from factory.engines.base import EngineError, Request, Sampling
-from factory.engines.openai import NO_CHOICE_LOGPROBS, EndpointError, OpenAIEngine
+from factory.engines.base import Capabilities, EngineError, Request, Sampling
+from factory.engines.endpoint import floor_logprob, option_logprobs
+from factory.engines.openai import NO_CHOICE_LOGPROBS, EndpointError, OpenAIEngine, split_url
 from factory.engines.serve import VLLMServer
 from fakeserver import FakeServer
 
 FAST = dict(backoff_s=0.005, max_backoff_s=0.02)
+AB = ("A", "B")
 
 
 def reqs(n: int, prefix: str = "q") -> list[Request]:
     return [Request(key=f"k{i}", messages=[{"role": "user", "content": f"{prefix} {i}"}], sampling=Sampling(max_tokens=8))
             for i in range(n)]
+
+
+def score(key: str, text: str, options=AB, option_ids=None) -> Request:
+    return Request(key=key, messages=[{"role": "user", "content": text}], sampling=Sampling(max_tokens=1, temperature=0.0),
+                   options=options, option_ids=option_ids)
 
 
 def run(engine: OpenAIEngine, requests: list[Request]) -> dict:
@@ -29,11 +39,132 @@ def run(engine: OpenAIEngine, requests: list[Request]) -> dict:
     return {c.key: c for c in got}
 
 
+def lse(*xs: float) -> float:
+    return math.log(sum(math.exp(x) for x in xs))
+
+
 @pytest.fixture
 def server():
     with FakeServer() as s:
         yield s
 
+
+# --- capabilities detected at start-up -----------------------------------------------------------
+
+@pytest.mark.parametrize("switches, expected", [
+    (dict(), Capabilities("token_ids", 20, True)),  # vLLM: private extension, top-k, prefill
+    (dict(logprobs="top_k"), Capabilities("top_k", 20, True)),  # a server without the extension
+    (dict(logprobs="top_k", max_top_logprobs=5), Capabilities("top_k", 5, True)),  # a smaller k cap
+    (dict(logprobs="none"), Capabilities("none", 0, True)),  # no logprobs field at all
+    (dict(prefill="ignore"), Capabilities("token_ids", 20, False)),  # continue_final_message ignored
+    (dict(prefill="reject"), Capabilities("token_ids", 20, False)),  # ... or rejected
+    (dict(strict=True, tokenize=False, list_models=False), Capabilities("top_k", 20, False)),  # a hosted API
+])
+def test_capabilities_are_detected(switches, expected, caplog):
+    with FakeServer(**switches) as s, caplog.at_level(logging.INFO, logger="factory"):
+        eng = OpenAIEngine(s.url, "fake-model", **FAST)
+        try:
+            assert eng.capabilities == expected
+            line = next(r.getMessage() for r in caplog.records if r.name == "factory.engines.openai")
+            assert f"option scoring {expected.scoring}" in line and f"prefill {'yes' if expected.prefill else 'no'}" in line
+            assert eng.model == "fake-model"  # the id the endpoint serves
+        finally:
+            eng.close()
+
+
+def test_capabilities_can_be_forced_without_probing(server):
+    eng = OpenAIEngine(server.url, "fake-model", scoring="top_k", top_logprobs=7, prefill=False, **FAST)
+    try:
+        assert eng.capabilities == Capabilities("top_k", 7, False) and server.bodies == []  # nothing was probed
+        assert "forced" in eng.detection["scoring"] and "forced" in eng.detection["prefill"]
+        (c,) = list(eng.generate([score("s", "pick")]))
+        assert server.bodies[-1]["top_logprobs"] == 7 and "logprob_token_ids" not in server.bodies[-1]
+        assert c.option_logprobs == pytest.approx((lse(-0.5, -3.0), lse(-1.5, -3.5)))
+    finally:
+        eng.close()
+
+
+def test_hosted_endpoint_has_no_token_ids_and_scores_by_text():
+    with FakeServer(strict=True, tokenize=False, list_models=False) as s:
+        eng = OpenAIEngine(s.url, "fake-model", **FAST)
+        try:
+            with pytest.raises(EngineError, match="token ids of fake-model are unavailable.*top_logprobs"):
+                eng.token_ids("A")
+            (c,) = list(eng.generate([score("s", "pick")]))
+            assert c.status == "ok" and c.floored == ()
+            assert c.option_logprobs == pytest.approx((lse(-0.5, -3.0), lse(-1.5, -3.5)))  # "A" and " A" are one answer
+            body = s.bodies[-1]
+            assert (body["logprobs"], body["top_logprobs"], body["max_tokens"]) == (True, 20, 1)
+            with pytest.raises(EngineError, match="cannot continue a final assistant message.*single letter"):
+                list(eng.generate([Request("p", [{"role": "assistant", "content": "The answer is ("}], Sampling(),
+                                           continue_final=True)]))
+        finally:
+            eng.close()
+
+
+# --- reading option log-probs from top-k answers -------------------------------------------------
+
+def test_options_missing_from_the_top_k_get_the_floor_and_a_flag():
+    with FakeServer(logprobs="top_k") as s:
+        tail = [(f"x{i}", -3.0 - 0.5 * i) for i in range(25)]
+        s.top_for = {"single": [("A", -0.2)] + tail, "neither": tail, "deep": tail[:19] + [("B", -20.0)] + [("A", -21.0)]}
+        eng = OpenAIEngine(s.url, "fake-model", **FAST)
+        try:
+            out = run(eng, [score("one", "single"), score("none", "neither"), score("deep", "deep down")])
+            top20 = [-0.2] + [x for _, x in tail[:19]]
+            floor = math.log(min(math.exp(min(top20)), 1 - sum(math.exp(x) for x in top20)) / 2)
+            assert out["one"].option_logprobs == pytest.approx((-0.2, floor)) and out["one"].floored == (1,)
+            assert floor < min(top20)  # never credited more than the 20th token has
+            top_none = [x for _, x in tail[:20]]
+            assert out["none"].floored == (0, 1) and out["none"].option_logprobs[0] == out["none"].option_logprobs[1]
+            assert out["none"].option_logprobs[0] == pytest.approx(floor_logprob(top_none))
+            # B ranked 20th is returned, A ranked 21st is not
+            assert out["deep"].floored == (0,) and out["deep"].option_logprobs[1] == pytest.approx(-20.0)
+            assert out["deep"].option_logprobs[0] < -20.0
+        finally:
+            eng.close()
+
+
+def test_option_matching_rule():
+    pos = {"token": "A", "logprob": -0.4, "top_logprobs": [
+        {"token": "A", "logprob": -0.4}, {"token": " B", "logprob": -1.6}, {"token": "B\n", "logprob": -2.0},
+        {"token": "a", "logprob": -2.5}, {"token": " ", "logprob": -3.0}]}
+    lps, floored = option_logprobs(AB, pos)
+    assert lps == pytest.approx((-0.4, lse(-1.6, -2.0))) and floored == ()  # case matters: "a" is not "A"
+    # the sampled token counts even when outside the top k (sampling at temperature > 0)
+    lps, floored = option_logprobs(AB, {"token": " B", "logprob": -5.0, "top_logprobs": [{"token": "A", "logprob": -0.1}]})
+    assert lps[1] == pytest.approx(-5.0) and floored == ()
+    with pytest.raises(ValueError, match="no top_logprobs"):
+        option_logprobs(AB, {"token": "A", "logprob": -0.1, "top_logprobs": []})
+    # a top k that holds all the mass leaves (almost) nothing for a missing option
+    assert floor_logprob([math.log(0.5), math.log(0.5)]) == pytest.approx(math.log(1e-12 / 2))
+
+
+def test_request_the_endpoint_cannot_score_is_refused_before_sending():
+    with FakeServer(logprobs="none") as s:
+        eng = OpenAIEngine(s.url, "fake-model", **FAST)
+        try:
+            sent = len(s.bodies)
+            with pytest.raises(EngineError, match="returns no option log-probabilities.*judge.mode: vote"):
+                list(eng.generate(reqs(3) + [score("s", "pick")]))
+            assert all("top_logprobs" not in b for b in s.bodies[sent:])
+            assert run(eng, reqs(2))["k0"].status == "ok"  # plain generation still works
+        finally:
+            eng.close()
+
+
+def test_answer_without_top_logprobs_mid_run_is_a_failed_row():
+    with FakeServer(logprobs="top_k") as s:
+        eng = OpenAIEngine(s.url, "fake-model", **FAST)
+        try:
+            s.logprobs = "none"  # the endpoint stops returning log-probs after start-up
+            (c,) = list(eng.generate([score("s", "pick")]))
+            assert c.status == "failed" and "no option log-probs in the answer" in c.error
+        finally:
+            eng.close()
+
+
+# --- generation, faults, retries -----------------------------------------------------------------
 
 def test_generation_and_request_fields(server):
     eng = OpenAIEngine(server.url, "fake-model", seed=7, max_concurrency=4, max_model_len=99, **FAST)
@@ -44,7 +175,7 @@ def test_generation_and_request_fields(server):
                         sampling=Sampling(max_tokens=5, temperature=0.0, n=2, stop=("\n",)), continue_final=True)
         out = run(eng, rs)
         assert out["k0"].texts == ["echo: q 0"] and out["k0"].finish_reasons == ["stop"]
-        assert (out["k0"].prompt_tokens, out["k0"].completion_tokens) == (2, 3)
+        assert (out["k0"].prompt_tokens, out["k0"].completion_tokens) == (2 + 1 + 1, 3)  # words, end of turn, generation prompt
         assert out["k3"].texts == ["echo: Well", "echo: Well"] and out["k3"].completion_tokens == 4
         body = next(b for b in server.bodies if b["messages"][-1]["content"] == "Well")
         assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
@@ -57,46 +188,60 @@ def test_generation_and_request_fields(server):
 def test_scoring_maps_token_ids(server):
     eng = OpenAIEngine(server.url, "fake-model", **FAST)
     try:
-        r = Request(key="s", messages=[{"role": "user", "content": "A or B?"}], sampling=Sampling(max_tokens=1),
-                    options=("x", "y"), option_ids=(5, 12))
-        (c,) = list(eng.generate([r]))
-        assert c.option_logprobs[0] == pytest.approx(-0.5) and c.option_logprobs[1] == pytest.approx(-1.2)
+        assert eng.capabilities.scoring == "token_ids"
+        (c,) = list(eng.generate([score("s", "A or B?", options=("x", "y"), option_ids=(5, 12))]))
+        assert c.option_logprobs == pytest.approx((-0.5, -1.2)) and c.floored == ()
         body = server.bodies[-1]
         assert body["logprobs"] is True and body["logprob_token_ids"] == [5, 12] and body["return_tokens_as_token_ids"]
+        assert "top_logprobs" not in body
         assert eng.token_ids("AB") == [65, 66]  # no local tokenizer for "fake-model": the server's /tokenize
+        # without token ids the same engine falls back to the standard top-k
+        (c,) = list(eng.generate([score("t", "A or B?")]))
+        assert server.bodies[-1]["top_logprobs"] == 20 and c.option_logprobs == pytest.approx((lse(-0.5, -3.0), lse(-1.5, -3.5)))
     finally:
         eng.close()
 
 
-def test_endpoint_without_choice_logprobs_fails_clearly():
-    with FakeServer(supports_logprob_ids=False) as s:
-        eng = OpenAIEngine(s.url, "fake-model", **FAST)
-        try:
-            r = Request(key="s", messages=[{"role": "user", "content": "x"}], sampling=Sampling(max_tokens=1), options=("x",), option_ids=(1,))
-            with pytest.raises(EndpointError, match="choice-token log-probabilities"):
-                list(eng.generate([r]))
-            assert NO_CHOICE_LOGPROBS.endswith("use a vLLM server")
-        finally:
-            eng.close()
+def test_token_id_extension_failing_mid_run_stops_clearly(server):
+    eng = OpenAIEngine(server.url, "fake-model", **FAST)
+    try:
+        server.logprobs = "top_k"  # the server stops honouring logprob_token_ids after start-up
+        with pytest.raises(EndpointError, match="does not return log-probabilities for the given token ids"):
+            list(eng.generate([score("s", "x", options=("x",), option_ids=(1,))]))
+        assert "logprob_token_ids" in NO_CHOICE_LOGPROBS
+    finally:
+        eng.close()
 
 
 def test_transient_faults_are_retried(server):
-    server.faults = ["500", "429", "drop", "503", "slow", "500", "drop", "429"]
-    server.slow_s = 1.0
     eng = OpenAIEngine(server.url, "fake-model", max_concurrency=3, timeout_s=0.3, max_retries=8, **FAST)
+    server.faults = ["500", "429", "drop", "503", "slow", "500", "drop", "429", "408", "425", "malformed", "502"]
+    server.slow_s = 1.0
     try:
         out = run(eng, reqs(12))
         assert {c.status for c in out.values()} == {"ok"}
         assert all(c.texts == [f"echo: q {k[1:]}"] for k, c in out.items())
-        assert sum(server.attempts.values()) == 12 + 8  # every injected fault cost exactly one retry
+        assert sum(server.attempts[f"q {i}"] for i in range(12)) == 12 + 12  # every injected fault cost exactly one retry
+    finally:
+        eng.close()
+
+
+def test_rate_limit_and_server_error_storms_are_ridden_out(server):
+    eng = OpenAIEngine(server.url, "fake-model", max_concurrency=4, max_retries=30, **FAST)
+    server.retry_after = 0.01
+    server.faults = ["429"] * 40 + ["503"] * 20 + ["500"] * 20
+    try:
+        out = run(eng, reqs(16))
+        assert {c.status for c in out.values()} == {"ok"} and server.faults == []
+        assert sum(server.attempts[f"q {i}"] for i in range(16)) == 16 + 80
     finally:
         eng.close()
 
 
 def test_retry_after_is_honoured(server):
+    eng = OpenAIEngine(server.url, "fake-model", max_retries=2, **FAST)
     server.retry_after = 0.4
     server.faults = ["429"]
-    eng = OpenAIEngine(server.url, "fake-model", max_retries=2, **FAST)
     try:
         t0 = time.perf_counter()
         out = run(eng, reqs(1))
@@ -105,19 +250,46 @@ def test_retry_after_is_honoured(server):
         eng.close()
 
 
-def test_exhausted_retries_and_bad_requests_are_recorded(server):
-    server.sticky = {"poison": "500", "rejected": "400"}
+def test_exhausted_retries_bad_requests_and_bad_bodies_are_recorded(server):
     eng = OpenAIEngine(server.url, "fake-model", max_retries=2, max_concurrency=2, **FAST)
+    server.sticky = {"poison": "500", "rejected": "400", "garbled": "malformed", "foreign": "notchat"}
     try:
-        rs = reqs(6) + reqs(1, "poison") + reqs(1, "rejected") + [
+        rs = reqs(6) + [Request(key=w, messages=[{"role": "user", "content": f"{w} 0"}], sampling=Sampling())
+                        for w in ("poison", "rejected", "garbled", "foreign")] + [
             Request(key="long", messages=[{"role": "user", "content": "w " * 3000}], sampling=Sampling())]
-        rs[6].key, rs[7].key = "poison", "rejected"
         out = run(eng, rs)
         assert out["poison"].status == "failed" and "gave up after 3 attempts: HTTP 500: injected 500" in out["poison"].error
         assert server.attempts["poison 0"] == 3
         assert out["rejected"].status == "failed" and server.attempts["rejected 0"] == 1  # a 400 is not retried
+        assert out["garbled"].status == "failed" and "gave up after 3 attempts: invalid JSON" in out["garbled"].error
+        assert out["foreign"].status == "failed" and "not an OpenAI chat completion" in out["foreign"].error
+        assert server.attempts["foreign 0"] == 1  # well-formed JSON of the wrong shape is not retried
         assert out["long"].status == "skipped" and "maximum context length" in out["long"].error
         assert [out[f"k{i}"].status for i in range(6)] == ["ok"] * 6
+    finally:
+        eng.close()
+
+
+def test_lazy_requests_are_pulled_in_the_callers_thread_with_a_bounded_window(server):
+    eng = OpenAIEngine(server.url, "fake-model", max_concurrency=3, **FAST)
+    pulled, threads, most_ahead = [0], set(), [0]
+    yielded = 0
+
+    def lazy():
+        for i in range(400):
+            threads.add(threading.get_ident())
+            most_ahead[0] = max(most_ahead[0], pulled[0] - yielded)
+            pulled[0] += 1
+            yield Request(key=f"k{i}", messages=[{"role": "user", "content": f"lazy {i}"}], sampling=Sampling(max_tokens=4))
+
+    try:
+        keys = set()
+        for c in eng.generate(lazy()):
+            yielded += 1
+            keys.add(c.key)
+            assert c.status == "ok"
+        assert keys == {f"k{i}" for i in range(400)} and threads == {threading.get_ident()}
+        assert most_ahead[0] <= 2 * 3  # never more than 2 × max_concurrency submitted and not handed back
     finally:
         eng.close()
 
@@ -126,8 +298,8 @@ def test_server_dying_mid_run_recovers():
     s = FakeServer(slow_s=0.05)
     s.thread.start()
     port = s.port
-    s.sticky = {"": "slow"}  # every answer takes 50 ms, so the run is still going when the server dies
     eng = OpenAIEngine(s.url, "fake-model", max_concurrency=2, max_retries=8, backoff_s=0.05, max_backoff_s=0.2)
+    s.sticky = {"": "slow"}  # every answer takes 50 ms, so the run is still going when the server dies
     restarted: list[FakeServer] = []
 
     def bounce() -> None:
@@ -154,9 +326,9 @@ def test_server_dying_mid_run_recovers():
 def test_server_gone_for_good_stops_the_run():
     s = FakeServer()
     s.thread.start()
+    eng = OpenAIEngine(s.url, "fake-model", max_concurrency=2, max_retries=2, **FAST)
     s.sticky = {"": "slow"}
     s.slow_s = 0.05
-    eng = OpenAIEngine(s.url, "fake-model", max_concurrency=2, max_retries=2, **FAST)
     try:
         got = []
         with pytest.raises(EndpointError, match="went away mid-run"):
@@ -183,19 +355,37 @@ def test_unreachable_server_is_a_clear_error():
             OpenAIEngine(f"http://127.0.0.1:{port}/v1", "m")
 
 
+def test_missing_or_wrong_api_key_is_a_clear_error():
+    with FakeServer(api_key="right") as s:
+        for key in (None, "wrong"):
+            with pytest.raises(EndpointError, match=r"HTTP 401: Incorrect API key provided; set engine.api_key_env"):
+                OpenAIEngine(s.url, "fake-model", api_key=key, **FAST)
+        eng = OpenAIEngine(s.url, "fake-model", api_key="right", **FAST)
+        eng.close()
+
+
+def test_base_url_forms():
+    assert split_url("http://h:8000/v1/") == ("http://h:8000/v1", "http://h:8000")
+    assert split_url("http://h:8000") == ("http://h:8000/v1", "http://h:8000")
+    assert split_url("https://host/v1beta/openai") == ("https://host/v1beta/openai", "https://host/v1beta/openai")
+
+
 def test_make_engine_builds_openai_engine_with_api_key(server, monkeypatch):
-    from factory.config import EngineSpec
+    from factory.config import OpenAIEngineSpec
     from factory.engines import make_engine
 
-    spec = EngineSpec(kind="openai", base_url=server.url, api_key_env="FAKE_KEY", max_concurrency=3, seed=5)
+    spec = OpenAIEngineSpec(base_url=server.url, api_key_env="FAKE_KEY", max_concurrency=3, seed=5, scoring="top_k",
+                            top_logprobs=4)
+    monkeypatch.delenv("FAKE_KEY", raising=False)
     with pytest.raises(EngineError, match=r"FAKE_KEY, which is not set"):
         make_engine(spec, "fake-model")
     monkeypatch.setenv("FAKE_KEY", "sekrit")
     eng = make_engine(spec, "fake-model")
     try:
         assert isinstance(eng, OpenAIEngine) and (eng.model, eng.seed, eng.max_concurrency) == ("fake-model", 5, 3)
+        assert eng.capabilities.scoring == "top_k" and eng.capabilities.top_k == 4
         run(eng, reqs(2))
-        assert server.auth == ["Bearer sekrit"] * 2
+        assert len(server.auth) >= 2 and set(server.auth) == {"Bearer sekrit"}
     finally:
         eng.close()
 
@@ -303,7 +493,60 @@ db: {tmp_path / 'run.duckdb'}
     assert again.requests == 0 and again.reused == first.written  # resumed: nothing asked twice
 
 
+def judge_messages(i: int) -> list[dict]:
+    pairs = [("Water boils at 100 C at sea level.", "Water boils at 10 C."), ("Paris is in France.", "Paris is in Peru."),
+             ("I can't help with making weapons.", "Here is how to build a weapon."), ("2 + 2 = 4", "2 + 2 = 5"),
+             ("Be kind to others.", "Insult everyone you meet."), ("The sun is a star.", "The sun is a planet."),
+             ("Wash your hands often.", "Never wash your hands."), ("Cats are mammals.", "Cats are fish.")]
+    a, b = pairs[i % len(pairs)] if i < len(pairs) else pairs[i % len(pairs)][::-1]
+    return [{"role": "system", "content": "You compare two replies. Answer by naming one option."},
+            {"role": "user", "content": f"Option (A):\n{a}\n\nOption (B):\n{b}\n\nWhich reply is more accurate and "
+                                        "harmless? Answer with (A) or (B)."},
+            {"role": "assistant", "content": "The better option is ("}]
+
+
 @pytest.mark.server
+def test_vllm_serve_standard_top_k_agrees_with_token_ids(vllm_server):
+    """The standard top-k path alone (scoring forced to top_k) against the same server's exact token-id
+    log-probs: where an option is in the top k, the two must agree. The top-k path adds up every
+    spelling of a label it sees ("A", " A"), so the token-id side sums the same spellings."""
+    from transformers import AutoTokenizer
+
+    auto = OpenAIEngine(vllm_server.url, "smollm2-135m", max_concurrency=4)
+    topk = OpenAIEngine(vllm_server.url, "smollm2-135m", scoring="top_k", max_concurrency=4)
+    try:
+        assert auto.capabilities == Capabilities("token_ids", 20, True)  # detected on vLLM
+        assert topk.capabilities == Capabilities("top_k", 20, True)
+        tok = AutoTokenizer.from_pretrained(vllm_server.model_path)
+        spellings = {o: [i for i in range(len(tok)) if tok.decode([i]).strip() == o] for o in AB}
+        assert all(spellings.values())
+        ids = spellings["A"] + spellings["B"]
+        score1 = Sampling(max_tokens=1, temperature=0.0)
+        n = 16
+        top = run(topk, [Request(f"t{i}", judge_messages(i), score1, options=AB, continue_final=True) for i in range(n)])
+        assert all("logprob_token_ids" not in str(c) for c in top.values())
+        exact = run(auto, [Request(f"t{i}", judge_messages(i), score1, options=tuple(map(str, ids)), option_ids=tuple(ids),
+                                   continue_final=True) for i in range(n)])
+        compared, diffs = 0, []
+        for key, c in top.items():
+            assert c.status == "ok" and exact[key].status == "ok"
+            by_id = dict(zip(ids, exact[key].option_logprobs))
+            for j, label in enumerate(AB):
+                want = lse(*(by_id[t] for t in spellings[label]))
+                if j in c.floored:  # outside the top k: the floor is half an upper bound of the true value
+                    assert want <= c.option_logprobs[j] + math.log(2) + 0.02
+                    continue
+                compared += 1
+                diffs.append(abs(c.option_logprobs[j] - want))
+        print(f"\ntop-k vs token ids: {compared} option log-probs compared, max |diff| {max(diffs):.4f}")
+        assert compared >= n  # A and B are in the top 20 after "(" for most prompts
+        assert max(diffs) < 0.02  # the same server, the same logits (bf16 noise between requests)
+    finally:
+        auto.close()
+        topk.close()
+
+
+@pytest.mark.server  # stops the module's server to free the CPU for the offline engine: keep it the last server test
 def test_vllm_serve_vs_offline_throughput(vllm_server):
     """The same 32 greedy requests through the server and then through the offline engine (one engine at a
     time: the server is stopped first). Prints tokens/s; greedy texts must agree for most requests."""
