@@ -267,9 +267,13 @@ class Store:
             # keeps a killed run's WAL replay to a few seconds.
             self.con = duckdb.connect(str(self.path), read_only=read_only,
                                       config={} if read_only else {"checkpoint_threshold": CHECKPOINT_THRESHOLD})
-        except duckdb.IOException as e:
+        except duckdb.Error as e:
+            self._release_lock()  # a refused open must not keep the writer lock for the rest of the process
             if "lock" in str(e).lower():
                 raise StoreError(f"{self.path}: database is in use by {self._holder()}; wait for it to finish") from None
+            if _is_io_error(e):
+                raise StoreError(f"{self.path}: cannot open the database ({str(e).splitlines()[0][:300]}); check "
+                                 f"that {self.path.parent} is writable and has free space") from None
             raise
         if not read_only:
             self.migrate()
@@ -287,7 +291,11 @@ class Store:
             return "another process"
 
     def _take_lock(self, run_id: str) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot create the lock file {self.lock_path.name} in {self.path.parent} "
+                             f"({e.strerror or e}); make the folder writable or choose another `db:`") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -297,8 +305,17 @@ class Store:
         os.write(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode())
         self._lock_fd = fd  # released by the OS when the process dies, even on kill -9
 
+    def relabel_lock(self, run_id: str) -> None:
+        """Name another run as the lock's holder (the run id is final once the engine is known)."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode(), 0)
+
     def close(self) -> None:
         self.con.close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

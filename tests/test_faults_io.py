@@ -143,7 +143,9 @@ def test_read_only_database_directory_is_a_clear_error_and_resumes(tmp_path, sma
 # -- 5xx / 429 storms, a server that goes away ----------------------------------------------------------
 def _server_yaml(tmp: Path, pairs: Path, db: Path, url: str, *, retries: int = 8) -> Path:
     return prefs_yaml(tmp / "p.yaml", pairs=pairs, db=db, per_pair=2, chunk_inputs=20, chunk_rows=20,
-                      engine=f"{{kind: openai, base_url: {url}, max_retries: {retries}, max_concurrency: 8, timeout_s: 5}}",
+                      # capabilities given, so no start-up probe meets the storm: every request is a judgement
+                      engine=f"{{kind: openai, base_url: {url}, max_retries: {retries}, max_concurrency: 8, timeout_s: 5, "
+                             "scoring: token_ids, prefill: true}",
                       extra="model: fake-model")
 
 
@@ -162,7 +164,8 @@ def test_429_and_5xx_storms_lose_and_duplicate_nothing(tmp_path):
     with FakeServer(models=("fake-model",), retry_after=0.01) as srv:
         storm = ["429"] * 20 + ["503"] * 10 + ["500"] * 5 + ["429"] * 10
         srv.faults = list(storm)
-        s = prefs.run(_server_yaml(tmp_path, pairs, db, srv.url), quiet=True)
+        # a request can meet up to all 45 faults in a row (8 in flight share the storm): retries enough for that
+        s = prefs.run(_server_yaml(tmp_path, pairs, db, srv.url, retries=len(storm)), quiet=True)
         assert s.status == "done"
         assert srv.faults == [] and sum(srv.attempts.values()) == len(ref.values) + len(storm)  # one retry per fault
     assert query(db, "SELECT count(*) FROM judgements WHERE status <> 'ok'")[0][0] == 0

@@ -207,9 +207,9 @@ class OpenAIEngine:
             raise EndpointError(f"{url}: the model list is not in OpenAI's format ({e!r})") from None
 
     def _probe(self, body: dict) -> tuple[int, Any, str]:
-        """One start-up request (transient failures retried a few times): ``(status, json, error)``."""
+        """One start-up request (transient failures retried like any request): ``(status, json, error)``."""
         error = "not attempted"
-        for attempt in range(4):
+        for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
                 resp = self._sync.post("chat/completions", json=body)
