@@ -186,6 +186,10 @@ class Runner:
                     if self._stop:
                         break
                     self._maybe_flush()
+                if not self._stop and (self._todo or self._followups or self._inflight or self._open
+                                       or self._inputs is not None):
+                    raise EngineFailed(f"the engine stopped before the run was done ({len(self._inflight)} requests "
+                                       f"unanswered, {len(self._todo)} not sent); what completed is stored")
             finally:
                 completions.close()  # the engine aborts what is still in flight: left for the resume
                 self._flush()

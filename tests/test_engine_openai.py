@@ -294,6 +294,28 @@ def test_lazy_requests_are_pulled_in_the_callers_thread_with_a_bounded_window(se
         eng.close()
 
 
+def test_none_in_the_stream_means_not_now_not_the_end(server):
+    """A caller whose next requests depend on completions (follow-ups) says "nothing right now" with
+    None; the engine keeps the stream open and asks again after the next completion."""
+    eng = OpenAIEngine(server.url, "fake-model", max_concurrency=2, **FAST)
+    done: list[str] = []
+
+    def stream():
+        for i in range(3):
+            yield Request(key=f"first{i}", messages=[{"role": "user", "content": f"a {i}"}], sampling=Sampling(max_tokens=4))
+        while len(done) < 3:
+            yield None  # waiting for completions that will create more work
+        for i in range(3):
+            yield Request(key=f"then{i}", messages=[{"role": "user", "content": f"b {i}"}], sampling=Sampling(max_tokens=4))
+
+    try:
+        for c in eng.generate(stream()):
+            done.append(c.key)
+        assert sorted(done) == sorted([f"first{i}" for i in range(3)] + [f"then{i}" for i in range(3)])
+    finally:
+        eng.close()
+
+
 def test_server_dying_mid_run_recovers():
     s = FakeServer(slow_s=0.05)
     s.thread.start()

@@ -128,6 +128,9 @@ def _announce(message: str) -> None:
     log.info(message)
 
 
+_END = object()  # the end of the request stream (None means "nothing right now")
+
+
 class OpenAIEngine:
     def __init__(
         self,
@@ -394,7 +397,7 @@ class OpenAIEngine:
                 out.put(Completion(key=req.key, status="failed", error=f"client error: {e!r}"))
 
     # --- many requests --------------------------------------------------------------------------
-    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         it = iter(requests)
         out: queue.Queue = queue.Queue()
         window = 2 * self.max_concurrency
@@ -404,14 +407,18 @@ class OpenAIEngine:
         try:
             while True:
                 while more and waiting < window:  # pull lazily, in this (the caller's) thread
-                    req = next(it, None)
-                    if req is None:
+                    req = next(it, _END)
+                    if req is _END:
                         more = False
+                        break
+                    if req is None:  # the caller has nothing right now: pull again after a completion
                         break
                     self._check(req)
                     futures.add(asyncio.run_coroutine_threadsafe(self._one(req, out), self._loop))
                     waiting += 1
                 if not waiting:
+                    if more:
+                        continue  # None with nothing in flight: the caller makes progress on its own
                     return
                 item = out.get()
                 waiting -= 1
