@@ -199,7 +199,18 @@ def label_run(store: Store, run_id: str, constitution: Any, judge: Any, *, chang
     return _label_summary(store, run_id, rule)
 
 
+def check_unique(store: Store, run_id: str) -> None:
+    """Every judgement of the run is stored once (the judgements table has no primary key: the runner
+    guarantees it; this checks it before any label is made from them)."""
+    n, distinct = store.con.execute(f"SELECT count(*), count(DISTINCT id) FROM {store.run_rows('judgements', '$run')}",
+                                    {"run": run_id}).fetchall()[0]
+    if n != distinct:
+        raise StoreError(f"{store.path}: run {run_id} has {n - distinct} judgement rows stored twice; this is a bug in "
+                         "the factory: please report it (labels were not made)")
+
+
 def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:
+    check_unique(store, run_id)
     check_weights(store, rel, rule, {"run": run_id})
     other = labels_sql(rel, rule.with_(calibrate=not rule.calibrate))  # the label is one of raw / calibrated
     raw, cal = ("o.p_a", "f.p_a") if rule.calibrate else ("f.p_a", "o.p_a")

@@ -130,9 +130,12 @@ CHUNK_SCHEMA = pa.schema([("run_id", pa.string()), ("stage", pa.string()), ("chu
                           ("n_new", pa.int64()), ("done_at", pa.timestamp("us", tz="UTC"))])
 
 
-def ddl(table: str, schema: pa.Schema, key: str | tuple[str, ...] = "id") -> str:
-    keys = (key,) if isinstance(key, str) else key
+def ddl(table: str, schema: pa.Schema, key: str | tuple[str, ...] | None = "id") -> str:
+    """CREATE TABLE for ``schema``; ``key=None``: no primary key (see JUDGEMENT_SCHEMA's table)."""
     cols = ", ".join(f'"{f.name}" {_DUCK_TYPES[f.type]}' for f in schema)
+    if key is None:
+        return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
+    keys = (key,) if isinstance(key, str) else key
     return f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({', '.join(keys)}))"
 
 
@@ -163,7 +166,11 @@ MIGRATIONS: list[list[str]] = [
         ddl("samples", SAMPLE_SCHEMA),
         ddl("rationales", GEN_SCHEMA),  # chain-of-thought judge: the rationale before the scored answer
         ddl("pairs", PAIR_SCHEMA, "pair_id"),
-        ddl("judgements", JUDGEMENT_SCHEMA),
+        # No primary key: at millions of rows its index would cost ~70 bytes a judgement on disk (and
+        # again as free blocks after each checkpoint rewrites it) and grow in memory. Keys stay unique
+        # because the runner asks for a key only when the store has no row for it (one writer, planned
+        # keys deduplicated in flight) and labelling checks it (labels.check_unique).
+        ddl("judgements", JUDGEMENT_SCHEMA, key=None),
         ddl("preferences", PREFERENCE_SCHEMA, ("run_id", "pair_id")),
         """CREATE TABLE IF NOT EXISTS human_sets (
             set_id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, format VARCHAR, n_pairs BIGINT,
@@ -231,7 +238,7 @@ TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA
 MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "prompt_id")}
 
 
-CHECKPOINT_THRESHOLD = "256MB"
+MEMORY_LIMIT = "1GB"
 
 
 class StoreError(Exception):
@@ -254,6 +261,7 @@ class Store:
     def __init__(self, path: str | Path, *, writer_run: str | None = None, read_only: bool = False):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self._keyed: dict[str, bool] = {}
         if writer_run is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._take_lock(writer_run)
@@ -262,11 +270,9 @@ class Store:
         if read_only and not self.path.exists():
             raise StoreError(f"{self.path}: no such database; run a pipeline first (`factory run …`)")
         try:
-            # Fewer, larger checkpoints: DuckDB rewrites partly filled row groups at each one, and at
-            # the default (16 MB of WAL) a long run leaves a fifth of its file as free blocks. 256 MB
-            # keeps a killed run's WAL replay to a few seconds.
-            self.con = duckdb.connect(str(self.path), read_only=read_only,
-                                      config={} if read_only else {"checkpoint_threshold": CHECKPOINT_THRESHOLD})
+            # DuckDB's own cap on its memory (it spills to a temporary folder beside the database past
+            # it): a run's peak memory does not depend on its size
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config={"memory_limit": MEMORY_LIMIT})
         except duckdb.Error as e:
             self._release_lock()  # a refused open must not keep the writer lock for the rest of the process
             if "lock" in str(e).lower():
@@ -371,7 +377,9 @@ class Store:
     def insert(self, table: str, rows: pa.Table | list[dict], schema: pa.Schema | None = None,
                replace: bool = False) -> int:
         """Bulk insert from Arrow (one statement); rows whose key exists are left untouched, or
-        replaced with ``replace=True`` (retrying failed rows). Returns the rows written."""
+        replaced with ``replace=True`` (retrying failed rows). Returns the rows written. A table
+        without a primary key (judgements) takes the rows as they are: its callers only insert
+        keys they found missing."""
         if isinstance(rows, list):
             if not rows:
                 return 0
@@ -381,12 +389,23 @@ class Store:
         self.con.register("_incoming", rows)
         try:
             cols = ", ".join(f'"{c}"' for c in rows.column_names)
+            if not self._has_key(table):
+                if replace:
+                    self.con.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM _incoming)")
+                return self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming").fetchall()[0][0]
             verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-            return self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _incoming").fetchone()[0]
+            return self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _incoming").fetchall()[0][0]
         except duckdb.Error as e:
             raise self._write_error(e) from e
         finally:
             self.con.unregister("_incoming")
+
+    def _has_key(self, table: str) -> bool:
+        if table not in self._keyed:
+            self._keyed[table] = bool(self.con.execute(
+                "SELECT count(*) FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'",
+                [table]).fetchall()[0][0])
+        return self._keyed[table]
 
     def put_config(self, kind: str, body: Any, key: str | None = None) -> str:
         """Store a lineage blob (sampling params, template source, constitution) by its hash."""
