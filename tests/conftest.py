@@ -15,6 +15,7 @@ ENGINE_KW = dict(seed=0, max_model_len=2048, kv_cache_gib=1.0)
 
 
 SLOW_MARKERS = ("engine", "server", "train", "ray", "browser")
+SLOW_FIXTURES = ("engine", "tiny", "vllm_server")  # start vLLM or load the embedded model's tokenizer
 
 
 def pytest_collection_modifyitems(items):
@@ -22,7 +23,7 @@ def pytest_collection_modifyitems(items):
     browser, loads a model or trains: marked by hand as ``slow``, by one of SLOW_MARKERS, or by using
     the session's real ``engine`` fixture."""
     for item in items:
-        if any(item.get_closest_marker(m) for m in SLOW_MARKERS) or "engine" in getattr(item, "fixturenames", ()):
+        if any(item.get_closest_marker(m) for m in SLOW_MARKERS) or set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -69,6 +69,7 @@ def test_missing_dataset_folder_and_missing_model_are_located_errors(tmp_path):
         prepare("sft", cfg)
 
 
+@pytest.mark.slow  # loads the embedded model's tokenizer
 def test_tokenizer_without_chat_template_is_an_error(tmp_path):
     from transformers import AutoTokenizer
 
@@ -172,6 +173,7 @@ def _prefs_db(path: Path, n: int = 4) -> Path:
     return path
 
 
+@pytest.mark.slow  # loads the embedded model's tokenizer and builds a trainer
 @pytest.mark.usefixtures("hh_rlhf")
 def test_human_pairs_config_builds_a_reward_trainer(tmp_path):
     """The {human: …} dataset path end to end up to the constructed RewardTrainer (tiny model, no steps)."""
