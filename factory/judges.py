@@ -213,5 +213,7 @@ def pair_jobs(ctx: JudgeCtx, mode: JudgeMode, pairs: list[Pair], principles, run
     for pair in pairs:
         ps = principles(pair)
         for order in ORDERS:
+            if mode.name != "cot":  # rendered from one skeleton per (pair, order): free it after the last
+                ctx.expect(pair, order, len(ps))
             cells.append([j for p in ps for j in mode.jobs(ctx, pair, p, order, run_id)])
     return cache_order(cells)

@@ -28,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import pyarrow as pa
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .engines.base import Completion, Engine, EngineError, Request
@@ -153,6 +156,7 @@ class Runner:
         self._links: dict[tuple[str, str], list[str]] = {}
         self._records: list[dict] = []
         self._buffered = 0
+        self._writer: _Writer | None = None
         self._last_flush = time.perf_counter()
         self._start = time.perf_counter()
         self._progress = _bar(quiet)
@@ -167,7 +171,7 @@ class Runner:
     def run(self, inputs: Iterable[InputChunk]) -> None:
         self._inputs = iter(inputs)
         self._start = time.perf_counter()
-        with _quiet_gc(), self._progress:
+        with _quiet_gc(), self._progress, _Writer(self.store) as self._writer:
             self._task = self._progress.add_task(self.stage, total=1000, status="")
             completions = self.engine.generate(self._requests())
             try:
@@ -193,6 +197,8 @@ class Runner:
             finally:
                 completions.close()  # the engine aborts what is still in flight: left for the resume
                 self._flush()
+                self._writer.drain()  # every transaction committed (or its error raised) before returning
+                self._written()
                 self.stopped = self._stop
                 elapsed = time.perf_counter() - self._start
                 for s in self.stats.values():
@@ -360,20 +366,24 @@ class Runner:
             self._update()
 
     def _flush(self) -> None:
+        """Hand what completed to the writer thread as one transaction (rows, links, chunk records)."""
         if self._buffered:
-            with self.store.transaction():
-                for (table, replace), rows in self._buf.items():
-                    self.store.insert(table, rows, TABLE_SCHEMAS.get(table), replace=replace)
-                for (run_id, table), keys in self._links.items():
-                    self.store.link_run(run_id, table, keys)
-                self.store.insert("chunks", self._records, CHUNK_SCHEMA)
-            if self.first_write_at is None:
-                self.first_write_at = now()
-            committed = getattr(self.engine, "committed", None)
-            if committed is not None:  # an engine holding durable partial results may release them now
-                committed()
+            tables = [(table, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS.get(table)), replace)
+                      for (table, replace), rows in self._buf.items() if rows]
+            token = getattr(self.engine, "commit_token", lambda: None)()
+            self._writer.put(tables, self._links, self._records, token)
         self._buf, self._links, self._records, self._buffered = {}, {}, [], 0
         self._last_flush = time.perf_counter()
+        self._written()
+
+    def _written(self) -> None:
+        """Note what the writer has committed: the restart latency, and engines that hold durable
+        partial results (Ray shards) may release them."""
+        for token in self._writer.committed():
+            if self.first_write_at is None:
+                self.first_write_at = now()
+            if token is not None:
+                self.engine.committed(token)
 
     # -- progress --------------------------------------------------------------------------------
     def _stat(self, table: str) -> TableStats:
@@ -402,6 +412,69 @@ class Runner:
 
     def _show(self) -> None:
         self._update()
+
+
+class _Writer:
+    """The run's one writer of result rows, in a thread of its own with its own connection: DuckDB
+    inserts and commits (checkpoints included) release the GIL, so they overlap with planning and
+    rendering in the run's thread. At most one transaction waits while one is written (bounded
+    memory); a failed write (disk full) is raised in the run's thread at its next hand-over, and the
+    run ends with everything committed before it intact."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self._done: list = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Writer":
+        self._view = self.store.view()
+        self._thread = threading.Thread(target=self._loop, name="factory-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    tables, links, records, token = item
+                    with self._view.transaction():
+                        for table, rows, replace in tables:
+                            self._view.insert(table, rows, replace=replace)
+                        for (run_id, table), keys in links.items():
+                            self._view.link_run(run_id, table, keys)
+                        self._view.insert("chunks", records, CHUNK_SCHEMA)
+                    self._done.append(token)
+            except BaseException as e:  # kept for the run's thread; later batches are not written
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def put(self, tables, links, records, token) -> None:
+        self._raise()
+        self._q.put((tables, links, records, token))
+
+    def committed(self) -> list:
+        done, self._done = self._done, []
+        return done
+
+    def drain(self) -> None:
+        self._q.join()
+        self._raise()
+
+    def __exit__(self, *exc) -> None:
+        self._q.put(None)
+        self._thread.join()
+        self._view.con.close()
 
 
 @contextlib.contextmanager

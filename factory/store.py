@@ -238,7 +238,7 @@ TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA
 MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "prompt_id")}
 
 
-MEMORY_LIMIT = "1GB"
+MEMORY_LIMIT = "256MB"
 
 
 class StoreError(Exception):
@@ -310,6 +310,14 @@ class Store:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode())
         self._lock_fd = fd  # released by the OS when the process dies, even on kill -9
+
+    def view(self) -> "Store":
+        """The same database through a connection of its own (``con.cursor()``), for another thread
+        of this process (the run's writer thread): it shares the lock, and closing it frees neither."""
+        other = object.__new__(Store)
+        other.path, other._lock_fd, other._keyed = self.path, None, dict(self._keyed)
+        other.con = self.con.cursor()
+        return other
 
     def relabel_lock(self, run_id: str) -> None:
         """Name another run as the lock's holder (the run id is final once the engine is known)."""

@@ -7,6 +7,8 @@ As in tests/test_faults.py, every case is compared with an uninterrupted run int
 
 from __future__ import annotations
 
+import contextlib
+
 import gzip
 import json
 import random
@@ -37,27 +39,32 @@ def test_disk_full_at_a_write_stops_with_the_path_and_resumes(tmp_path, monkeypa
     db = tmp_path / "out.duckdb"
     y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=per_pair, chunk_inputs=20, chunk_rows=40)
     committed = {"rows": 0, "flushes": 0}
-    flush, insert = Runner._flush, Store.insert
+    pending = threading.local()  # per thread: the run's writer thread commits judgements, its own thread pairs
+    transaction, insert = Store.transaction, Store.insert
 
-    def counting_flush(self):
-        n = sum(len(rows) for (t, _), rows in self._buf.items() if t == "judgements")
-        flush(self)
-        committed["rows"] += n
-        committed["flushes"] += bool(n)
+    @contextlib.contextmanager
+    def counting_transaction(self):
+        pending.n = 0
+        with transaction(self):
+            yield self
+        committed["rows"] += pending.n  # reached only when the transaction committed
+        committed["flushes"] += bool(pending.n)
 
     def full_disk(self, table, rows, schema=None, replace=False):
         # the last write of a flush's transaction: its judgements are already inserted and must roll back
         if table == "chunks" and committed["flushes"] >= 5:
             raise OSError(28, "No space left on device")
-        return insert(self, table, rows, schema, replace)
+        n = insert(self, table, rows, schema, replace)
+        pending.n = getattr(pending, "n", 0) + (n if table == "judgements" else 0)
+        return n
 
-    monkeypatch.setattr(Runner, "_flush", counting_flush)
+    monkeypatch.setattr(Store, "transaction", counting_transaction)
     monkeypatch.setattr(Store, "insert", full_disk)
     code, out, exc = invoke(["run", y, "--quiet"])
     assert code == 2 and "Traceback" not in out, (code, out, exc)
     assert str(db) in out and "No space left on device" in out and "rerun the same command" in out, out
     monkeypatch.setattr(Store, "insert", insert)
-    monkeypatch.setattr(Runner, "_flush", flush)
+    monkeypatch.setattr(Store, "transaction", transaction)
     status, error = run_status(db)
     assert status == "failed" and "No space left" in error
     n, distinct = judgement_counts(db)

@@ -181,12 +181,16 @@ class RayEngine:
         self._read.add(path)
         return got[0] if got else None
 
-    def committed(self) -> None:
-        """The caller has stored every completion yielded so far: their shards can go."""
-        for path in self._read:
+    def commit_token(self) -> frozenset[Path]:
+        """The shards whose rows the caller has received so far (it stores them in its next write)."""
+        return frozenset(self._read)
+
+    def committed(self, token: frozenset[Path]) -> None:
+        """The caller's write holding the rows of ``token``'s shards is committed: they can go."""
+        for path in token:
             if not any(p == path for p in self._leftover.values()):
                 path.unlink(missing_ok=True)
-        self._read = {p for p in self._read if p.exists()}
+        self._read -= token
 
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         ray = self._ray

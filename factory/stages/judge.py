@@ -110,6 +110,7 @@ class JudgeCtx:
 
     def __post_init__(self) -> None:
         self._skel: dict[tuple[str, str], list] = {}
+        self._uses: dict[tuple[str, str], int] = {}  # principles still to render per (pair, order)
         self._checked: bool | None = None if self.skeletons else False
         nonce = uuid.uuid4().hex
         self._marks = {f: f"\x00{nonce}:{f}\x00" for f in ("id", "critique", "revision", "comparison")}
@@ -140,10 +141,21 @@ class JudgeCtx:
         key = (pair.pair_id, order)
         sk = self._skel.get(key)
         if sk is None:
-            if len(self._skel) >= 8192:
+            if len(self._skel) >= 65536:  # a safety net: entries normally leave with their last principle
                 self._skel.clear()
             sk = self._skel[key] = self._split(self.render(pair, self._sentinel, order))
+        left = self._uses.get(key, 1) - 1
+        if left <= 0:
+            self._skel.pop(key, None)
+            self._uses.pop(key, None)
+        else:
+            self._uses[key] = left
         return self._fill(sk, p)
+
+    def expect(self, pair: Pair, order: str, n: int) -> None:
+        """``n`` principles of (pair, order) will be rendered: its skeleton is dropped after the last."""
+        key = (pair.pair_id, order)
+        self._uses[key] = self._uses.get(key, 0) + n
 
     def _fill(self, skeleton: list[tuple[str, list[str] | str]], p: Principle) -> list[dict]:
         out = []
