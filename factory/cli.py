@@ -259,6 +259,14 @@ def _train(kind: str, config: Path) -> None:
     r = train(kind, config)
     console.print(f"{kind}: {r.steps} steps on {r.rows} rows in {r.seconds:.1f} s ({r.seconds_per_step:.2f} s/step, "
                   f"{r.device}), train loss {r.train_loss:.4f} → {r.output_dir}")
+    manifest = r.output_dir.parent / "ensemble.json"
+    if r.output_dir.name.startswith("member-") and manifest.exists():
+        import json
+
+        for m in json.loads(manifest.read_text())["members"]:
+            console.print(f"  {m['path']}: seed {m['seed']}, {m['distinct_rows']} distinct of {m['rows']} rows, "
+                          f"{m['steps']} steps in {m['seconds']:.0f} s, train loss {m['train_loss']:.4f}")
+        console.print(f"ensemble → {manifest}")
 
 
 @eval_app.command("rm")

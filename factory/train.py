@@ -157,10 +157,10 @@ def check_args(kind: str, args: dict, path: str | Path, marks: Marks) -> None:
 def load_config(kind: str, path: str | Path) -> tuple[TrainConfig, Marks]:
     data, marks = load_yaml_data(path)
     cfg = validate_data(data, marks, TrainConfig, path, what=f"{kind} training config")
-    check_args(kind, cfg.args, path, marks)
     for key, bad in (("ensemble", cfg.ensemble > 1), ("bootstrap", cfg.bootstrap)):
         if bad and kind != "rm":
             raise error_at(path, marks, (key,), f"`{key}` is for reward models (`factory train rm`), not {kind}", key=True)
+    check_args(kind, cfg.args, path, marks)
     return cfg, marks
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from factory.evals.ensemble import EnsembleError, aggregate, member_dirs, normalise
-from factory.train import Member, bootstrap_rows, load_config, members
+from factory.train import Member, TrainConfig, bootstrap_rows, load_config, members
 from factory.yamlconf import ConfigError
 
 PAIRS = [("Name a colour.", "Blue.", "I refuse."), ("How are you?", "Fine, thanks!", "..."),
@@ -37,18 +37,15 @@ def test_aggregates_by_hand():
 
 
 def test_members_vary_the_seed_and_bootstrap_is_seeded(tmp_path):
-    cfg = tmp_path / "rm.yaml"
-    cfg.write_text(f"dataset: d\noutput_dir: {tmp_path / 'ens'}\nensemble: 3\nbootstrap: true\nargs: {{seed: 5}}\n")
-    c, _ = load_config("rm", cfg)
-    ms = members(c)
+    ms = members(TrainConfig(dataset="d", output_dir=str(tmp_path / "ens"), ensemble=3, bootstrap=True,
+                             args={"seed": 5}))
     assert [(m.index, m.seed, m.output_dir.name) for m in ms] == [(0, 5, "member-0"), (1, 6, "member-1"), (2, 7, "member-2")]
     rows = [bootstrap_rows(50, m) for m in ms]
     assert rows[0] == bootstrap_rows(50, ms[0]) and rows[0] != rows[1]
     assert all(len(r) == 50 and 0 <= min(r) and max(r) < 50 and len(set(r)) < 50 for r in rows)
     assert bootstrap_rows(4, Member(0, 1, tmp_path, bootstrap=False)) == [0, 1, 2, 3]
-    single = tmp_path / "one.yaml"
-    single.write_text(f"dataset: d\noutput_dir: {tmp_path / 'one'}\n")
-    assert [(m.index, m.output_dir) for m in members(load_config("rm", single)[0])] == [(None, tmp_path / "one")]
+    single = TrainConfig(dataset="d", output_dir=str(tmp_path / "one"))
+    assert [(m.index, m.output_dir) for m in members(single)] == [(None, tmp_path / "one")]
     bad = tmp_path / "dpo.yaml"
     bad.write_text("dataset: d\noutput_dir: o\nensemble: 2\n")
     with pytest.raises(ConfigError, match=r"dpo.yaml:3:1: `ensemble` is for reward models"):
@@ -116,6 +113,13 @@ def test_ensemble_eval_reports_members_like_single_evals_and_stores_aggregates(t
     acc, _, _ = pairwise_accuracy(expected[:len(PAIRS)], expected[len(PAIRS):],
                                   ["a" if i % 2 else "b" for i in range(len(PAIRS))])
     assert dict((n, x.value) for n, x, _, _ in r.aggregates)["uwo"] == acc
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    out = CliRunner().invoke(app, ["eval", "rm", "--model", str(root), "--human", str(human), "--lambda", "0.5"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "member-2" in out.output and "ensemble: mean − 0.5·std" in out.output
 
 
 @pytest.mark.slow

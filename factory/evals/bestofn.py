@@ -27,7 +27,7 @@ from ..store import content_key
 from ..templates import load_template
 from . import judging, tables
 from .ensemble import aggregate, member_dirs, member_rewards, normalise
-from .stats import Rate, rate
+from .stats import MIN_ITEMS, Rate, rate
 from .tables import GENERATIONS, Work
 
 DEFAULT_PROMPTS = judging.REPO / "data" / "demo_prompts.jsonl"
@@ -53,11 +53,23 @@ class BestOfN:
 
     def summary(self) -> str:
         gap = "—" if self.single_reward_gap is None else f"{self.single_reward_gap:+.2f}"
-        return (f"best-of-{self.n} on {self.prompts} prompts (policy {self.policy}, judge {self.judge}): the ensemble "
-                f"({self.aggregate}, λ={self.lam:g}) and member 0 pick the same response on {self.same_pick}; where they "
-                f"differ ({self.differing}) the judge prefers the ensemble's pick {self.win_rate.fmt()}; over all "
-                f"prompts (same pick = 0.5) {self.win_rate_all.fmt()}; member 0's z-reward of its own pick minus "
-                f"of the ensemble's: {gap}")
+        single = f"member {self.details.get('single', 0)}"
+        line = (f"best-of-{self.n} on {self.prompts} prompts (policy {self.policy}, judge {self.judge}): the ensemble "
+                f"({self.aggregate}, λ={self.lam:g}) and {single} pick the same response on {self.same_pick}; where they "
+                f"differ ({self.differing}) the judge prefers the ensemble's pick {self.win_rate.fmt()} "
+                f"({self.details.get('judge_ties', 0)} judge ties counted 0.5); over all prompts (same pick = 0.5) "
+                f"{self.win_rate_all.fmt()}; {single}'s z-reward of its own pick minus of the ensemble's: {gap}")
+        if self.differing and self.details.get("judge_ties") == self.differing:
+            line += "\nverdict: every differing pair is a judge tie: this judge cannot tell the picks apart, so the check is inconclusive"
+        elif self.win_rate.n < MIN_ITEMS:
+            line += f"\nverdict: too few differing picks (n={self.win_rate.n} < {MIN_ITEMS}) for a verdict"
+        elif self.win_rate.lo > 0.5:
+            line += "\nverdict: the judge prefers the ensemble's picks: the single reward model is being over-optimised"
+        elif self.win_rate.hi < 0.5:
+            line += "\nverdict: the judge prefers the single reward model's picks"
+        else:
+            line += "\nverdict: not distinguishable from 0.5"
+        return line
 
 
 def _samples(store, engine, prompts, template, sampling: Sampling, label: str, version: str) -> dict:
@@ -189,6 +201,7 @@ def best_of_n(rm_dir: str | Path, *, db: str | Path, policy: str = "smollm2-135m
                          float(np.mean(gaps)) if gaps else None, time.perf_counter() - start,
                          {"prompts_skipped": [s.reason for s in skips],
                           "prompts_without_two_samples": len(items) - len(usable), "judge_failed": int((~ok).sum()),
+                          "judge_ties": int(tie[ok].sum()),
                           "per_pair": per_pair, "single": single, "constitution": const.hash, "tie_eps": tie_eps,
                           "policy_identity": pol.model, "max_tokens": max_tokens, "temperature": temperature})
         _store(store, result)

@@ -107,7 +107,7 @@ class EnsembleEval:
         for col in ("scorer", "accuracy", "ties", "Δ vs member 0"):
             t.add_column(col, justify="left" if col == "scorer" else "right")
         for name, r, ties in self.members:
-            t.add_row(f"member {name}", r.fmt(), str(ties), "")
+            t.add_row(name, r.fmt(), str(ties), "")
         for name, r, ties, d in self.aggregates:
             label = LABELS[name].replace("λ", f"{self.lam:g}")
             t.add_row(f"ensemble: {label}", r.fmt(), str(ties), d.fmt(sign=True))

@@ -105,6 +105,8 @@ def _replies(plan, suite: str, suite_items, gens, scores, judge, rubric_hash: st
         ps = [scores[k]["value"] for k in (_jk(judge, rubric_hash, gid, o) for o in judging.RUBRIC_ORDERS)
               if k in scores and scores[k]["status"] == "ok" and scores[k]["value"] is not None]
         p = float(np.mean(ps)) if ps else None
+        if len(ps) == 1:
+            counts[f"{suite}: judge scored in one order only"] += 1
         dj = None
         if p is None:
             counts[f"{suite}: judge failed"] += 1
