@@ -39,12 +39,10 @@ def user_errors(fn):
         from .store import StoreError
         from .templates import TemplateError
         from .yamlconf import ConfigError
-        from .evals.ensemble import EnsembleError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, TemplateError, StoreError, SourceError, ModelError, UnknownPrinciple, OptionError, EngineError,
-                EnsembleError) as e:
+        except (ConfigError, TemplateError, StoreError, SourceError, ModelError, UnknownPrinciple, OptionError, EngineError) as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:

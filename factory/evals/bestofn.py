@@ -26,7 +26,7 @@ from ..engines.base import Request, Sampling
 from ..store import content_key
 from ..templates import load_template
 from . import judging, tables
-from .ensemble import aggregate, member_dirs, member_rewards, normalise
+from .ensemble import AGGREGATES, EnsembleError, aggregate, member_dirs, member_rewards, normalise
 from .stats import MIN_ITEMS, Rate, rate
 from .tables import GENERATIONS, Work
 
@@ -168,7 +168,9 @@ def best_of_n(rm_dir: str | Path, *, db: str | Path, policy: str = "smollm2-135m
     start = time.perf_counter()
     dirs = member_dirs(rm_dir)
     if not 0 <= single < len(dirs):
-        raise ValueError(f"single member {single}: the ensemble has members 0–{len(dirs) - 1}")
+        raise EnsembleError(f"single member {single}: the ensemble has members 0–{len(dirs) - 1}")
+    if how not in AGGREGATES:
+        raise EnsembleError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
     const = load_constitution(constitution)
     table, skips = read_prompts(prompts, limit=m)
     items = [{"prompt_id": r["prompt_id"], "conversation": json.loads(r["messages"])} for r in table.to_pylist()]

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..models import ModelError
 from .stats import Rate, difference, rate
 
 AGGREGATES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
@@ -37,8 +38,8 @@ AGGREGATES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
 LABELS = {"mean": "mean", "min": "worst case (min)", "uwo": "mean − λ·std"}
 
 
-class EnsembleError(ValueError):
-    """A folder that is not a usable reward-model ensemble."""
+class EnsembleError(ModelError):
+    """A folder that is not a usable reward-model ensemble (or an unknown aggregate)."""
 
 
 def is_ensemble(path: str | Path) -> bool:
