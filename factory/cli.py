@@ -228,7 +228,7 @@ def model_path(name: str = typer.Argument(None)):
 # -- export / train / eval (issue 5) ----------------------------------------------------------
 export_app = typer.Typer(no_args_is_help=True, help="DuckDB runs → Hugging Face datasets in TRL formats.")
 train_app = typer.Typer(no_args_is_help=True, help="TRL training from a YAML config (train/*.yaml).")
-eval_app = typer.Typer(no_args_is_help=True, help="Trained models against held-out human labels.")
+eval_app = typer.Typer(no_args_is_help=True, help="Trained models: human labels (rm, dpo), behaviour, best-of-n.")
 app.add_typer(export_app, name="export")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -299,17 +299,30 @@ def _train(kind: str, config: Path) -> None:
     r = train(kind, config)
     console.print(f"{kind}: {r.steps} steps on {r.rows} rows in {r.seconds:.1f} s ({r.seconds_per_step:.2f} s/step, "
                   f"{r.device}), train loss {r.train_loss:.4f} → {r.output_dir}")
+    manifest = r.output_dir.parent / "ensemble.json"
+    if r.output_dir.name.startswith("member-") and manifest.exists():
+        import json
+
+        for m in json.loads(manifest.read_text())["members"]:
+            console.print(f"  {m['path']}: seed {m['seed']}, {m['distinct_rows']} distinct of {m['rows']} rows, "
+                          f"{m['steps']} steps in {m['seconds']:.0f} s, train loss {m['train_loss']:.4f}")
+        console.print(f"ensemble → {manifest}")
 
 
 @eval_app.command("rm")
 @user_errors
-def eval_rm_cmd(model: Path = typer.Option(..., help="a folder written by `factory train rm`"),
+def eval_rm_cmd(model: Path = typer.Option(..., help="a folder written by `factory train rm` (one model or an ensemble)"),
                 human: str = typer.Option(..., help="held-out human pairs (hh-rlhf or JSONL)"),
-                limit: int = typer.Option(50), offset: int = typer.Option(0), db: Optional[Path] = typer.Option(None)):
-    """Pairwise accuracy of a reward model on human pairs (tie = wrong)."""
+                limit: int = typer.Option(50), offset: int = typer.Option(0), db: Optional[Path] = typer.Option(None),
+                lam: float = typer.Option(1.0, "--lambda", help="ensembles: λ in mean − λ·std")):
+    """Pairwise accuracy of a reward model (or of each ensemble member and aggregate) on human pairs (tie = wrong)."""
+    from .evals.ensemble import eval_rm_ensemble, is_ensemble
     from .evaluate import eval_rm
 
-    console.print(eval_rm(model, human, limit=limit, offset=offset, db=db).summary())
+    if is_ensemble(model):
+        console.print(eval_rm_ensemble(model, human, limit=limit, offset=offset, db=db, lam=lam).table())
+    else:
+        console.print(eval_rm(model, human, limit=limit, offset=offset, db=db).summary())
 
 
 @eval_app.command("dpo")
@@ -321,6 +334,81 @@ def eval_dpo_cmd(model: Path = typer.Option(...), ref: str = typer.Option("smoll
     from .evaluate import eval_dpo
 
     console.print(eval_dpo(model, ref, human, beta=beta, limit=limit, offset=offset, db=db).summary())
+
+
+# -- behavioural evals and reward-model ensembles (issue 13) -----------------------------------
+
+
+def _engine_spec(text: str):
+    """``--engine '{kind: openai, base_url: …}'`` → EngineSpec (errors name the key)."""
+    from .config import EngineSpec
+    from .yamlconf import parse_yaml, validate_data
+
+    data, marks = parse_yaml(text, "--engine")
+    return validate_data(data or {}, marks, EngineSpec, "--engine", what="engine settings")
+
+
+def _slug(names: list[str]) -> str:
+    import re
+
+    return "_vs_".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(n).name or n) for n in names)[:120]
+
+
+@eval_app.command("behaviour")
+@user_errors
+def eval_behaviour_cmd(
+    model: str = typer.Option(..., help="the model under test: alias, folder (e.g. data/runs/dpo-hh) or hub id"),
+    against: Optional[list[str]] = typer.Option(None, help="compare with this model (repeat: base, SFT, …)"),
+    judge: str = typer.Option("smollm2-135m", help="the refusal judge, fixed across the compared models"),
+    db: Path = typer.Option(Path("data/behaviour.duckdb"), help="the DuckDB file (resumable)"),
+    report: Optional[Path] = typer.Option(None, help="HTML report (default: beside the db)"),
+    engine: str = typer.Option("{kind: vllm}", help="engine settings, a YAML mapping as in a pipeline's `engine:`"),
+    harmful: Optional[str] = typer.Option(None, help="harmful suite file (default data/evals/harmful.jsonl)"),
+    benign: Optional[str] = typer.Option(None, help="benign-but-risky suite file (XSTest-style files work too)"),
+    sycophancy: Optional[str] = typer.Option(None, help="sycophancy suite file"),
+    limit: Optional[int] = typer.Option(None, help="items per suite (smoke runs)"),
+    max_tokens: int = typer.Option(96, help="tokens per harmful/benign reply"),
+    syco_max_tokens: int = typer.Option(48, help="tokens per sycophancy turn"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+):
+    """Harmful requests refused, benign ones over-refused, answers flipped under push-back: one table, one report.
+
+    Example: factory eval behaviour --model data/runs/dpo-hh --against smollm2-135m --against data/runs/sft-demo
+    """
+    from .evals.behaviour import Settings, evaluate
+    from .evals.report import render_terminal, write_html
+
+    models = [model, *(against or [])]
+    settings = Settings(max_tokens=max_tokens, syco_max_tokens=syco_max_tokens, limit=limit)
+    result = evaluate(models, db=db, judge=judge, engine_spec=_engine_spec(engine), settings=settings,
+                      suite_paths={"harmful": harmful, "benign": benign, "sycophancy": sycophancy}, quiet=quiet)
+    render_terminal(result, console)
+    path = write_html(result, report or db.parent / f"behaviour-{_slug(models)}.html")
+    console.print(f"report: [bold]{path}[/bold]")
+
+
+@eval_app.command("bon")
+@user_errors
+def eval_bon_cmd(
+    rm: Path = typer.Option(..., help="a reward-model ensemble folder (`factory train rm` with `ensemble: k`)"),
+    policy: str = typer.Option("smollm2-135m", help="the policy that samples the n responses"),
+    judge: Optional[str] = typer.Option(None, help="the constitution judge (default: the policy)"),
+    prompts: Path = typer.Option(Path("data/demo_prompts.jsonl"), help="prompts (JSONL with prompt or messages)"),
+    m: int = typer.Option(16, help="prompts"), n: int = typer.Option(4, help="responses sampled per prompt"),
+    aggregate: str = typer.Option("uwo", help="ensemble pick: mean | min | uwo (mean − λ·std)"),
+    lam: float = typer.Option(1.0, "--lambda"), single: int = typer.Option(0, help="the single RM: this member"),
+    constitution: Path = typer.Option(Path("constitutions/harmless.yaml")),
+    per_pair: int = typer.Option(4, help="principles judged per pair (seeded sample)"),
+    max_tokens: int = typer.Option(96), db: Path = typer.Option(Path("data/behaviour.duckdb")),
+    engine: str = typer.Option("{kind: vllm}", help="engine settings, a YAML mapping"),
+):
+    """Best-of-n: pick by one reward model vs by the ensemble, judge the picks (over-optimisation check)."""
+    from .evals.bestofn import best_of_n
+
+    r = best_of_n(rm, db=db, policy=policy, judge=judge, prompts=prompts, m=m, n=n, how=aggregate, lam=lam,
+                  single=single, constitution=constitution, per_pair=per_pair, max_tokens=max_tokens,
+                  engine_spec=_engine_spec(engine))
+    console.print(r.summary(), markup=False, highlight=False)
 
 
 # -- human labels and audits (issue 4) --------------------------------------------------------

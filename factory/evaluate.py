@@ -12,6 +12,8 @@ conversation; how many were cut is in ``details``. Scoring runs in batches sorte
 (little padding) under ``torch.no_grad``; float32 on CPU, bf16 on GPU. With ``db`` the result
 is stored in the ``evals`` table keyed by everything that determines it (kind, model folder and
 its weight files' sizes/mtimes, human set and slice, β, max_length): rerunning replaces it.
+Accuracies carry a seeded 95% bootstrap interval over pairs. Reward-model ensembles (a folder with
+``ensemble.json``) are evaluated by ``factory.evals.ensemble``.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ class EvalResult:
     details: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
+        lo, hi = self.details.get("ci", (None, None))
+        ci = f" [95% CI {lo:.3f}, {hi:.3f}]" if lo is not None and lo == lo else ""
         return (f"{self.kind} eval of {self.model} on {self.n} human pairs ({self.set_id}): accuracy "
-                f"{self.accuracy:.3f} ({self.ties} ties counted wrong) in {self.seconds:.1f} s")
+                f"{self.accuracy:.3f}{ci} ({self.ties} ties counted wrong) in {self.seconds:.1f} s")
 
 
 def pairwise_accuracy(score_a: Any, score_b: Any, human_choice: Any) -> tuple[float, int, np.ndarray]:
@@ -181,7 +185,7 @@ def completion_logps(model, tok, prompts: list[list[dict]], completions: list[li
 # ------------------------------------------------------------------------------ evaluations
 
 
-def _human(spec: str | Path, limit: int | None, offset: int) -> tuple[pa.Table, list[list[dict]], dict]:
+def human(spec: str | Path, limit: int | None, offset: int) -> tuple[pa.Table, list[list[dict]], dict]:
     from .export import ExportError, human_pairs
 
     table, dropped = human_pairs(spec, limit=limit, offset=offset)
@@ -191,18 +195,24 @@ def _human(spec: str | Path, limit: int | None, offset: int) -> tuple[pa.Table, 
     return table, convs, dropped
 
 
-def _fingerprint(path: str) -> list:
+def model_fingerprint(path: str) -> list:
     files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def _finish(kind: str, model: str, spec: str | Path, table: pa.Table, a: np.ndarray, b: np.ndarray,
-            params: dict, extra: dict, seconds: float, db: str | Path | None) -> EvalResult:
+def finish(kind: str, model: str, spec: str | Path, table: pa.Table, a: np.ndarray, b: np.ndarray,
+           params: dict, extra: dict, seconds: float, db: str | Path | None, *, n_bootstrap: int = 1000,
+           seed: int = 0) -> EvalResult:
+    """Accuracy (with a seeded 95% bootstrap interval over pairs) of scores ``a``/``b`` against the
+    human choices of ``table``; stored in ``evals`` (replacing the row of the same key) when ``db``."""
+    from .audit.metrics import bootstrap_mean_ci
+
     choice = table.column("human_choice").to_pylist()
     acc, ties, correct = pairwise_accuracy(a, b, choice)
+    ci = bootstrap_mean_ci(correct.astype(np.float64), n_bootstrap, seed)
     set_id = str(spec)
-    eval_id = content_key("eval", kind, str(Path(model).resolve()), _fingerprint(model), set_id, params)
-    details = {**params, **extra, "pair_ids": table.column("pair_id").to_pylist(),
+    eval_id = content_key("eval", kind, str(Path(model).resolve()), model_fingerprint(model), set_id, params)
+    details = {**params, **extra, "ci": list(ci), "pair_ids": table.column("pair_id").to_pylist(),
                "score_a": a.tolist(), "score_b": b.tolist(), "correct": correct.tolist()}
     result = EvalResult(eval_id, kind, str(model), set_id, len(choice), acc, ties, seconds, details)
     if db is not None:
@@ -219,13 +229,13 @@ def eval_rm(model_dir: str | Path, human_spec: str | Path, *, limit: int | None 
     """Pairwise accuracy of the reward model in ``model_dir`` on human pairs ``[offset, offset+limit)``."""
     start = time.perf_counter()
     model, tok = load_model(model_dir, "rm")
-    table, convs, dropped = _human(human_spec, limit, offset)
+    table, convs, dropped = human(human_spec, limit, offset)
     reply = lambda col: [{"role": "assistant", "content": t} for t in table.column(col).to_pylist()]  # noqa: E731
     n = table.num_rows
     scores, cut = rm_scores(model, tok, [c + [r] for c, r in zip(convs + convs, reply("response_a") + reply("response_b"))],
                             batch_size=batch_size, max_length=max_length)
     params = {"limit": limit, "offset": offset, "max_length": max_length}
-    return _finish("rm", _model_path(model_dir), human_spec, table, scores[:n], scores[n:], params,
+    return finish("rm", _model_path(model_dir), human_spec, table, scores[:n], scores[n:], params,
                    {"truncated": cut, "dropped": dropped}, time.perf_counter() - start, db)
 
 
@@ -234,7 +244,7 @@ def eval_dpo(policy_dir: str | Path, ref_dir: str | Path, human_spec: str | Path
              max_length: int = 512) -> EvalResult:
     """Pairwise accuracy of a DPO policy's implicit reward β·(log π − log π_ref) on human pairs."""
     start = time.perf_counter()
-    table, convs, dropped = _human(human_spec, limit, offset)
+    table, convs, dropped = human(human_spec, limit, offset)
     n = table.num_rows
     prompts = convs + convs
     replies = [[{"role": "assistant", "content": t}] for t in
@@ -247,9 +257,9 @@ def eval_dpo(policy_dir: str | Path, ref_dir: str | Path, human_spec: str | Path
     reward = beta * (logps["policy"] - logps["ref"])
     params = {"limit": limit, "offset": offset, "max_length": max_length, "beta": beta,
               "ref": str(Path(_model_path(ref_dir)).resolve())}
-    return _finish("dpo", _model_path(policy_dir), human_spec, table, reward[:n], reward[n:], params,
+    return finish("dpo", _model_path(policy_dir), human_spec, table, reward[:n], reward[n:], params,
                    {"truncated": cut, "dropped": dropped}, time.perf_counter() - start, db)
 
 
-__all__ = ["EvalResult", "completion_ids", "completion_logps", "eval_dpo", "eval_rm", "load_model",
-           "pairwise_accuracy", "rm_scores"]
+__all__ = ["EvalResult", "completion_ids", "completion_logps", "eval_dpo", "eval_rm", "finish", "human", "load_model",
+           "model_fingerprint", "pairwise_accuracy", "rm_scores"]

@@ -10,6 +10,8 @@ A training config (see ``train/*.yaml``)::
     output_dir: runs/sft-demo
     peft: {r: 16, alpha: 32, target_modules: all-linear}   # optional LoRA
     args: {max_steps: 3, per_device_train_batch_size: 2, max_length: 256}
+    ensemble: 3                    # rm only: k members in output_dir/member-0 … member-(k-1)
+    bootstrap: true                # rm ensembles: each member trains on a seeded bootstrap of the pairs
 
 ``args`` passes straight to ``SFTConfig`` / ``RewardConfig`` / ``DPOConfig``; a key that is not a
 field of that dataclass is an error at its line, with the closest field names. Device choices:
@@ -17,6 +19,14 @@ on CPU bf16/fp16 are forced off and ``use_cpu`` on, and gradient checkpointing d
 (it only trades compute for memory, which a 135M model on CPU does not need); on a GPU TRL's
 default (bf16 on) stands. Models load in float32 (TRL's default), so small CPU updates are not
 lost to bf16 rounding and GPU runs use bf16 autocast over float32 master weights.
+
+Reward-model ensembles (``ensemble: k``): member i trains with seed ``args.seed + i`` (TRL's
+default 42 when unset) and, with ``bootstrap: true``, on n pairs drawn with replacement from the
+n training pairs by a generator seeded from (seed, i). Each member is saved in
+``output_dir/member-i`` with its ``factory_train.json``; ``output_dir/ensemble.json`` lists the
+members (seed, rows, distinct rows, loss, time). A member whose ``factory_train.json`` carries
+the same member key (config, base model, dataset content, index, seed, bootstrap) is not trained
+again, so an interrupted ensemble resumes at the next member.
 """
 
 from __future__ import annotations
@@ -33,7 +43,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .yamlconf import ConfigError, Issue, Marks, error_at, load_yaml_data, validate_data
 
-Kind = Literal["sft", "rm", "dpo"]
 KINDS: dict[str, tuple[str, str]] = {
     "sft": ("SFTConfig", "SFTTrainer"),
     "rm": ("RewardConfig", "RewardTrainer"),
@@ -84,6 +93,8 @@ class TrainConfig(Strict):
     output_dir: str = Field(description="where the trained model (and the exported dataset) go")
     peft: Lora | None = None
     args: dict[str, Any] = Field(default_factory=dict, description="fields of the TRL config class")
+    ensemble: int = Field(1, ge=1, le=32, description="rm only: train k members (seed + i), in output_dir/member-i")
+    bootstrap: bool = Field(False, description="rm ensembles: each member trains on a seeded bootstrap of the pairs")
 
 
 @dataclass
@@ -146,6 +157,9 @@ def check_args(kind: str, args: dict, path: str | Path, marks: Marks) -> None:
 def load_config(kind: str, path: str | Path) -> tuple[TrainConfig, Marks]:
     data, marks = load_yaml_data(path)
     cfg = validate_data(data, marks, TrainConfig, path, what=f"{kind} training config")
+    for key, bad in (("ensemble", cfg.ensemble > 1), ("bootstrap", cfg.bootstrap)):
+        if bad and kind != "rm":
+            raise error_at(path, marks, (key,), f"`{key}` is for reward models (`factory train rm`), not {kind}", key=True)
     check_args(kind, cfg.args, path, marks)
     return cfg, marks
 
@@ -269,35 +283,129 @@ def make_trainer(kind: str, model: str, dataset, output_dir: str | Path, *, args
                        peft_config=peft_config)
 
 
+@dataclass
+class Member:
+    """One reward model of an ensemble (or the single model: index None, saved in output_dir)."""
+
+    index: int | None
+    seed: int
+    output_dir: Path
+    bootstrap: bool = False
+
+
+def members(cfg: TrainConfig) -> list[Member]:
+    seed = int(cfg.args.get("seed", 42))  # TRL's default seed
+    if cfg.ensemble == 1 and not cfg.bootstrap:
+        return [Member(None, seed, Path(cfg.output_dir))]
+    return [Member(i, seed + i, Path(cfg.output_dir) / f"member-{i}", cfg.bootstrap) for i in range(cfg.ensemble)]
+
+
+def bootstrap_rows(n: int, member: Member) -> list[int]:
+    """The row indices a member trains on: all n, or n drawn with replacement (seeded by seed and index)."""
+    if not member.bootstrap:
+        return list(range(n))
+    import numpy as np
+
+    from .store import content_key
+
+    rng = np.random.default_rng(int(content_key("bootstrap", member.seed, member.index), 16))
+    return rng.integers(0, n, n).tolist()
+
+
+def resample(ds, member: Member):
+    """The member's training dataset (the whole one unless it is a bootstrap member)."""
+    return ds.select(bootstrap_rows(len(ds), member)) if member.bootstrap else ds
+
+
+def dataset_hash(ds) -> str:
+    """A content hash of the training rows (decides whether a stored ensemble member is still valid)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    table = ds.data.table.combine_chunks()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
+
+
+def _build(kind: str, cfg: TrainConfig, config_path, marks, model: str, tok, ds, dev: str, member: Member):
+    args = {**cfg.args, "seed": member.seed}
+    try:
+        return make_trainer(kind, model, resample(ds, member), member.output_dir, args=args, tokenizer=tok,
+                            peft=cfg.peft, dev=dev)
+    except (TypeError, ValueError) as e:  # a TRL/transformers argument check
+        raise error_at(config_path, marks, ("args",), f"TRL rejected the arguments: {e}") from None
+
+
 def prepare(kind: str, config_path: str | Path) -> Prepared:
-    """Load and check the config, model, tokenizer and dataset; construct the trainer."""
+    """Load and check the config, model, tokenizer and dataset; construct the trainer (of member 0
+    for an ensemble)."""
     cfg, marks = load_config(kind, config_path)
     model, tok = resolve_model(cfg, config_path, marks)
     ds = resolve_dataset(kind, cfg, config_path, marks)
     dev = device()
-    try:
-        trainer = make_trainer(kind, model, ds, cfg.output_dir, args=cfg.args, tokenizer=tok, peft=cfg.peft, dev=dev)
-    except (TypeError, ValueError) as e:  # a TRL/transformers argument check
-        raise error_at(config_path, marks, ("args",), f"TRL rejected the arguments: {e}") from None
+    trainer = _build(kind, cfg, config_path, marks, model, tok, ds, dev, members(cfg)[0])
     return Prepared(kind, cfg, model, trainer, len(ds), dev)
 
 
-def train(kind: str, config_path: str | Path) -> TrainResult:
-    """Run ``factory train <kind> <config>``; the model and ``factory_train.json`` go to ``output_dir``."""
-    p = prepare(kind, config_path)
+def _fit(kind: str, trainer, cfg: TrainConfig, out: Path, model: str, rows: int, dev: str, config_path,
+         extra: dict) -> TrainResult:
     start = time.perf_counter()
-    out = p.trainer.train()
+    res = trainer.train()
     seconds = time.perf_counter() - start
-    p.trainer.save_model(p.cfg.output_dir)
-    losses = [float(h["loss"]) for h in p.trainer.state.log_history if "loss" in h]
-    result = TrainResult(kind, Path(p.cfg.output_dir), p.model, p.rows, int(out.global_step), seconds, p.device,
-                         float(out.training_loss), losses)
+    trainer.save_model(str(out))
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    result = TrainResult(kind, out, model, rows, int(res.global_step), seconds, dev, float(res.training_loss), losses)
     record = {**dataclasses.asdict(result), "seconds_per_step": result.seconds_per_step,
-              "config": json.loads(p.cfg.model_dump_json()), "config_path": str(config_path),
-              "trl_config": KINDS[kind][0], "metrics": out.metrics}
-    (Path(p.cfg.output_dir) / "factory_train.json").write_text(json.dumps(record, indent=2, default=str))
+              "config": json.loads(cfg.model_dump_json()), "config_path": str(config_path),
+              "trl_config": KINDS[kind][0], "metrics": res.metrics, **extra}
+    (out / "factory_train.json").write_text(json.dumps(record, indent=2, default=str))
     return result
 
 
-__all__ = ["KINDS", "Prepared", "TrainConfig", "TrainResult", "check_args", "load_config", "make_trainer",
-           "prepare", "train", "trl_args"]
+def train(kind: str, config_path: str | Path) -> TrainResult:
+    """Run ``factory train <kind> <config>``; the model and ``factory_train.json`` go to ``output_dir``
+    (an ensemble: one folder per member and ``ensemble.json``; the result is the last member's)."""
+    cfg, marks = load_config(kind, config_path)
+    model, tok = resolve_model(cfg, config_path, marks)
+    ds = resolve_dataset(kind, cfg, config_path, marks)
+    dev = device()
+    plan = members(cfg)
+    if plan[0].index is None:
+        trainer = _build(kind, cfg, config_path, marks, model, tok, ds, dev, plan[0])
+        return _fit(kind, trainer, cfg, plan[0].output_dir, model, len(ds), dev, config_path, {})
+    from .store import content_key
+
+    snapshot = json.loads(cfg.model_dump_json())
+    snapshot.pop("output_dir")
+    data_hash = dataset_hash(ds)
+    done: list[dict] = []
+    result = None
+    for m in plan:
+        key = content_key("rm-member", snapshot, model, data_hash, m.index, m.seed, m.bootstrap)
+        record_path = m.output_dir / "factory_train.json"
+        old = json.loads(record_path.read_text()) if record_path.exists() else {}
+        if old.get("member", {}).get("key") != key:
+            trainer = _build(kind, cfg, config_path, marks, model, tok, ds, dev, m)
+            rows = len(ds)
+            distinct = len(set(bootstrap_rows(len(ds), m)))
+            info = {"key": key, "index": m.index, "seed": m.seed, "bootstrap": m.bootstrap, "distinct_rows": distinct,
+                    "dataset_hash": data_hash}
+            result = _fit(kind, trainer, cfg, m.output_dir, model, rows, dev, config_path, {"member": info})
+            old = json.loads(record_path.read_text())
+        done.append({"path": m.output_dir.name, **old["member"], "rows": old["rows"], "steps": old["steps"],
+                     "train_loss": old["train_loss"], "seconds": old["seconds"]})
+    manifest = {"kind": "rm-ensemble", "k": len(plan), "bootstrap": cfg.bootstrap, "base_model": model,
+                "training_rows": len(ds), "dataset_hash": data_hash, "config": json.loads(cfg.model_dump_json()),
+                "config_path": str(config_path), "members": done}
+    Path(cfg.output_dir, "ensemble.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if result is None:  # every member was already trained
+        last = done[-1]
+        result = TrainResult(kind, plan[-1].output_dir, model, last["rows"], last["steps"], 0.0, dev, last["train_loss"])
+    return result
+
+
+__all__ = ["KINDS", "Member", "Prepared", "TrainConfig", "TrainResult", "check_args", "load_config", "make_trainer",
+           "bootstrap_rows", "members", "prepare", "resample", "train", "trl_args"]

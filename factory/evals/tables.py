@@ -1,0 +1,147 @@
+"""DuckDB tables of behavioural evals: one row per generation and one per score.
+
+Every row's ``id`` is a content key over everything that determined it: for a generation the
+model identity (``engine.model``), engine seed, sampling, template hash, suite, suite version, item
+id, turn and the exact messages (which carry the parent reply); for a score the scorer, its rule
+or rubric template hash, the judge's identity and seed, and the generation's id. A rerun asks the
+engine only for missing keys, so a killed eval resumes where it stopped. The DDL below runs when a
+store is opened for writing (read paths tolerate its absence). Summary rows go to ``evals``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import pyarrow as pa
+
+from ..engines.base import Completion, Request
+from ..store import Store, content_key, ddl, now
+
+GENERATION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("suite", pa.string()), ("suite_version", pa.string()), ("item_id", pa.string()),
+    ("turn", pa.int32()), ("parent_id", pa.string()), ("sample_index", pa.int32()), ("model", pa.string()),
+    ("seed", pa.int64()), ("sampling_hash", pa.string()), ("template_hash", pa.string()), ("messages", pa.string()),
+    ("text", pa.string()), ("status", pa.string()), ("error", pa.string()), ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()), ("finish_reason", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
+])
+SCORE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("subject_id", pa.string()),  # a generation id (or a best-of-n pair key)
+    ("suite", pa.string()), ("item_id", pa.string()),
+    ("scorer", pa.string()),  # judge | keyword | match | pairwise | rm
+    ("variant", pa.string()),  # rubric order (cr/rc), principle/order, turn, RM member
+    ("rule_hash", pa.string()),  # rubric template hash or rule hash
+    ("model", pa.string()), ("seed", pa.int64()), ("sampling_hash", pa.string()),
+    ("logprob_first", pa.float64()), ("logprob_second", pa.float64()),
+    ("value", pa.float64()),  # P(refused) | 0/1 | P(a better) | reward
+    ("detail", pa.string()), ("status", pa.string()), ("error", pa.string()), ("prompt_tokens", pa.int32()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+GENERATIONS, SCORES = "behaviour_generations", "behaviour_scores"
+DDL = (ddl(GENERATIONS, GENERATION_SCHEMA), ddl(SCORES, SCORE_SCHEMA))
+
+
+def judge_key(judge, rubric_hash: str, gen_id: str, order: str, options: tuple[str, ...]) -> str:
+    """A judge score: the judge's identity and seed, the rubric template, the reply, the order."""
+    return content_key("judge", judge.model, judge.seed, rubric_hash, gen_id, order, options)
+
+
+def keyword_key(rule: str, gen_id: str) -> str:
+    return content_key("keyword", rule, gen_id)
+
+
+def match_key(rule: str, gen_id: str, answers: tuple[str, ...]) -> str:
+    return content_key("match", rule, gen_id, answers)
+
+
+def open_store(db, owner: str) -> Store:
+    """The store opened for writing (writer lock held by ``owner``) with these tables in place."""
+    store = Store(db, writer_run=owner)
+    for stmt in DDL:
+        store.con.execute(stmt)
+    return store
+
+
+def has_tables(store: Store) -> bool:
+    names = {r[0] for r in store.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return GENERATIONS in names and SCORES in names
+
+
+@dataclass
+class Work:
+    """One request and the row fields it will be stored with (besides its outcome)."""
+
+    request: Request
+    row: dict
+
+
+@dataclass
+class Step:
+    name: str
+    planned: int = 0
+    reused: int = 0
+    written: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+def generation_rows(work: Work, c: Completion) -> list[dict]:
+    """A completion → one row per sample (``id`` = the request key for a single sample)."""
+    texts = c.texts or [None]
+    rows = []
+    for i, text in enumerate(texts):
+        status, error = c.status, c.error
+        if status == "ok" and not (text or "").strip():
+            status, error = "failed", "empty model output"
+        rows.append({**work.row, "id": sample_key(work.request.key, i, len(texts)), "sample_index": i, "text": text,
+                     "status": status, "error": error, "prompt_tokens": c.prompt_tokens,
+                     "completion_tokens": c.completion_tokens // max(len(texts), 1),
+                     "finish_reason": c.finish_reasons[i] if i < len(c.finish_reasons) else None,
+                     "created_at": now()})
+    return rows
+
+
+def sample_key(request_key: str, i: int, n: int) -> str:
+    return request_key if n == 1 else content_key(request_key, i)
+
+
+def run_step(store: Store, engine, table: str, work: list[Work], to_rows: Callable[[Work, Completion], list[dict]],
+             schema: pa.Schema, *, name: str, first_row: Callable[[str], str] = lambda k: k,
+             chunk_rows: int = 64, chunk_seconds: float = 5.0, on_done: Callable[[int], None] | None = None) -> Step:
+    """Send the work whose first row is not stored yet to ``engine`` in one ``generate`` call and write
+    the rows in chunks (one transaction each, every ``chunk_rows`` rows or ``chunk_seconds``) as
+    completions arrive."""
+    step = Step(name, planned=len(work))
+    done = store.existing(table, [first_row(w.request.key) for w in work])
+    todo = [w for w in work if first_row(w.request.key) not in done]
+    step.reused = len(work) - len(todo)
+    if not todo:
+        return step
+    by_key = {w.request.key: w for w in todo}
+    pending: list[dict] = []
+    start = last = time.perf_counter()
+    try:
+        for c in engine.generate([w.request for w in todo]):
+            pending.extend(to_rows(by_key[c.key], c))
+            step.prompt_tokens += c.prompt_tokens
+            step.completion_tokens += c.completion_tokens
+            if on_done:
+                on_done(1)
+            if len(pending) >= chunk_rows or time.perf_counter() - last > chunk_seconds:
+                step.written += store.insert(table, pending, schema)
+                pending, last = [], time.perf_counter()
+    finally:  # also on Ctrl-C: what has come back is kept (a kill -9 loses at most the unwritten chunk)
+        step.written += store.insert(table, pending, schema)
+        step.seconds = time.perf_counter() - start
+    return step
+
+
+def insert_scores(store: Store, rows: Iterable[dict]) -> int:
+    return store.insert(SCORES, [{**r, "created_at": r.get("created_at") or now()} for r in rows], SCORE_SCHEMA)
+
+
+__all__ = ["DDL", "GENERATIONS", "GENERATION_SCHEMA", "SCORES", "SCORE_SCHEMA", "Step", "Work", "generation_rows",
+           "has_tables", "insert_scores", "judge_key", "keyword_key", "match_key", "open_store", "run_step",
+           "sample_key"]
