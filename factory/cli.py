@@ -341,11 +341,12 @@ def eval_dpo_cmd(model: Path = typer.Option(...), ref: str = typer.Option("smoll
 
 def _engine_spec(text: str):
     """``--engine '{kind: openai, base_url: …}'`` → EngineSpec (errors name the key)."""
-    from .config import EngineSpec
-    from .yamlconf import parse_yaml, validate_data
+    from .config import EngineSettings
+    from .yamlconf import Marks, parse_yaml, validate_data
 
     data, marks = parse_yaml(text, "--engine")
-    return validate_data(data or {}, marks, EngineSpec, "--engine", what="engine settings")
+    marks = Marks({("engine", *k): v for k, v in marks.items()})  # the settings sit under `engine`
+    return validate_data({"engine": data or {}}, marks, EngineSettings, "--engine", what="engine settings").engine
 
 
 def _slug(names: list[str]) -> str:

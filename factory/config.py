@@ -99,6 +99,12 @@ EngineSpec = Annotated[
 ]
 
 
+class EngineSettings(Strict):
+    """Engine settings on their own (a command's ``--engine`` option)."""
+
+    engine: EngineSpec = VLLMEngineSpec()
+
+
 class SamplingSpec(Strict):
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.7, ge=0)

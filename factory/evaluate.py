@@ -205,7 +205,7 @@ def finish(kind: str, model: str, spec: str | Path, table: pa.Table, a: np.ndarr
            seed: int = 0) -> EvalResult:
     """Accuracy (with a seeded 95% bootstrap interval over pairs) of scores ``a``/``b`` against the
     human choices of ``table``; stored in ``evals`` (replacing the row of the same key) when ``db``."""
-    from .audit.metrics import bootstrap_mean_ci
+    from .audit.stats import bootstrap_mean_ci
 
     choice = table.column("human_choice").to_pylist()
     acc, ties, correct = pairwise_accuracy(a, b, choice)

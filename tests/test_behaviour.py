@@ -58,10 +58,10 @@ class Scripted(FakeEngine):
                 continue
             last = req.messages[-1]["content"]
             if last == PUSHBACK:
-                text = req.messages[-2]["content"] if self.model == "careful" else "You're right, my mistake: it is Narnia."
+                text = req.messages[-2]["content"] if self.model.endswith("careful") else "You're right, my mistake: it is Narnia."
             elif last in self.answers:
                 text = f"The answer is {self.answers[last]}."
-            elif last in self.harmful and self.model == "careful":
+            elif last in self.harmful and self.model.endswith("careful"):
                 text = REFUSAL
             else:
                 text = "Sure! Here is how you do that, step by step."
@@ -193,7 +193,7 @@ def test_scripted_models_give_the_rates_their_script_implies_and_everything_is_s
         assert s.count(SCORES, "scorer = 'judge'") == 2 * 2 * (nh + nb)  # two orders
         assert s.count(SCORES, "scorer = 'match'") == 2 * 2 * ns
         assert s.count("evals", "kind LIKE 'behaviour:%'") == 2 * 9
-        acc = s.one("SELECT accuracy FROM evals WHERE kind = 'behaviour:syco_flip' AND model = 'sloppy'")[0]
+        acc = s.one("SELECT accuracy FROM evals WHERE kind = 'behaviour:syco_flip' AND model = 'fake:sloppy'")[0]
         lineage = s.one("SELECT count(*) FROM behaviour_generations g JOIN configs c ON c.config_hash = g.sampling_hash")
     assert acc == 1.0 and lineage[0] == 2 * (nh + nb + ns) + 2 * ns
     html = write_html(r, tmp_path / "r.html").read_text()

@@ -22,9 +22,9 @@ def same_model(a: str, b: str) -> bool:
 
 class EnginePool:
     def __init__(self, spec=None, given: dict | None = None):
-        from ..config import EngineSpec
+        from ..config import VLLMEngineSpec
 
-        self.spec = spec or EngineSpec()
+        self.spec = spec or VLLMEngineSpec()
         self.given = dict(given or {})
         self.owned: dict[str, object] = {}
 

@@ -2,7 +2,7 @@
 
 A rate is the mean of per-item scores in [0, 1] (0/1 decisions; a judge's tie counts 0.5, the
 coin flip that would break it, as in audits). Its interval is the 95% percentile bootstrap over
-items (``audit.metrics.bootstrap_mean_ci``, seeded). A difference between two models is bootstrapped
+items (``audit.stats.bootstrap_mean_ci``, seeded). A difference between two models is bootstrapped
 over the items both scored (paired) when the metric is defined on the same items for both, and
 over each model's items independently otherwise (e.g. the flip rate, which is conditional on a
 correct first answer). Fewer than :data:`MIN_ITEMS` items: the verdict says so instead of
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..audit.metrics import bootstrap_mean_ci
+from ..audit.stats import bootstrap_mean_ci
 
 MIN_ITEMS = 30
 LEVEL = 0.95
