@@ -74,8 +74,9 @@ class PrefsKind(RunKind):
             if src.source == "file":
                 reader = open_source(src.path, src.split, src.data_dir, "pairs")
                 parse = pair_parser(src.format)
-                to_pair = lambda r: {**J.pair_row(json.loads(r["conversation"]), r["response_a"], r["response_b"],  # noqa: E731
-                                                  source="file"), "source_row": r["source_row"]}
+                to_pair = lambda r: {**J.pair_row(None, r["response_a"], r["response_b"], source="file",  # noqa: E731
+                                                  pair_id=r["pair_id"], conversation_json=r["conversation"]),
+                                     "source_row": r["source_row"]}
             else:
                 reader = SqlReader(store, sl_pairs_sql(store, src.run), f"{store.path} (SL runs; row = pair number)")
                 parse = lambda row, rec: {**J.pair_row(json.loads(rec[0]), rec[2], rec[4], source="sl",  # noqa: E731

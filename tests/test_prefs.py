@@ -231,3 +231,21 @@ def test_export_over_every_principle_gives_the_run_labels(tmp_path):
     for folder in ("all", "plain"):
         got = {r["pair_id"]: r["p_chosen"] for r in datasets.load_from_disk(str(tmp_path / folder))}
         assert got.keys() == stored.keys() and all(got[k] == pytest.approx(v) for k, v in stored.items())
+
+
+def test_judge_key_is_the_factory_content_key():
+    """The judge builds its keys' canonical JSON from a cached prefix: the same bytes as content_key."""
+    from factory.constitution import load_constitution
+    from factory.stages import judge as J
+    from factory.store import content_key
+    from factory.templates import load_template
+
+    c = load_constitution(REPO / "constitutions/harmless.yaml")
+    ctx = J.JudgeCtx(run_id="r", model='m@ü"x\\', seed=3, constitution=c, template=load_template(REPO / "prompts/judge.j2"),
+                     options=["A", "B"], option_ids=None, sampling_hash="s", max_chars=3000)
+    pair = J.Pair("p1", [], "a", "b")
+    for table, rationale in (("judgements", None), ("judgements", "r1"), ("rationales", None)):
+        for p in c.principles[:3]:
+            for order in J.ORDERS:
+                assert ctx.key(table, pair, p, order, rationale) == content_key(
+                    table, ctx.model, 3, "s", ctx.template.hash, J.RENDER_VERSION, "p1", p.hash, order, ["A", "B"], rationale)

@@ -88,6 +88,11 @@ def choose(constitution: Constitution, per_pair: int | None, seed: int, pair_id:
     return random.Random(content_key(seed, pair_id)).sample(pool, per_pair)
 
 
+def _canonical(value) -> str:
+    """JSON exactly as :func:`factory.store.content_key` writes it."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
 def messages_hash(messages: list[dict]) -> str:
     """sha256 (16 hex) of the messages' roles and contents, unambiguously separated."""
     return hashlib.sha256("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages).encode()).hexdigest()[:16]
@@ -111,6 +116,7 @@ class JudgeCtx:
     def __post_init__(self) -> None:
         self._skel: dict[tuple[str, str], list] = {}
         self._uses: dict[tuple[str, str], int] = {}  # principles still to render per (pair, order)
+        self._key_prefix: dict[str, str] = {}
         self._checked: bool | None = None if self.skeletons else False
         nonce = uuid.uuid4().hex
         self._marks = {f: f"\x00{nonce}:{f}\x00" for f in ("id", "critique", "revision", "comparison")}
@@ -181,8 +187,17 @@ class JudgeCtx:
         return out
 
     def key(self, table: str, pair: Pair, p: Principle, order: str, rationale_id: str | None = None) -> str:
-        return content_key(table, self.model, self.seed, self.sampling_hash, self.template.hash, RENDER_VERSION,
-                           pair.pair_id, p.hash, order, self.options, rationale_id)
+        """``content_key(table, model, seed, judge settings, template, RENDER_VERSION, pair, principle, order,
+        options, rationale)``, its canonical JSON built from a per-table prefix computed once (the same
+        bytes, so the same key: a judgement's key is computed millions of times a run)."""
+        prefix = self._key_prefix.get(table)
+        if prefix is None:
+            head = _canonical([table, self.model, self.seed, self.sampling_hash, self.template.hash, RENDER_VERSION])
+            prefix = self._key_prefix[table] = head[:-1] + ","
+            self._options_json = _canonical(self.options)
+        blob = (f"{prefix}{_canonical(pair.pair_id)},{_canonical(p.hash)},{_canonical(order)},"
+                f"{self._options_json},{_canonical(rationale_id)}]")
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def row(self, pair: Pair, p: Principle, order: str, run_id: str | None = None) -> dict:
         """The lineage every judgement (and rationale) row carries; ``messages_hash`` is added when rendered."""
@@ -210,14 +225,18 @@ def pairs_from_samples(samples: list[dict], conv: list[dict], prompt_id: str) ->
 
 
 def pair_row(conversation: list[dict], a: str, b: str, *, source: str, prompt_id: str | None = None,
-             a_id: str | None = None, b_id: str | None = None, run_id: str | None = None) -> dict:
+             a_id: str | None = None, b_id: str | None = None, run_id: str | None = None,
+             pair_id: str | None = None, conversation_json: str | None = None) -> dict:
+    """A ``pairs`` row; ``pair_id``/``conversation_json`` when the caller already computed them (they
+    must be ``content_key(conversation, a, b)`` and the conversation's JSON)."""
     status, error = "ok", None
     if a.strip() == b.strip():
         status, error = "skipped", "identical responses: nothing to judge"
     elif not a.strip() or not b.strip():
         status, error = "skipped", "empty response"
-    return {"pair_id": content_key(conversation, a, b), "run_id": run_id, "source": source, "prompt_id": prompt_id,
-            "conversation": json.dumps(conversation, ensure_ascii=False), "response_a": a, "response_b": b,
+    return {"pair_id": pair_id or content_key(conversation, a, b), "run_id": run_id, "source": source,
+            "prompt_id": prompt_id, "conversation": conversation_json or json.dumps(conversation, ensure_ascii=False),
+            "response_a": a, "response_b": b,
             "response_a_id": a_id, "response_b_id": b_id, "status": status, "error": error, "created_at": now()}
 
 
