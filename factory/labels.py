@@ -201,11 +201,12 @@ def label_run(store: Store, run_id: str, constitution: Any, judge: Any, *, chang
 
 def check_unique(store: Store, run_id: str) -> None:
     """Every judgement of the run is stored once (the judgements table has no primary key: the runner
-    guarantees it; this checks it before any label is made from them)."""
-    n, distinct = store.con.execute(f"SELECT count(*), count(DISTINCT id) FROM {store.run_rows('judgements', '$run')}",
-                                    {"run": run_id}).fetchall()[0]
-    if n != distinct:
-        raise StoreError(f"{store.path}: run {run_id} has {n - distinct} judgement rows stored twice; this is a bug in "
+    guarantees it; this checks it before any label is made from them). A grouping, which DuckDB can
+    spill to disk, not a count of distinct ids, which it must hold in memory."""
+    dup = store.con.execute(f"""SELECT count(*) FROM (SELECT id FROM {store.run_rows('judgements', '$run')}
+                                GROUP BY id HAVING count(*) > 1)""", {"run": run_id}).fetchall()[0][0]
+    if dup:
+        raise StoreError(f"{store.path}: run {run_id} has {dup} judgements stored more than once; this is a bug in "
                          "the factory: please report it (labels were not made)")
 
 

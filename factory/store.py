@@ -242,7 +242,10 @@ MEMORY_LIMIT = "256MB"
 # DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database) and a
 # checkpoint every 64 MB of log instead of 16 MB: fewer checkpoints for a long run to wait on, while
 # what is held until the next one stays small; a killed run's log replays in a second or two.
-DUCKDB_CONFIG = {"memory_limit": MEMORY_LIMIT, "checkpoint_threshold": "64MB"}
+DUCKDB_CONFIG = {"memory_limit": MEMORY_LIMIT, "checkpoint_threshold": "64MB",
+                 # whole-run SQL (labels, audits) may reorder rows it reads; every query that needs an
+                 # order says ORDER BY: less to hold in memory
+                 "preserve_insertion_order": False}
 
 
 class StoreError(Exception):
