@@ -199,15 +199,20 @@ def label_run(store: Store, run_id: str, constitution: Any, judge: Any, *, chang
     return _label_summary(store, run_id, rule)
 
 
+UNIQUE_PARTS = 16
+
+
 def check_unique(store: Store, run_id: str) -> None:
     """Every judgement of the run is stored once (the judgements table has no primary key: the runner
-    guarantees it; this checks it before any label is made from them). A grouping, which DuckDB can
-    spill to disk, not a count of distinct ids, which it must hold in memory."""
-    dup = store.con.execute(f"""SELECT count(*) FROM (SELECT id FROM {store.run_rows('judgements', '$run')}
-                                GROUP BY id HAVING count(*) > 1)""", {"run": run_id}).fetchall()[0][0]
-    if dup:
-        raise StoreError(f"{store.path}: run {run_id} has {dup} judgements stored more than once; this is a bug in "
-                         "the factory: please report it (labels were not made)")
+    guarantees it; this checks it before any label is made from them). Grouped in 16 parts by a hash
+    of the id, so a run of millions stays within DuckDB's memory cap."""
+    rel = store.run_rows("judgements", "$run")
+    for part in range(UNIQUE_PARTS):
+        dup = store.con.execute(f"""SELECT count(*) FROM (SELECT id FROM {rel} WHERE hash(id) % {UNIQUE_PARTS} = {part}
+                                    GROUP BY id HAVING count(*) > 1)""", {"run": run_id}).fetchall()[0][0]
+        if dup:
+            raise StoreError(f"{store.path}: run {run_id} has judgements stored more than once; this is a bug in the "
+                             "factory: please report it (labels were not made)")
 
 
 def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:
