@@ -13,7 +13,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .engines.base import Sampling
-from .store import content_key
 from .yamlconf import load_yaml_model
 
 

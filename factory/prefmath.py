@@ -14,7 +14,6 @@ The label itself (weights, tie band, clamp, calibration, pooling) is made in one
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 

@@ -11,9 +11,10 @@ answer's critiques, a prompt's pairs, a rationale's scoring request). The runner
 - keeps the engine fed through one lazy request stream over the whole run, so its batch never
   drains between chunks (the stream yields ``None``, "nothing right now", only while requests are
   in flight whose completions may create more);
-- writes completions in transactions of ``chunk_rows`` rows (or every ``chunk_seconds``) and, in
-  the same transaction, the completion record of every input chunk whose jobs and follow-ups are
-  all stored: a restart skips finished chunks without reading, rendering or probing them;
+- writes completions in transactions of ``chunk_rows`` rows (or every ``chunk_seconds``), on the
+  writer thread (:mod:`factory.writer`), with, in the same transaction, the completion record of
+  every input chunk whose jobs and follow-ups are all stored: a restart skips finished chunks
+  without reading, rendering or probing them;
 - holds at most ``max_open_chunks`` input chunks open, so memory does not depend on the run's size;
 - stops gracefully: after :meth:`request_stop` it sends nothing new, writes what has completed and
   returns (requests still inside the engine are left for the resume). An exception from the
@@ -25,11 +26,7 @@ new row replaces it.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +36,8 @@ import pyarrow as pa
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .engines.base import Completion, Engine, EngineError, Request
-from .store import CHUNK_SCHEMA, TABLE_SCHEMAS, Store, now
+from .store import TABLE_SCHEMAS, Store, now
+from .writer import Writer, quiet_gc
 
 
 class EngineFailed(EngineError):
@@ -156,7 +154,7 @@ class Runner:
         self._links: dict[tuple[str, str], list[str]] = {}
         self._records: list[dict] = []
         self._buffered = 0
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self._last_flush = time.perf_counter()
         self._start = time.perf_counter()
         self._progress = _bar(quiet)
@@ -171,7 +169,7 @@ class Runner:
     def run(self, inputs: Iterable[InputChunk]) -> None:
         self._inputs = iter(inputs)
         self._start = time.perf_counter()
-        with _quiet_gc(), self._progress, _Writer(self.store) as self._writer:
+        with quiet_gc(), self._progress, Writer(self.store) as self._writer:
             self._task = self._progress.add_task(self.stage, total=1000, status="")
             completions = self.engine.generate(self._requests())
             try:
@@ -412,85 +410,6 @@ class Runner:
 
     def _show(self) -> None:
         self._update()
-
-
-class _Writer:
-    """The run's one writer of result rows, in a thread of its own with its own connection: DuckDB
-    inserts and commits (checkpoints included) release the GIL, so they overlap with planning and
-    rendering in the run's thread. At most one transaction waits while one is written (bounded
-    memory); a failed write (disk full) is raised in the run's thread at its next hand-over, and the
-    run ends with everything committed before it intact."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._q: queue.Queue = queue.Queue(maxsize=1)
-        self._done: list = []
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_Writer":
-        self._view = self.store.view()
-        self._thread = threading.Thread(target=self._loop, name="factory-writer", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                if self._error is None:
-                    tables, links, records, token = item
-                    with self._view.transaction():
-                        for table, rows, replace in tables:
-                            self._view.insert(table, rows, replace=replace)
-                        for (run_id, table), keys in links.items():
-                            self._view.link_run(run_id, table, keys)
-                        self._view.insert("chunks", records, CHUNK_SCHEMA)
-                    self._done.append(token)
-            except BaseException as e:  # kept for the run's thread; later batches are not written
-                self._error = e
-            finally:
-                self._q.task_done()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
-
-    def put(self, tables, links, records, token) -> None:
-        self._raise()
-        self._q.put((tables, links, records, token))
-
-    def committed(self) -> list:
-        done, self._done = self._done, []
-        return done
-
-    def drain(self) -> None:
-        self._q.join()
-        self._raise()
-
-    def __exit__(self, *exc) -> None:
-        self._q.put(None)
-        self._thread.join()
-        self._view.con.close()
-
-
-@contextlib.contextmanager
-def _quiet_gc():
-    """A run allocates a few objects per job by the million; with the default thresholds Python's
-    cycle collector would run every 700 allocations and, every few runs, walk every live object
-    (vLLM and torch bring millions): half the CPU of planning. Everything alive at the start is
-    frozen out of collection and the young generation is collected every 100,000 allocations."""
-    old = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
 
 
 def _hms(seconds: float) -> str:

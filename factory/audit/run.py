@@ -32,7 +32,7 @@ from .. import judges
 from ..config import JudgeSpec, RunConfig, Strict
 from ..constitution import Constitution, load_constitution
 from ..engines import Engine
-from ..human import human_table, import_into, set_info, skip_counts
+from ..human import human_table, import_into, set_info
 from ..inputs import chunked
 from ..labels import label_run, rule_for, run_rule
 from ..runs import Loaded, RunContext, RunKind

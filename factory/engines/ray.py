@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 

@@ -1,0 +1,92 @@
+"""The run's writer thread, and the garbage-collector settings a streaming run uses.
+
+:class:`Writer` is the one writer of a run's result rows: a thread of its own with its own DuckDB
+connection (``Store.view()``). Inserts and commits, checkpoints included, release the GIL, so they
+overlap with planning and rendering in the run's thread. At most one transaction waits while one
+is written (bounded memory); a failed write (disk full) is raised in the run's thread at its next
+hand-over, and everything committed before it stays intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import queue
+import threading
+
+from .store import CHUNK_SCHEMA, Store
+
+
+class Writer:
+    """One transaction per :meth:`put`: result rows, membership links and chunk records (module docstring)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self._done: list = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Writer":
+        self._view = self.store.view()
+        self._thread = threading.Thread(target=self._loop, name="factory-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    tables, links, records, token = item
+                    with self._view.transaction():
+                        for table, rows, replace in tables:
+                            self._view.insert(table, rows, replace=replace)
+                        for (run_id, table), keys in links.items():
+                            self._view.link_run(run_id, table, keys)
+                        self._view.insert("chunks", records, CHUNK_SCHEMA)
+                    self._done.append(token)
+            except BaseException as e:  # kept for the run's thread; later batches are not written
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def put(self, tables, links, records, token) -> None:
+        self._raise()
+        self._q.put((tables, links, records, token))
+
+    def committed(self) -> list:
+        done, self._done = self._done, []
+        return done
+
+    def drain(self) -> None:
+        self._q.join()
+        self._raise()
+
+    def __exit__(self, *exc) -> None:
+        self._q.put(None)
+        self._thread.join()
+        self._view.con.close()
+
+
+@contextlib.contextmanager
+def quiet_gc():
+    """A run allocates a few objects per job by the million; with the default thresholds Python's
+    cycle collector would run every 700 allocations and, every few runs, walk every live object
+    (vLLM and torch bring millions): half the CPU of planning. Everything alive at the start is
+    frozen out of collection and the young generation is collected every 100,000 allocations."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
