@@ -126,14 +126,14 @@ def test_ensemble_eval_reports_members_like_single_evals_and_stores_aggregates(t
 def test_best_of_n_with_identical_members_never_differs_and_otherwise_judges_the_picks(tiny_ensemble, tmp_path):
     import shutil
 
-    from factory.config import EngineSpec
+    from factory.config import FakeEngineSpec
     from factory.evals.bestofn import best_of_n
     from factory.store import Store
 
     root, _ = tiny_ensemble
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(6)))
-    spec = EngineSpec(kind="fake")
+    spec = FakeEngineSpec()
     db = tmp_path / "b.duckdb"
     clones = tmp_path / "clones"
     for i in range(3):

@@ -85,8 +85,10 @@ def test_kill_9_between_follow_up_jobs_then_resume(tmp_path, kind):
     """Runs whose jobs create follow-ups (a prompt's samples → its pairs → their judgements; an answer →
     its critiques → a revision → round 2) killed 6 times at random points, then resumed: every table equals
     an uninterrupted run's, row for row."""
+    # an SL prompt makes ~5 requests, a sampled one ~15: size both to outlast 6 kills' worth of progress
+    n_prompts, per_request_s = (150, 0.002) if kind == "sampled" else (400, 0.004)
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
-                          [{"prompt": f"Question {i}: how should I handle situation {i}?"} for i in range(150)])
+                          [{"prompt": f"Question {i}: how should I handle situation {i}?"} for i in range(n_prompts)])
     sample = f"{{source: sample, prompts: {{path: {prompts}}}, n: 3, sampling: {{max_tokens: 16}}}}"
 
     def pipe(d: Path) -> Path:
@@ -103,7 +105,7 @@ def test_kill_9_between_follow_up_jobs_then_resume(tmp_path, kind):
     rng = random.Random(kind)
     for i in range(6):
         commits = rng.choice([0, 1, 2, 3])
-        proc = child(["run", path, "--quiet"], prelude=ANNOUNCE_COMMITS + slow_fake(0.002))
+        proc = child(["run", path, "--quiet"], prelude=ANNOUNCE_COMMITS + slow_fake(per_request_s))
         wait_line(proc, "READY")
         if commits == 0:
             time.sleep(rng.uniform(0.0, 1.5))

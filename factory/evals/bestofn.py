@@ -96,7 +96,9 @@ def _samples(store, engine, prompts, template, sampling: Sampling, label: str, v
 
 def _judge(store, judge, constitution, pairs: list[dict], per_pair: int | None, seed: int, tie_eps: float) -> np.ndarray:
     """P(a better) per pair (a = the ensemble's pick) from the constitution judge, both orders."""
-    from ..prefmath import aggregate_pairs
+    import pyarrow as pa
+
+    from ..labels import LabelRule, labels_of
 
     template = load_template(judging.JUDGE_TEMPLATE)
     ids = judging.option_ids(judge)
@@ -125,9 +127,12 @@ def _judge(store, judge, constitution, pairs: list[dict], per_pair: int | None, 
            if r["status"] == "ok" and r["value"] is not None]
     if not got:
         return np.full(len(pairs), np.nan)
-    labels = aggregate_pairs([r["subject_id"] for r in got], [r["variant"].rsplit("/", 1)[0] for r in got],
-                             [r["variant"].rsplit("/", 1)[1] for r in got], [r["value"] for r in got],
-                             {p.id: p.weight for p in constitution.principles}, tie_eps).to_pylist()
+    judged = pa.table({"pair_id": [r["subject_id"] for r in got],
+                       "principle_id": [r["variant"].rsplit("/", 1)[0] for r in got],
+                       "order": [r["variant"].rsplit("/", 1)[1] for r in got],
+                       "p_a": pa.array([r["value"] for r in got], pa.float64())})
+    rule = LabelRule({p.id: float(p.weight) for p in constitution.principles}, tie_eps=tie_eps)
+    labels = labels_of(judged, rule).to_pylist()
     by_pair = {x["pair_id"]: x["p_a"] for x in labels}
     return np.array([by_pair.get(p["pair_id"], np.nan) for p in pairs], dtype=float)
 

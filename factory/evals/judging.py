@@ -71,16 +71,10 @@ def p_refused(order: str, p_first: float) -> float:
 def pairwise_messages(template: Template, constitution, per_pair: int | None, seed: int, pair_id: str,
                       conversation: list[dict], a: str, b: str, max_chars: int = 3000):
     """``[(principle_id, order, messages)]``: the constitution judge's prompts for one pair."""
-    from ..stages.judge import choose, truncate
+    from ..stages.judge import choose, render_judge
 
-    conv = truncate(conversation, max_chars)
-    out = []
-    for p in choose(constitution, per_pair, seed, pair_id):
-        for order in PAIR_ORDERS:
-            first, second = (a, b) if order == "ab" else (b, a)
-            out.append((p.id, order, template.render(conversation=conv, first=first, second=second, principle=p,
-                                                     options=list(OPTIONS), cot=False, rationale=None)))
-    return out
+    return [(p.id, order, render_judge(template, conversation, a, b, p, order, list(OPTIONS), max_chars=max_chars))
+            for p in choose(constitution, per_pair, seed, pair_id) for order in PAIR_ORDERS]
 
 
 __all__ = ["JUDGE_TEMPLATE", "OPTIONS", "PAIR_ORDERS", "RUBRIC_ORDERS", "RUBRIC_TEMPLATE", "VERDICTS", "option_ids",

@@ -98,6 +98,15 @@ def messages_hash(messages: list[dict]) -> str:
     return hashlib.sha256("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages).encode()).hexdigest()[:16]
 
 
+def render_judge(template: Template, conversation: list[dict], a: str, b: str, principle: Principle, order: str,
+                 options: list[str], *, max_chars: int, prefill: bool = True, cot: bool = False,
+                 rationale: str | None = None) -> list[dict]:
+    """The judge template rendered for one (pair, principle, order): every caller renders through here."""
+    first, second = (a, b) if order == "ab" else (b, a)
+    return template.render(conversation=truncate(conversation, max_chars), first=first, second=second,
+                           principle=principle, options=list(options), cot=cot, rationale=rationale, prefill=prefill)
+
+
 @dataclass
 class JudgeCtx:
     run_id: str
@@ -125,10 +134,8 @@ class JudgeCtx:
     def render(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
                ) -> list[dict]:
         """The template rendered in full: the reference that lineage checks and skeletons must match."""
-        first, second = (pair.a, pair.b) if order == "ab" else (pair.b, pair.a)
-        return self.template.render(conversation=truncate(pair.conversation, self.max_chars), first=first,
-                                    second=second, principle=p, options=self.options, cot=cot, rationale=rationale,
-                                    prefill=self.prefill)
+        return render_judge(self.template, pair.conversation, pair.a, pair.b, p, order, self.options,
+                            max_chars=self.max_chars, prefill=self.prefill, cot=cot, rationale=rationale)
 
     def messages(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
                  ) -> list[dict]:
