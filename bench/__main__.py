@@ -67,6 +67,10 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
                          f"{sz['bytes_per_judgement']} B/judgement, rerun {sz['rerun_s']} s, "
                          f"restart after kill -9 at {sz['killed_at_judgements']:,}: first row in "
                          f"{sz['restart_first_row_s']} s, lost {sz['lost']}, duplicated {sz['duplicated']}"))
+    if real := latest(quick, "scale-real"):
+        rows.append((f"scale, real engine (vLLM, embedded model): {real['pairs']} hh-rlhf pairs through `factory run`",
+                     f"{real['judgements_s']} judgements/s ({real['judgements']} judgements in "
+                     f"{real['stage_seconds']} s, engine start excluded)"))
     if r := latest(quick, "audit"):
         rows.append(("audit over AI labels (s)", f"{r['seconds']} s for {r['labels']:,} labels"))
     if r := latest(quick, "hostile"):

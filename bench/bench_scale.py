@@ -3,6 +3,8 @@
     python bench/bench_scale.py                 # 100,000 and 1,000,000 pairs (0.8M and 8M judgements)
     python bench/bench_scale.py --quick         # 2,000 and 10,000 pairs
     python bench/bench_scale.py --sizes 20000   # any sizes
+    python bench/bench_scale.py --real-pairs 0  # without the real-engine pass
+    python bench/bench_scale.py --real-only     # only the real-engine pass
 
 For each size, in fresh processes (peak RSS is the child's own): the full run (judgements/s, peak
 RSS), the database's bytes per judgement, a rerun with nothing left to do, and a run killed with
@@ -10,6 +12,11 @@ SIGKILL at about half way then restarted (seconds from the restart's process sta
 committed row, and a check that the final table has every judgement exactly once). The fake
 engine answers instantly, so this measures the factory itself: reading, planning, keys, probes,
 rendering, writing and labelling. Figures go to bench/results/scale.jsonl.
+
+Then a real-engine pass: the same pipeline shape (4 principles, both orders, log-prob judge) over
+the first hh-rlhf pairs of the shared file with the embedded model on vLLM, through `factory run`
+in a fresh process: judgements/s of the judging stage (engine start excluded), comparable with
+`bench_judge.py`'s log-prob labels/s on the same 48 pairs (5.03 before streaming runs).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from common import REPO, record
+from common import HH, REPO, record
 
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
          "word but not what all were we when your can said there use an each which she do how their if will up "
@@ -132,20 +139,50 @@ def one_size(tmp: Path, n: int) -> dict:
     return out
 
 
+def real_pass(tmp: Path, n_pairs: int) -> dict:
+    """`factory run` of a preference pipeline on the real engine over ``n_pairs`` hh-rlhf pairs."""
+    pipe = tmp / "real.yaml"
+    pipe.write_text(f"""kind: prefs
+name: scale-real
+constitution: {REPO}/constitutions/harmless.yaml
+pairs: {{source: file, path: {HH}, format: hh-rlhf, limit: {n_pairs}}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: {PER_PAIR}, seed: 0}}
+engine: {{kind: vllm, seed: 0, max_model_len: 2048}}
+db: {tmp}/real.duckdb
+""")
+    run = factory(["run", str(pipe), "--quiet"])
+    assert run["rc"] == 0, run["stderr"]
+    facts = db_facts(tmp / "real.duckdb")
+    stage = facts["summary"]["stages"]["judgements"]
+    assert stage["written"] == facts["judgements"] == n_pairs * PER_PAIR * ORDERS, (stage, facts)
+    out = {"pairs": n_pairs, "judgements": stage["written"], "stage_seconds": stage["seconds"],
+           "judgements_s": round(stage["written"] / stage["seconds"], 2),
+           "prompt_tokens_per_judgement": round(stage["prompt_tokens"] / stage["written"], 1),
+           "process_seconds": round(run["seconds"], 1), "peak_rss_mb": round(run["peak_rss_mb"])}
+    print("RESULT scale-real: " + json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="*")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", help="work folder (default: a temporary one; 1M pairs need ~4 GB)")
+    ap.add_argument("--real-pairs", type=int, help="hh-rlhf pairs for the real-engine pass (0: skip; default 48, quick 6)")
+    ap.add_argument("--real-only", action="store_true", help="only the real-engine pass")
     a = ap.parse_args()
     sizes = a.sizes or ([2_000, 10_000] if a.quick else [100_000, 1_000_000])
+    real_pairs = a.real_pairs if a.real_pairs is not None else (6 if a.quick else 48)
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
-        results = [one_size(Path(tmp), n) for n in sizes]
-    big, small = results[-1], results[0]
-    summary = {"sizes": results, "rss_ratio_large_vs_small": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
-               "quick": a.quick}
-    print("RESULT scale-summary: " + json.dumps({k: v for k, v in summary.items() if k != "sizes"}))
-    record("scale", summary)
+        if not a.real_only:
+            results = [one_size(Path(tmp), n) for n in sizes]
+            big, small = results[-1], results[0]
+            summary = {"sizes": results, "rss_ratio_large_vs_small": round(big["peak_rss_mb"] / small["peak_rss_mb"], 2),
+                       "quick": a.quick}
+            print("RESULT scale-summary: " + json.dumps({k: v for k, v in summary.items() if k != "sizes"}))
+            record("scale", summary)
+        if real_pairs:
+            record("scale-real", {**real_pass(Path(tmp), real_pairs), "quick": a.quick})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def judge_requests(n_pairs: int, n_principles: int, option_ids: tuple[int, int])
     from factory.constitution import load_constitution
     from factory.engines.base import Request, Sampling
     from factory.sources import read_pairs
-    from factory.stages.judge import render_judge
+    from factory.stages.judge import judge_messages
     from factory.templates import load_template
 
     table, _ = read_pairs(HH, format="hh-rlhf", limit=n_pairs)
@@ -53,7 +53,7 @@ def judge_requests(n_pairs: int, n_principles: int, option_ids: tuple[int, int])
         conv = json.loads(r["conversation"])
         for j, p in enumerate(principles):
             for order in ("ab", "ba"):
-                msgs = render_judge(tmpl, conv, r["response_a"], r["response_b"], p, order, ["A", "B"], max_chars=3000)
+                msgs = judge_messages(tmpl, conv, r["response_a"], r["response_b"], p, order, ["A", "B"], max_chars=3000)
                 waves[j > 0].append(Request(f"{r['pair_id']}/{p.id}/{order}", msgs, Sampling(max_tokens=1, temperature=0.0),
                                             options=("A", "B"), option_ids=option_ids, continue_final=True))
     return [w for w in waves if w]

@@ -334,8 +334,15 @@ def _finish(store: Store, lp: Loaded, kind: RunKind, summary: Summary, start: fl
                                            [lp.run_id]).fetchall():
             r = skip_reason(reason)
             summary.input_skips[r] = summary.input_skips.get(r, 0) + n
+        stages: dict[str, dict] = {}
+        for w in summary.stages:  # this invocation's rows, requests and seconds per table (engine start excluded)
+            d = stages.setdefault(w.table, {"written": 0, "reused": 0, "requests": 0, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "seconds": 0.0})
+            for k in d:
+                d[k] += getattr(w, k)
         body = {"written": summary.written, "reused": summary.reused, "failures": summary.failures,
                 "input_skips": sum(summary.input_skips.values()), "seconds": round(summary.seconds, 2),
+                "stages": {t: {**d, "seconds": round(d["seconds"], 2)} for t, d in stages.items()},
                 **summary.extra}
         store.con.execute("UPDATE runs SET status = ?, error = ?, finished_at = ?, summary_json = ? WHERE run_id = ?",
                           [summary.status, summary.error, now(), json.dumps(body, default=str), lp.run_id])

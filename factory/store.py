@@ -238,8 +238,9 @@ TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA
 MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "prompt_id")}
 
 
-MEMORY_LIMIT = "512MB"
-# DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database) and a
+MEMORY_LIMIT = os.environ.get("FACTORY_DUCKDB_MEMORY", "512MB")
+# DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database;
+# FACTORY_DUCKDB_MEMORY overrides it: most of a large run's peak RSS above ~300 MB is this cache) and a
 # checkpoint every 64 MB of log instead of 16 MB: fewer checkpoints for a long run to wait on, while
 # what is held until the next one stays small; a killed run's log replays in a second or two.
 DUCKDB_CONFIG = {"memory_limit": MEMORY_LIMIT, "checkpoint_threshold": "64MB",

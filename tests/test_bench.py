@@ -20,6 +20,6 @@ def test_benchmarks_quick_mode_produce_every_figure(tmp_path):
     summary = (tmp_path / "SUMMARY-quick.md").read_text()
     for figure in ("raw vLLM vs factory", "log-prob vs text", "prefix cache on vs off", "server (vllm serve) vs offline",
                    "ingest rows/s", "audit over AI labels", "hostile config files", "review app: slowest page",
-                   "standard top-k vs token-id extension"):
+                   "standard top-k vs token-id extension", "scale, fake engine", "scale, real engine"):
         assert figure in summary, summary
     assert "machine:" in summary and json.loads(summary.split("machine: ")[1])["cpus"] >= 1

@@ -71,9 +71,9 @@ def p_refused(order: str, p_first: float) -> float:
 def pairwise_messages(template: Template, constitution, per_pair: int | None, seed: int, pair_id: str,
                       conversation: list[dict], a: str, b: str, max_chars: int = 3000):
     """``[(principle_id, order, messages)]``: the constitution judge's prompts for one pair."""
-    from ..stages.judge import choose, render_judge
+    from ..stages.judge import choose, judge_messages
 
-    return [(p.id, order, render_judge(template, conversation, a, b, p, order, list(OPTIONS), max_chars=max_chars))
+    return [(p.id, order, judge_messages(template, conversation, a, b, p, order, list(OPTIONS), max_chars=max_chars))
             for p in choose(constitution, per_pair, seed, pair_id) for order in PAIR_ORDERS]
 
 

@@ -98,7 +98,7 @@ def messages_hash(messages: list[dict]) -> str:
     return hashlib.sha256("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages).encode()).hexdigest()[:16]
 
 
-def render_judge(template: Template, conversation: list[dict], a: str, b: str, principle: Principle, order: str,
+def judge_messages(template: Template, conversation: list[dict], a: str, b: str, principle: Principle, order: str,
                  options: list[str], *, max_chars: int, prefill: bool = True, cot: bool = False,
                  rationale: str | None = None) -> list[dict]:
     """The judge template rendered for one (pair, principle, order): every caller renders through here."""
@@ -134,7 +134,7 @@ class JudgeCtx:
     def render(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
                ) -> list[dict]:
         """The template rendered in full: the reference that lineage checks and skeletons must match."""
-        return render_judge(self.template, pair.conversation, pair.a, pair.b, p, order, self.options,
+        return judge_messages(self.template, pair.conversation, pair.a, pair.b, p, order, self.options,
                             max_chars=self.max_chars, prefill=self.prefill, cot=cot, rationale=rationale)
 
     def messages(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
