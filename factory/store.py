@@ -378,14 +378,24 @@ class Store:
                 self.con.execute("ROLLBACK")
             except duckdb.Error:
                 pass
-            raise self._write_error(e) from e if _is_io_error(e) else e
+            err = self._write_error(e)
+            if err is e:
+                raise
+            raise err from e
 
     def _write_error(self, e: BaseException) -> BaseException:
-        if not _is_io_error(e):
-            return e
-        return StoreError(f"{self.path}: cannot write to the database ({str(e).splitlines()[0][:300]}); free space "
-                          f"on {self.path.parent} or make it writable, then rerun the same command: everything "
-                          "committed so far is intact and the run resumes where it stopped")
+        """A StoreError saying what to do for a write that failed for lack of space, permission or
+        memory (``e`` itself otherwise)."""
+        if _is_io_error(e):
+            return StoreError(f"{self.path}: cannot write to the database ({str(e).splitlines()[0][:300]}); free "
+                              f"space on {self.path.parent} or make it writable, then rerun the same command: "
+                              "everything committed so far is intact and the run resumes where it stopped")
+        if _is_memory_error(e):
+            return StoreError(f"{self.path}: DuckDB reached its memory cap ({DUCKDB_CONFIG['memory_limit']}) while "
+                              f"writing ({str(e).splitlines()[0][:200]}); rerun the same command with a larger cap, "
+                              "e.g. FACTORY_DUCKDB_MEMORY=1GB: everything committed so far is intact and the run "
+                              "resumes where it stopped")
+        return e
 
     # -- writes --------------------------------------------------------------------------------
     def insert(self, table: str, rows: pa.Table | list[dict], schema: pa.Schema | None = None,
@@ -412,7 +422,10 @@ class Store:
         except duckdb.Error as e:
             raise self._write_error(e) from e
         finally:
-            self.con.unregister("_incoming")
+            try:
+                self.con.unregister("_incoming")
+            except duckdb.Error:  # the failed statement aborted the transaction; its rollback drops the view
+                pass
 
     def _has_key(self, table: str) -> bool:
         if table not in self._keyed:
@@ -514,3 +527,10 @@ def _is_io_error(e: BaseException) -> bool:
     return isinstance(e, duckdb.Error) and any(
         s in text for s in ("no space left", "read-only file system", "permission denied", "disk full",
                             "could not write", "cannot open file"))
+
+
+def _is_memory_error(e: BaseException) -> bool:
+    """DuckDB could not stay within its memory cap (a commit's checkpoint or a query that could not spill)."""
+    text = str(e).lower()
+    return isinstance(e, (duckdb.OutOfMemoryException, MemoryError)) or (
+        isinstance(e, duckdb.Error) and ("failed to pin block" in text or "out of memory" in text))

@@ -27,8 +27,8 @@ from factory.sources import SourceError
 from factory.store import Store
 
 from fakeserver import FakeServer
-from runkit import (Reference, fake, fault_report, finished_chunks_complete, invoke, judgement_counts,  # noqa: F401
-                    pair_records, prefs_yaml, query, record, run_status, wide, write_jsonl)
+from runkit import (Reference, child, fake, fault_report, finish, finished_chunks_complete, invoke,  # noqa: F401
+                    judgement_counts, pair_records, prefs_yaml, query, record, run_status, wide, write_jsonl)
 
 
 # -- disk full / read-only -------------------------------------------------------------------------------
@@ -74,6 +74,31 @@ def test_disk_full_at_a_write_stops_with_the_path_and_resumes(tmp_path, monkeypa
     assert code == 0, out
     lost, dup = ref.compare(db)
     record("disk full (injected)", "OSError ENOSPC at the 6th write transaction, then resume", 1, lost, dup)
+
+
+def test_duckdb_memory_cap_reached_is_a_clear_error_and_resumes(tmp_path, monkeypatch):
+    """DuckDB past its memory cap (FACTORY_DUCKDB_MEMORY set far too low for the run) in a child
+    `factory run`: exit 2 naming the database and the setting, no traceback, the run marked failed;
+    the same command with the default cap resumes it to an uninterrupted run's rows and labels."""
+    per_pair = 2
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_records(4000, chars=500))
+    ref = Reference.of(tmp_path, pairs, per_pair=per_pair, chunk_inputs=500, chunk_rows=2000)
+    db = tmp_path / "out.duckdb"
+    y = prefs_yaml(tmp_path / "p.yaml", pairs=pairs, db=db, per_pair=per_pair, chunk_inputs=500, chunk_rows=2000)
+    monkeypatch.setenv("FACTORY_DUCKDB_MEMORY", "24MB")
+    rc, out, err = finish(child(["run", y, "--quiet"]))
+    monkeypatch.delenv("FACTORY_DUCKDB_MEMORY")
+    assert rc == 2 and "Traceback" not in err, (rc, err[-3000:])
+    message = " ".join(err.split())
+    assert str(db) in message and "memory cap (24MB)" in message and "FACTORY_DUCKDB_MEMORY" in message, message
+    n, distinct = judgement_counts(db) if db.exists() else (0, 0)
+    assert n == distinct, f"{n - distinct} duplicated judgements after the failure"
+    rc, out, err = finish(child(["run", y, "--quiet"]))
+    assert rc == 0, err[-3000:]
+    lost, dup = ref.compare(db)
+    assert (lost, dup) == (0, 0)
+    record("DuckDB memory cap reached", "FACTORY_DUCKDB_MEMORY=24MB for 4,000 pairs, then resume at the default cap",
+           1, lost, dup)
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
