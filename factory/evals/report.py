@@ -142,7 +142,7 @@ def write_html(result: BehaviourResult, path: str | Path, title: str = "What did
     models = [[m.name, m.identity, ", ".join(f"{k}: {v}" for k, v in m.counts.items()) or "—"] for m in result.models]
     suites = [[m["suite"], m["version"], m["items"], m["skipped"], m["license"] or "—", m["path"]] for m in result.suites]
     settings = [[k, v] for k, v in s.items()]
-    steps = [[x["name"], x["planned"], x["reused"], x["written"], x["prompt_tokens"], x["completion_tokens"],
+    steps = [[x["table"], x["planned"], x["reused"], x["written"], x["prompt_tokens"], x["completion_tokens"],
               f"{x['seconds']:.1f}"] for x in result.steps]
     verdicts = "".join(f"<li>{_esc(c['verdict'])}</li>" for c in result.comparisons) or "<li>one model: no comparison</li>"
     notes = "".join(f"<li>{_esc(n)}</li>" for n in result.notes + result.warnings) or "<li>none</li>"

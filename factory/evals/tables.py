@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 
 from ..engines.base import Completion, Request
+from ..runner import TableStats
 from ..store import Store, content_key, ddl, now
 
 GENERATION_SCHEMA = pa.schema([
@@ -76,15 +77,7 @@ class Work:
     row: dict
 
 
-@dataclass
-class Step:
-    name: str
-    planned: int = 0
-    reused: int = 0
-    written: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
+Step = TableStats  # one step's counts: ``table`` holds the step's name (as in a run's per-table stats)
 
 
 def generation_rows(work: Work, c: Completion) -> list[dict]:
