@@ -16,7 +16,7 @@ rendering, writing and labelling. Figures go to bench/results/scale.jsonl.
 Then a real-engine pass: the same pipeline shape (4 principles, both orders, log-prob judge) over
 the first hh-rlhf pairs of the shared file with the embedded model on vLLM, through `factory run`
 in a fresh process: judgements/s of the judging stage (engine start excluded), comparable with
-`bench_judge.py`'s log-prob labels/s on the same 48 pairs (5.03 before streaming runs).
+`bench_judge.py`'s log-prob labels/s on the same 48 pairs (which warms its engine first).
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def messages_hash(messages: list[dict]) -> str:
 
 
 def judge_messages(template: Template, conversation: list[dict], a: str, b: str, principle: Principle, order: str,
-                 options: list[str], *, max_chars: int, prefill: bool = True, cot: bool = False,
-                 rationale: str | None = None) -> list[dict]:
+                   options: list[str], *, max_chars: int, prefill: bool = True, cot: bool = False,
+                   rationale: str | None = None) -> list[dict]:
     """The judge template rendered for one (pair, principle, order): every caller renders through here."""
     first, second = (a, b) if order == "ab" else (b, a)
     return template.render(conversation=truncate(conversation, max_chars), first=first, second=second,
@@ -135,7 +135,7 @@ class JudgeCtx:
                ) -> list[dict]:
         """The template rendered in full: the reference that lineage checks and skeletons must match."""
         return judge_messages(self.template, pair.conversation, pair.a, pair.b, p, order, self.options,
-                            max_chars=self.max_chars, prefill=self.prefill, cot=cot, rationale=rationale)
+                              max_chars=self.max_chars, prefill=self.prefill, cot=cot, rationale=rationale)
 
     def messages(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
                  ) -> list[dict]:
