@@ -571,29 +571,41 @@ def test_vllm_serve_standard_top_k_agrees_with_token_ids(vllm_server):
 @pytest.mark.server  # stops the module's server to free the CPU for the offline engine: keep it the last server test
 def test_vllm_serve_vs_offline_throughput(vllm_server):
     """The same 32 greedy requests through the server and then through the offline engine (one engine at a
-    time: the server is stopped first). Prints tokens/s; greedy texts must agree for most requests."""
+    time: the server is stopped first), and prints tokens/s. vLLM's CPU kernels are not batch-invariant, so
+    greedy texts of a batch depend on which requests shared its steps (measured: a request alone vs in a batch
+    of 32 agreed 3/8 on the same engine); the batched texts are only printed. The exact check sends a few
+    requests one at a time through both engines, where both compute the same shapes: the server must serve
+    the same model under the same chat template, token for token."""
     from factory.engines.vllm import VLLMEngine
 
     rs = [Request(key=f"t{i}", messages=chat(i), sampling=Sampling(max_tokens=64, temperature=0.0)) for i in range(32)]
+    alone = rs[:4]
     eng = OpenAIEngine(vllm_server.url, "smollm2-135m", max_concurrency=32)
+    one = OpenAIEngine(vllm_server.url, "smollm2-135m", max_concurrency=1)
     try:
         t0 = time.perf_counter()
         served = run(eng, rs)
         t_server = time.perf_counter() - t0
+        served_alone = run(one, alone)
     finally:
         eng.close()
+        one.close()
     vllm_server.stop()
     offline_engine = VLLMEngine(vllm_server.model_path, model_name="smollm2-135m", seed=0, kv_cache_gib=1.0)
     try:
         t0 = time.perf_counter()
         offline = {c.key: c for c in offline_engine.generate(rs)}
         t_offline = time.perf_counter() - t0
+        offline_alone = {c.key: c for r in alone for c in offline_engine.generate([r])}
     finally:
         offline_engine.close()
     tok_s = sum(c.completion_tokens for c in served.values()) / t_server
     tok_o = sum(c.completion_tokens for c in offline.values()) / t_offline
     same = sum(served[k].texts == offline[k].texts for k in served)
     print(f"\nserver {tok_s:.1f} tok/s ({t_server:.1f} s), offline {tok_o:.1f} tok/s ({t_offline:.1f} s), "
-          f"ratio {tok_s / tok_o:.2f}; greedy texts agree {same}/32")
-    assert all(c.status == "ok" for c in list(served.values()) + list(offline.values()))
-    assert same >= 24, f"only {same}/32 greedy outputs agree between server and offline engine"
+          f"ratio {tok_s / tok_o:.2f}; batched greedy texts agree {same}/32 (not asserted: batch-dependent numerics)")
+    everything = [*served.values(), *offline.values(), *served_alone.values(), *offline_alone.values()]
+    assert all(c.status == "ok" and c.completion_tokens > 0 for c in everything)
+    for r in alone:
+        assert served_alone[r.key].prompt_tokens == offline_alone[r.key].prompt_tokens > 0  # the same chat template
+        assert served_alone[r.key].texts == offline_alone[r.key].texts, f"{r.key}: server and offline differ alone"
