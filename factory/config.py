@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .engines.base import Sampling
 from .yamlconf import load_yaml_model
@@ -24,8 +24,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def local_source(what: str) -> AfterValidator:
+    """A source path that names a local file must exist when the pipeline is loaded (an error at its
+    line, before any engine starts); a Hugging Face dataset name is checked when it is opened."""
+    def check(v: str | None) -> str | None:
+        if v is not None:
+            from .readers import SourceError, check_local  # pyarrow: only once a source is named
+
+            try:
+                check_local(v, what)
+            except SourceError as e:
+                raise ValueError(str(e)) from None
+        return v
+    return AfterValidator(check)
+
+
 class PromptSource(Strict):
-    path: str = Field(description="a JSONL file (`prompt` or `messages` per line), a saved dataset folder, or a HF dataset name")
+    path: Annotated[str, local_source("prompts")] = Field(description="a JSONL file (`prompt` or `messages` per line), a saved dataset folder, or a HF dataset name")
     field: str | None = Field(None, description="the record field holding the prompt, if not `prompt`/`messages`")
     split: str = "train"
     data_dir: str | None = None
@@ -172,7 +187,7 @@ class PairSource(Strict):
     n: int = Field(2, ge=2, le=8, description="responses sampled per prompt; every unordered pair is judged")
     sampling: SamplingSpec = SamplingSpec(max_tokens=128, temperature=1.0)
     run: str | None = Field(None, description="the SL run id to pair from (source: sl; default: every SL run in the db)")
-    path: str | None = Field(None, description="a pairs file or HF dataset (source: file)")
+    path: Annotated[str | None, local_source("pairs")] = Field(None, description="a pairs file or HF dataset (source: file)")
     format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
     split: str = "test"
     data_dir: str | None = None

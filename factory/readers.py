@@ -224,9 +224,19 @@ class SqlReader(Reader):
             cur.close()
 
 
+def check_local(spec: str | Path, what: str) -> None:
+    """Raise :class:`SourceNotFoundError` when ``spec`` names a local file or folder that is not there
+    (anything else is taken for a Hugging Face dataset name). Pipelines call it when they are loaded,
+    so `factory validate` and `factory run` say so before an engine starts."""
+    if _looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise SourceNotFoundError(f"{what} file not found: {Path(spec).expanduser()}; pass an existing JSONL(.gz) or "
+                                  "parquet file, a folder saved with Dataset.save_to_disk, or a Hugging Face dataset name")
+
+
 def open_source(spec: str | Path, split: str, data_dir: str | None, what: str) -> Reader:
     """Resolve ``spec`` (module docstring) into a :class:`Reader`; a source that cannot be read at
     all raises :class:`SourceError`."""
+    check_local(spec, what)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
@@ -241,9 +251,6 @@ def open_source(spec: str | Path, split: str, data_dir: str | None, what: str) -
             raise SourceError(f"{path} is a folder with neither parquet files nor a save_to_disk dataset; "
                               f"pass a JSONL file, a parquet file/folder or a saved dataset of {what}")
         return _JsonlReader(path)
-    if _looks_like_path(spec):
-        raise SourceNotFoundError(f"{what} file not found: {path}; pass an existing JSONL(.gz) or parquet file, "
-                                  "a folder saved with Dataset.save_to_disk, or a Hugging Face dataset name")
     try:
         import datasets
 

@@ -19,6 +19,13 @@ db: out.duckdb
 """  # the engine section starts on line 5
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Pipeline paths are relative to the working directory; the prompts file must exist to load."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").touch()
+
+
 def load(tmp_path, engine: str) -> Pipeline:
     path = tmp_path / "p.yaml"
     path.write_text(HEAD + engine)

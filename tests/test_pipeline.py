@@ -151,6 +151,8 @@ def test_rounds_out_of_range_and_missing_prompts_file(tmp_path):
         load_pipeline(path)
     path = write_pipeline(tmp_path, prompts=PROMPTS, engine="fake")
     (tmp_path / "prompts.jsonl").unlink()
-    from factory.sources import SourceError
-    with pytest.raises(SourceError, match="prompts.jsonl"):
-        pipeline.run(path, engine=fake(), quiet=True)
+    engine = fake()
+    with pytest.raises(ConfigError, match="prompts file not found: .*prompts.jsonl") as info:
+        pipeline.run(path, engine=engine, quiet=True)  # refused while loading: before any engine is used
+    assert str(info.value).startswith(f"{path}:")  # at the line of `prompts.path`
+    assert engine.calls == []

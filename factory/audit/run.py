@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from .. import judges
-from ..config import JudgeSpec, RunConfig, Strict
+from ..config import JudgeSpec, RunConfig, Strict, local_source
 from ..constitution import Constitution, load_constitution
 from ..engines import Engine
 from ..human import human_table, import_into, set_info
@@ -46,7 +46,7 @@ from .metrics import AuditResult, compute_audit
 
 
 class HumanSpec(Strict):
-    path: str = Field(description="human-labelled pairs: hh-rlhf or generic JSONL file, or a HF dataset name")
+    path: Annotated[str, local_source("human labels")] = Field(description="human-labelled pairs: hh-rlhf or generic JSONL file, or a HF dataset name")
     format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
     name: str | None = Field(None, description="the set id (default: file stem + content hash)")
     limit: int | None = Field(None, ge=1, description="the first N usable pairs")
