@@ -12,7 +12,7 @@ from conftest import REPO
 pytestmark = pytest.mark.engine
 
 
-def test_benchmarks_quick_mode_produce_every_figure(tmp_path):
+def test_benchmarks_quick_mode_produce_every_figure(tmp_path, hh_rlhf):  # the judge/scale benches read hh-rlhf
     env = {**os.environ, "FACTORY_BENCH_RESULTS": str(tmp_path)}  # keep the repo's recorded figures clean
     done = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=REPO, capture_output=True, text=True,
                           timeout=1500, env=env)
