@@ -98,15 +98,24 @@ def _clip(x: str, lo: float, hi: float) -> str:
     return f"(CASE WHEN {x} IS NULL THEN NULL ELSE least(greatest({x}, {_lit(lo)}), {_lit(hi)}) END)"
 
 
-def scored_sql(judgements: str, rule: LabelRule) -> str:
+def priors_sql(judgements: str) -> str:
+    """Per (principle, order): ``prior``, the mean P(first) of the ok judgements (batch calibration)."""
+    return f"""SELECT principle_id, "order", avg(p_first) AS prior, count(p_first) AS n FROM {judgements}
+               WHERE status = 'ok' GROUP BY ALL"""
+
+
+def scored_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
     """Per judgement: pair_id, principle_id, order, ``p`` (the P(a) the rule uses: calibrated if asked,
-    clamped; NULL when failed), ``p_raw`` (as judged)."""
+    clamped; NULL when failed), ``p_raw`` (as judged). ``priors``: a relation of :func:`priors_sql`
+    computed over a larger set than ``judgements`` (a run labelled in parts); by default the priors
+    of ``judgements`` itself."""
     lo, hi = rule.clamp if rule.clamp else (0.0, 1.0)
     base = f"""SELECT pair_id, principle_id, "order", CASE WHEN status = 'ok' THEN p_a END AS p_raw,
                       CASE WHEN status = 'ok' THEN p_first END AS p_first FROM {judgements}"""
     if rule.calibrate:
+        pri = priors or f"SELECT principle_id, \"order\", avg(p_first) AS prior FROM j GROUP BY ALL"
         cal = f"""WITH j AS ({base}),
-                 pri AS (SELECT principle_id, "order", avg(p_first) AS prior FROM j GROUP BY ALL),
+                 pri AS ({pri}),
                  c AS (SELECT j.*, 1 / (1 + exp(-({_logit('j.p_first')} - {_logit('pri.prior')}))) AS pf
                        FROM j JOIN pri USING (principle_id, "order"))
               SELECT pair_id, principle_id, "order", p_raw,
@@ -121,7 +130,7 @@ def _logit(x: str) -> str:
     return f"ln({c} / (1 - {c}))"
 
 
-def cells_sql(judgements: str, rule: LabelRule) -> str:
+def cells_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
     """Per (pair, principle): p_ab, p_ba (mean P(a) of each order), p (their mean, or the one present),
     l (mean log-odds of the orders present), n_valid, n_failed."""
     return f"""SELECT pair_id, principle_id,
@@ -133,7 +142,7 @@ def cells_sql(judgements: str, rule: LabelRule) -> str:
                            THEN (avg({_logit('p')}) FILTER (WHERE "order" = 'ab') + avg({_logit('p')}) FILTER (WHERE "order" = 'ba')) / 2
                            ELSE avg({_logit('p')}) END AS l,
                       count(p) AS n_valid, count(*) - count(p) AS n_failed
-               FROM ({scored_sql(judgements, rule)}) GROUP BY pair_id, principle_id"""
+               FROM ({scored_sql(judgements, rule, priors)}) GROUP BY pair_id, principle_id"""
 
 
 def _weights_sql(rule: LabelRule) -> str:
@@ -141,16 +150,17 @@ def _weights_sql(rule: LabelRule) -> str:
     return f"(SELECT * FROM (VALUES {rows}) AS w(principle_id, w))" if rows else "(SELECT NULL AS principle_id, NULL AS w WHERE false)"
 
 
-def labels_sql(judgements: str, rule: LabelRule) -> str:
+def labels_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
     """Per pair (columns of ``preferences`` minus run_id/created_at, plus n_judgements, n_failed and
-    p_a_raw/p_a_cal where the rule computes them): the label of :mod:`this module <factory.labels>`."""
+    p_a_raw/p_a_cal where the rule computes them): the label of :mod:`this module <factory.labels>`
+    (``priors``: see :func:`scored_sql`)."""
     if rule.pool == "logit":
         pooled = "1 / (1 + exp(-sum(c.w * c.l) FILTER (WHERE c.l IS NOT NULL)))"
     else:
         pooled = "sum(c.w * c.p) FILTER (WHERE c.p IS NOT NULL) / nullif(sum(c.w) FILTER (WHERE c.p IS NOT NULL), 0)"
     eps = _lit(rule.tie_eps)
     return f"""
-      WITH c AS (SELECT cells.*, w.w FROM ({cells_sql(judgements, rule)}) cells LEFT JOIN {_weights_sql(rule)} w
+      WITH c AS (SELECT cells.*, w.w FROM ({cells_sql(judgements, rule, priors)}) cells LEFT JOIN {_weights_sql(rule)} w
                  USING (principle_id)),
            agg AS (SELECT pair_id, {pooled} AS p_a,
                           count(*) FILTER (WHERE c.p IS NOT NULL) AS n_principles,
@@ -215,22 +225,33 @@ def check_unique(store: Store, run_id: str) -> None:
                              "factory: please report it (labels were not made)")
 
 
+# A run is labelled in parts of about this many judgements (by a hash of the pair id: a pair's
+# judgements all fall in one part), so labelling a run of millions needs the memory of one part, not of
+# the whole run: peak memory does not grow with the run (bench/bench_scale.py).
+PART_JUDGEMENTS = 400_000
+
+
 def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:
     check_unique(store, run_id)
     check_weights(store, rel, rule, {"run": run_id})
-    other = labels_sql(rel, rule.with_(calibrate=not rule.calibrate))  # the label is one of raw / calibrated
-    raw, cal = ("o.p_a", "f.p_a") if rule.calibrate else ("f.p_a", "o.p_a")
+    n = store.con.execute(f"SELECT count(*) FROM {rel}", {"run": run_id}).fetchall()[0][0]
+    parts = max(1, -(-n // PART_JUDGEMENTS))
+    raw, cal = ("o.p_a", "f.p_a") if rule.calibrate else ("f.p_a", "o.p_a")  # the label is one of raw / calibrated
+    priors = 'SELECT principle_id, "order", prior FROM calibration WHERE run_id = $run'  # the whole run's
     with store.transaction():
         store.con.execute("DELETE FROM preferences WHERE run_id = $run", {"run": run_id})
-        store.con.execute(f"""
-            INSERT INTO preferences (run_id, pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree,
-                                     n_principles, orders_complete, created_at, p_a_raw, p_a_cal, rule_hash)
-            SELECT $run, f.pair_id, f.p_a, f.chosen, f.margin, f.is_tie, f.orders_agree, f.principles_agree,
-                   f.n_principles, f.orders_complete, now(), {raw}, {cal}, $h
-            FROM ({labels_sql(rel, rule)}) f JOIN ({other}) o USING (pair_id)""", {"run": run_id, "h": rule.hash})
         store.con.execute("DELETE FROM calibration WHERE run_id = $run", {"run": run_id})
-        store.con.execute(f"""INSERT INTO calibration SELECT $run, principle_id, "order", avg(p_first), count(p_first)
-                              FROM {rel} WHERE status = 'ok' GROUP BY ALL""", {"run": run_id})
+        store.con.execute(f"INSERT INTO calibration SELECT $run, * FROM ({priors_sql(rel)})", {"run": run_id})
+        for part in range(parts):
+            sub = f"(SELECT * FROM {rel} WHERE hash(pair_id) % {parts} = {part})" if parts > 1 else rel
+            store.con.execute(f"""
+                INSERT INTO preferences (run_id, pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree,
+                                         n_principles, orders_complete, created_at, p_a_raw, p_a_cal, rule_hash)
+                SELECT $run, f.pair_id, f.p_a, f.chosen, f.margin, f.is_tie, f.orders_agree, f.principles_agree,
+                       f.n_principles, f.orders_complete, now(), {raw}, {cal}, $h
+                FROM ({labels_sql(sub, rule, priors)}) f
+                JOIN ({labels_sql(sub, rule.with_(calibrate=not rule.calibrate), priors)}) o USING (pair_id)""",
+                {"run": run_id, "h": rule.hash})
 
 
 def _label_summary(store: Store, run_id: str, rule: LabelRule) -> dict[str, float]:
@@ -278,5 +299,5 @@ def labels_table(store: Store, judgements: str, rule: LabelRule, params: Any = N
 
 
 __all__ = ["LabelRule", "rule_for", "run_rule", "labels_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
-           "labels_of",
+           "labels_of", "priors_sql",
            "check_weights", "PREFERENCE_SCHEMA", "now"]

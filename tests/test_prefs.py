@@ -249,3 +249,30 @@ def test_judge_key_is_the_factory_content_key():
             for order in J.ORDERS:
                 assert ctx.key(table, pair, p, order, rationale) == content_key(
                     table, ctx.model, 3, "s", ctx.template.hash, J.RENDER_VERSION, "p1", p.hash, order, ["A", "B"], rationale)
+
+
+def test_labelling_in_parts_gives_the_labels_of_the_whole_run(tmp_path, monkeypatch):
+    """A large run is labelled in parts (by a hash of the pair id) so its memory does not grow with
+    the run; calibration priors still come from the whole run, so the labels equal those made over
+    every judgement at once (labels_table over the run's rows, as export and audit make them)."""
+    from factory import labels
+
+    path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 3, calibrate: true, clamp: [0.1, 0.9], tie_eps: 0.02")
+    monkeypatch.setattr(labels, "PART_JUDGEMENTS", 7)  # 30 judgements: 5 parts
+    s = prefs.run(path, engine=fake(), quiet=True)
+    cols = "pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree, n_principles, orders_complete"
+    with Store(tmp_path / "out.duckdb", read_only=True) as st:
+        parts = st.con.execute(f"SELECT {cols}, p_a_raw, p_a_cal FROM preferences ORDER BY pair_id").fetchall()
+        rule = labels.run_rule(st, s.run_id)
+        rel = st.run_rows("judgements", "$run")
+        whole = labels.labels_table(st, rel, rule, {"run": s.run_id}).sort_by("pair_id")
+        raw = labels.labels_table(st, rel, rule.with_(calibrate=False), {"run": s.run_id}).sort_by("pair_id")
+    assert len(parts) == whole.num_rows == 5
+    assert len({p[1] for p in parts}) > 1  # not one value everywhere, so the comparison can fail
+    exact = ("pair_id", "chosen", "is_tie", "principles_agree", "n_principles", "orders_complete")
+    for got, want, r in zip(parts, whole.select(cols.split(", ")).to_pylist(), raw.column("p_a").to_pylist()):
+        got = dict(zip([*cols.split(", "), "p_a_raw", "p_a_cal"], got))
+        assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
+        assert [got[k] for k in ("p_a", "margin", "orders_agree")] == \
+            pytest.approx([want[k] for k in ("p_a", "margin", "orders_agree")])
+        assert got["p_a_cal"] == pytest.approx(want["p_a"]) and got["p_a_raw"] == pytest.approx(r)
