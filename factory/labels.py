@@ -113,7 +113,7 @@ def scored_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> s
     base = f"""SELECT pair_id, principle_id, "order", CASE WHEN status = 'ok' THEN p_a END AS p_raw,
                       CASE WHEN status = 'ok' THEN p_first END AS p_first FROM {judgements}"""
     if rule.calibrate:
-        pri = priors or f"SELECT principle_id, \"order\", avg(p_first) AS prior FROM j GROUP BY ALL"
+        pri = priors or f"SELECT principle_id, \"order\", prior FROM ({priors_sql(judgements)})"
         cal = f"""WITH j AS ({base}),
                  pri AS ({pri}),
                  c AS (SELECT j.*, 1 / (1 + exp(-({_logit('j.p_first')} - {_logit('pri.prior')}))) AS pf
@@ -234,14 +234,14 @@ PART_JUDGEMENTS = 2_000_000
 def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:
     check_unique(store, run_id)
     check_weights(store, rel, rule, {"run": run_id})
-    n = store.con.execute(f"SELECT count(*) FROM {rel}", {"run": run_id}).fetchall()[0][0]
-    parts = max(1, -(-n // PART_JUDGEMENTS))
     raw, cal = ("o.p_a", "f.p_a") if rule.calibrate else ("f.p_a", "o.p_a")  # the label is one of raw / calibrated
     priors = 'SELECT principle_id, "order", prior FROM calibration WHERE run_id = $run'  # the whole run's
     with store.transaction():
         store.con.execute("DELETE FROM preferences WHERE run_id = $run", {"run": run_id})
         store.con.execute("DELETE FROM calibration WHERE run_id = $run", {"run": run_id})
         store.con.execute(f"INSERT INTO calibration SELECT $run, * FROM ({priors_sql(rel)})", {"run": run_id})
+        ok = store.one("SELECT coalesce(sum(n), 0) FROM calibration WHERE run_id = ?", [run_id])[0]  # no second scan
+        parts = max(1, -(-ok // PART_JUDGEMENTS))
         for part in range(parts):
             sub = f"(SELECT * FROM {rel} WHERE hash(pair_id) % {parts} = {part})" if parts > 1 else rel
             store.con.execute(f"""
