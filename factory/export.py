@@ -1,7 +1,8 @@
 """DuckDB → Hugging Face datasets in TRL's conversational formats, through Arrow.
 
-Every export is SQL over the store, turned into an Arrow table by DuckDB and wrapped by
-``datasets.Dataset`` (no Python loop over rows). The JSON columns become typed Arrow lists in SQL
+Every export is SQL over the store, streamed by DuckDB in Arrow batches into ``data.parquet`` and
+made into a dataset by ``datasets.Dataset.from_parquet`` (no Python loop over rows, and no export
+holds all its rows in memory: a million pairs export in bounded memory). The JSON columns become typed Arrow lists in SQL
 (``from_json``), so the dataset has the features TRL expects: a list of ``{role, content}``
 structs. Each export folder holds the ``save_to_disk`` files, ``data.parquet`` (the same rows,
 for tools that read Parquet) and ``export.json`` (run, filters and how many rows each filter
@@ -82,45 +83,62 @@ def _check_run(store: Store, run_id: str) -> str:
     return row[0]
 
 
-def _arrow(store: Store, sql: str, params: dict) -> pa.Table:
-    return store.con.sql(sql, params=params).to_arrow_table()
+def _stream(store: Store, sql: str, params: dict) -> pa.RecordBatchReader:
+    """The rows of ``sql`` as Arrow batches, read while they are written (an export of millions of
+    pairs never holds all its rows in memory)."""
+    return store.con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
 
 
-def _counts(store: Store, sql: str, params: dict) -> dict[str, int]:
-    """``reason → count`` from a query whose rows have a ``reason`` column (NULL = kept)."""
+def _counts(store: Store, sql: str, params: dict) -> tuple[dict[str, int], int]:
+    """``(reason → count, rows kept)`` from a query whose rows have a ``reason`` column (NULL = kept)."""
     rows = store.con.execute(f"SELECT reason, count(*) FROM ({sql}) GROUP BY 1", params).fetchall()
-    return {r: n for r, n in rows if r is not None}
+    return {r: n for r, n in rows if r is not None}, sum(n for r, n in rows if r is None)
 
 
-def _write(table: pa.Table, out: str | Path, manifest: dict) -> Path:
-    """``save_to_disk`` + ``data.parquet`` + ``export.json``, written beside ``out`` then moved in
-    (a failed export never leaves half a folder; an old export at ``out`` is replaced)."""
+# Rows per Arrow batch (and per parquet row group) of an export.
+BATCH_ROWS = 10_000
+
+
+def _write(rows: pa.RecordBatchReader, out: str | Path, manifest: dict) -> tuple[Path, int]:
+    """``data.parquet`` (written batch by batch as the rows stream in), the ``save_to_disk`` files
+    made from it (``Dataset.from_parquet`` memory-maps what it reads), and ``export.json``; all
+    written beside ``out`` then moved in (a failed export never leaves half a folder; an old export
+    at ``out`` is replaced). Returns the folder and the number of rows."""
     import datasets
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise ExportError(f"{out} exists and is not a factory export; pass an empty or new --out folder")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging, cache = out.with_name(out.name + ".partial"), out.with_name(out.name + ".cache")
+    for d in (staging, cache):
+        shutil.rmtree(d, ignore_errors=True)
+    staging.mkdir(parents=True)
+    n = 0
+    with pq.ParquetWriter(staging / "data.parquet", rows.schema) as writer:
+        for batch in rows:
+            writer.write_batch(batch)
+            n += batch.num_rows
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        datasets.Dataset(table).save_to_disk(str(staging))
+        datasets.Dataset.from_parquet(str(staging / "data.parquet"), cache_dir=str(cache)).save_to_disk(str(staging))
     finally:
+        shutil.rmtree(cache, ignore_errors=True)
         if shown:
             datasets.enable_progress_bars()
-    pq.write_table(table, staging / "data.parquet")
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (staging / MANIFEST).write_text(json.dumps({**manifest, "rows": n}, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    return out
+    return out, n
 
 
-def _finish(kind: str, table: pa.Table, out: str | Path, dropped: dict[str, int], source: dict) -> ExportResult:
-    manifest = {"kind": kind, "rows": table.num_rows, "dropped": dropped, "source": source,
-                "created_at": now().isoformat(), "columns": table.column_names}
-    path = _write(table, out, manifest)
-    return ExportResult(kind, path, table.num_rows, table.column_names, dropped, source)
+def _finish(kind: str, rows: pa.Table | pa.RecordBatchReader, out: str | Path, dropped: dict[str, int],
+            source: dict) -> ExportResult:
+    reader = rows.to_reader(BATCH_ROWS) if isinstance(rows, pa.Table) else rows
+    manifest = {"kind": kind, "dropped": dropped, "source": source, "created_at": now().isoformat(),
+                "columns": reader.schema.names}
+    path, n = _write(reader, out, manifest)
+    return ExportResult(kind, path, n, reader.schema.names, dropped, source)
 
 
 # -------------------------------------------------------------------------------------- SFT
@@ -170,17 +188,16 @@ def export_sft(db: str | Path, run_id: str, out: str | Path, *, rounds: Sequence
                 WHEN p.prompt_id IS NULL THEN 'prompt missing from the prompts table'
                 END AS reason
             FROM ({base}) rv LEFT JOIN prompts p ON p.prompt_id = rv.prompt_id"""
-        dropped = _counts(store, tagged, params)
-        table = _arrow(store, f"""
+        dropped, kept = _counts(store, tagged, params)
+        if kept == 0:
+            raise ExportError(f"the filters leave no revisions of run '{run_id}' "
+                              f"(rounds {keep}, principles {list(principles or []) or 'all'}; left out: {dropped})")
+        source = {"db": str(db), "run_id": run_id, "rounds": keep, "principles": list(principles or []) or None,
+                  "include_failed": include_failed}
+        return _finish("sft", _stream(store, f"""
             SELECT list_append(from_json(prompt_messages, {MSG_LIST}), {{'role': 'assistant', 'content': text}}) AS messages,
                    prompt_id, id AS revision_id, round, from_json(principle_ids, {STR_LIST}) AS principle_ids
-            FROM ({tagged}) WHERE reason IS NULL ORDER BY prompt_id, round, id""", params)
-    if table.num_rows == 0:
-        raise ExportError(f"the filters leave no revisions of run '{run_id}' "
-                          f"(rounds {keep}, principles {list(principles or []) or 'all'}; left out: {dropped})")
-    source = {"db": str(db), "run_id": run_id, "rounds": keep, "principles": list(principles or []) or None,
-              "include_failed": include_failed}
-    return _finish("sft", table, out, dropped, source)
+            FROM ({tagged}) WHERE reason IS NULL ORDER BY prompt_id, round, id""", params), out, dropped, source)
 
 
 # ------------------------------------------------------------------------------ preferences
@@ -255,15 +272,15 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
                               THEN 'a' ELSE 'b' END
                     ELSE l.chosen END AS side
             FROM ({labels}) l LEFT JOIN pairs pr ON pr.pair_id = l.pair_id"""
-        dropped = _counts(store, tagged, params)
-        table = _arrow(store, f"SELECT {_PAIR_COLUMNS} FROM ({tagged}) WHERE reason IS NULL ORDER BY pair_id", params)
-    if table.num_rows == 0:
-        raise ExportError(f"every pair of run '{run_id}' is a tie or filtered out (left out: {dropped}); "
-                          "lower --min-confidence, drop --consistent-only, or label more pairs")
-    source = {"db": str(db), "run_id": run_id, "min_confidence": min_confidence, "confidence_scale": "|p_a-0.5|*2",
-              "position_consistent_only": position_consistent_only, "principles": list(principles or []) or None,
-              "soft": soft, "seed": seed}
-    return _finish("prefs", table, out, dropped, source)
+        dropped, kept = _counts(store, tagged, params)
+        if kept == 0:
+            raise ExportError(f"every pair of run '{run_id}' is a tie or filtered out (left out: {dropped}); "
+                              "lower --min-confidence, drop --consistent-only, or label more pairs")
+        source = {"db": str(db), "run_id": run_id, "min_confidence": min_confidence, "confidence_scale": "|p_a-0.5|*2",
+                  "position_consistent_only": position_consistent_only, "principles": list(principles or []) or None,
+                  "soft": soft, "seed": seed}
+        return _finish("prefs", _stream(store, f"SELECT {_PAIR_COLUMNS} FROM ({tagged}) WHERE reason IS NULL ORDER BY pair_id",
+                                        params), out, dropped, source)
 
 
 def human_pairs(spec: str | Path, *, limit: int | None = None, offset: int = 0,

@@ -228,7 +228,7 @@ def check_unique(store: Store, run_id: str) -> None:
 # A run is labelled in parts of at most this many judgements (by a hash of the pair id: a pair's
 # judgements all fall in one part), so labelling a run of many millions needs DuckDB's memory for
 # one part, not for the whole run (one part up to 250,000 pairs × 4 principles × 2 orders).
-PART_JUDGEMENTS = 2_000_000
+PART_JUDGEMENTS = 400_000
 
 
 def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:

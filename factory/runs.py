@@ -257,7 +257,7 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
     start = time.perf_counter()
     # the writer lock first (a second process learns at once that the database is busy), then the
     # engine (its identity completes the run id), then the run's row
-    store = Store(lp.cfg.db, writer_run=lp.run_id)
+    store = Store(lp.cfg.db, writer_run=lp.run_id, run_memory=True)
     owned: list[Engine] = []
     try:
         engine = ensure_engine(engine, lp.cfg.engine, lp.cfg.model, owned)

@@ -228,6 +228,30 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
+# Tables of one row per prompt or pair (and per run × prompt/pair, and labels) have no primary key
+# from v4 on. DuckDB holds a primary key's index in memory whole and writes it again at every
+# checkpoint, so at a million pairs these indexes were most of the memory that grew with a run
+# (pairs + run_pairs ~134 MB, preferences ~60 MB; a 256 MB cap failed to commit the labels) and made
+# the checkpoint spikes grow. Their keys are kept by Store.insert instead: rows whose key is stored
+# already (or repeated within the batch) are left out by an anti-join, the same guarantee
+# INSERT OR IGNORE gave.
+NATURAL_KEYS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompt_id",), "run_prompts": ("run_id", "prompt_id"), "pairs": ("pair_id",),
+    "run_pairs": ("run_id", "pair_id"), "preferences": ("run_id", "pair_id")}
+
+
+def _without_key(table: str) -> list[str]:
+    """Rebuild ``table`` with the same columns and rows and no primary key (DuckDB cannot drop one)."""
+    return [f"CREATE TABLE _v4_{table} AS SELECT * FROM {table}", f"DROP TABLE {table}",
+            f"ALTER TABLE _v4_{table} RENAME TO {table}"]
+
+
+MIGRATIONS.append([
+    *(stmt for t in NATURAL_KEYS for stmt in _without_key(t)),
+    """INSERT INTO migrations VALUES (4, now(), 'v4: prompts, run_prompts, pairs, run_pairs and preferences rebuilt '
+       || 'without a primary key (its in-memory index grew with the run); Store.insert keeps their keys unique')""",
+])
+
 # The Arrow schema rows of each generated table are written with.
 TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA, "rationales": RATIONALE_SCHEMA,
                  "judgements": JUDGEMENT_SCHEMA, "pairs": PAIR_SCHEMA,
@@ -238,11 +262,16 @@ TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA
 MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "prompt_id")}
 
 
+# DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database).
+# A run (`factory run`, Store(run_memory=True)) streams: it never needs much of DuckDB at once
+# (chunks of rows, labels made in parts), and whatever the cap allows, DuckDB's buffer cache fills
+# up to it, so a low cap is what keeps a run's peak the same at 100k and 1M pairs
+# (bench/bench_scale.py). Exports, audits and the review app read whole runs through DuckDB at once
+# and get more. FACTORY_DUCKDB_MEMORY, when set, is the cap for both. A checkpoint every 64 MB of
+# log instead of 16 MB: fewer checkpoints for a long run to wait on, while what is held until the
+# next one stays small; a killed run's log replays in a second or two.
 MEMORY_LIMIT = os.environ.get("FACTORY_DUCKDB_MEMORY", "512MB")
-# DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database;
-# FACTORY_DUCKDB_MEMORY overrides it: most of a large run's peak RSS above ~300 MB is this cache) and a
-# checkpoint every 64 MB of log instead of 16 MB: fewer checkpoints for a long run to wait on, while
-# what is held until the next one stays small; a killed run's log replays in a second or two.
+RUN_MEMORY_LIMIT = os.environ.get("FACTORY_DUCKDB_MEMORY", "128MB")
 DUCKDB_CONFIG = {"memory_limit": MEMORY_LIMIT, "checkpoint_threshold": "64MB",
                  # whole-run SQL (labels, audits) may reorder rows it reads; every query that needs an
                  # order says ORDER BY: less to hold in memory
@@ -266,8 +295,10 @@ def now() -> datetime:
 class Store:
     """One DuckDB file. ``Store(path, writer_run=...)`` takes the writer lock; read-only otherwise."""
 
-    def __init__(self, path: str | Path, *, writer_run: str | None = None, read_only: bool = False):
+    def __init__(self, path: str | Path, *, writer_run: str | None = None, read_only: bool = False,
+                 run_memory: bool = False):
         self.path = Path(path)
+        self.config = {**DUCKDB_CONFIG, **({"memory_limit": RUN_MEMORY_LIMIT} if run_memory else {})}
         self._lock_fd: int | None = None
         self._keyed: dict[str, bool] = {}
         if writer_run is not None:
@@ -278,7 +309,7 @@ class Store:
         if read_only and not self.path.exists():
             raise StoreError(f"{self.path}: no such database; run a pipeline first (`factory run …`)")
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only, config=DUCKDB_CONFIG)
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config=self.config)
         except duckdb.Error as e:
             self._release_lock()  # a refused open must not keep the writer lock for the rest of the process
             if "lock" in str(e).lower():
@@ -321,7 +352,7 @@ class Store:
         """The same database through a connection of its own (``con.cursor()``), for another thread
         of this process (the run's writer thread): it shares the lock, and closing it frees neither."""
         other = object.__new__(Store)
-        other.path, other._lock_fd, other._keyed = self.path, None, dict(self._keyed)
+        other.path, other._lock_fd, other._keyed, other.config = self.path, None, dict(self._keyed), self.config
         other.con = self.con.cursor()
         return other
 
@@ -391,7 +422,7 @@ class Store:
                               f"space on {self.path.parent} or make it writable, then rerun the same command: "
                               "everything committed so far is intact and the run resumes where it stopped")
         if _is_memory_error(e):
-            return StoreError(f"{self.path}: DuckDB reached its memory cap ({DUCKDB_CONFIG['memory_limit']}) while "
+            return StoreError(f"{self.path}: DuckDB reached its memory cap ({self.config['memory_limit']}) while "
                               f"writing ({str(e).splitlines()[0][:200]}); rerun the same command with a larger cap, "
                               "e.g. FACTORY_DUCKDB_MEMORY=1GB: everything committed so far is intact and the run "
                               "resumes where it stopped")
@@ -413,6 +444,8 @@ class Store:
         self.con.register("_incoming", rows)
         try:
             cols = ", ".join(f'"{c}"' for c in rows.column_names)
+            if table in NATURAL_KEYS:
+                return self._insert_keyed(table, cols, NATURAL_KEYS[table], replace)
             if not self._has_key(table):
                 if replace:
                     self.con.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM _incoming)")
@@ -426,6 +459,30 @@ class Store:
                 self.con.unregister("_incoming")
             except duckdb.Error:  # the failed statement aborted the transaction; its rollback drops the view
                 pass
+
+    def _insert_keyed(self, table: str, cols: str, keys: tuple[str, ...], replace: bool) -> int:
+        """INSERT OR IGNORE (or REPLACE) by the table's natural key, for a table without a primary key.
+        The stored keys among the incoming ones are found first: a semi-join with the batch as its hash
+        table, so each batch costs one scan of the table's key columns (about 20 ms per 10,000 rows
+        against 1M stored pairs) and never a hash table of the whole table, and a per-run table's scan
+        skips other runs' row groups by their min/max run_id. Then the batch, each key once, minus
+        those."""
+        match = " AND ".join(f't."{k}" = i."{k}"' for k in keys)
+        if replace:
+            self.con.execute(f"DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM _incoming i WHERE {match})")
+            stored = None
+        else:
+            stored = self.con.sql(f"SELECT {', '.join(f't.{k}' for k in keys)} FROM {table} t "
+                                  f"SEMI JOIN _incoming i ON {match}").to_arrow_table()
+        first = f"SELECT * FROM _incoming QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)}) = 1"
+        if not stored:
+            return self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM ({first})").fetchall()[0][0]
+        self.con.register("_stored", stored)
+        try:
+            return self.con.execute(f"""INSERT INTO {table} ({cols}) SELECT {cols} FROM ({first}) i
+                                        ANTI JOIN _stored t ON {match}""").fetchall()[0][0]
+        finally:
+            self.con.unregister("_stored")
 
     def _has_key(self, table: str) -> bool:
         if table not in self._keyed:

@@ -66,3 +66,53 @@ def test_reopen_keeps_schema_and_rows(tmp_path):
 def test_read_only_missing_db_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no such database"):
         Store(tmp_path / "nope.duckdb", read_only=True)
+
+
+def _pair(i, prompt="p"):
+    return {"pair_id": f"q{i}", "conversation": prompt, "response_a": "a", "response_b": "b", "run_id": "r"}
+
+
+def test_tables_without_primary_key_keep_their_keys_unique(tmp_path):
+    """pairs/run_pairs/prompts/run_prompts/preferences have no primary key (its index grows in memory
+    with the run); Store.insert keeps their keys unique as INSERT OR IGNORE/REPLACE did."""
+    from factory.store import NATURAL_KEYS, PAIR_SCHEMA, TABLE_SCHEMAS
+
+    with Store(tmp_path / "s.duckdb", writer_run="r") as s:
+        for t in NATURAL_KEYS:
+            assert not s._has_key(t), t
+        rows = [_pair(1), _pair(2), _pair(2, "again in the same batch")]
+        assert s.insert("pairs", [{k: r.get(k) for k in PAIR_SCHEMA.names} for r in rows], PAIR_SCHEMA) == 2
+        assert s.insert("pairs", [{k: _pair(i, "later").get(k) for k in PAIR_SCHEMA.names} for i in (2, 3)],
+                        PAIR_SCHEMA) == 1
+        assert dict(s.con.execute("SELECT pair_id, conversation FROM pairs").fetchall()) == {"q1": "p", "q2": "p", "q3": "later"}
+        assert s.insert("pairs", [{k: _pair(1, "replaced").get(k) for k in PAIR_SCHEMA.names}], PAIR_SCHEMA,
+                        replace=True) == 1
+        assert s.con.execute("SELECT conversation FROM pairs WHERE pair_id = 'q1'").fetchall() == [("replaced",)]
+        # a composite key: the same pair in two runs is two rows, the same (run, pair) once
+        member = [{"run_id": r, "pair_id": p, "source_row": i} for i, (r, p) in enumerate([("r", "q1"), ("s", "q1"), ("r", "q1")])]
+        assert s.insert("run_pairs", member, TABLE_SCHEMAS["run_pairs"]) == 2
+        assert s.insert("run_pairs", member[:1], TABLE_SCHEMAS["run_pairs"]) == 0
+        assert s.count("run_pairs") == 2 and s.count("pairs") == 3
+
+
+def test_v3_database_is_migrated_to_tables_without_primary_key(tmp_path):
+    import duckdb
+
+    from factory.store import NATURAL_KEYS
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    for version in range(1, 4):  # a database as v3 left it
+        for stmt in MIGRATIONS[version - 1]:
+            con.execute(stmt)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    con.execute("INSERT INTO pairs (pair_id, conversation, response_a, response_b) VALUES ('q1', 'p', 'a', 'b')")
+    con.execute("INSERT INTO run_pairs VALUES ('r', 'q1', 7)")
+    con.close()
+    with Store(path, writer_run="r") as s:
+        assert s.schema_version() == len(MIGRATIONS) >= 4
+        assert not any(s._has_key(t) for t in NATURAL_KEYS)
+        assert s.con.execute("SELECT pair_id, conversation FROM pairs").fetchall() == [("q1", "p")]
+        assert s.con.execute("SELECT * FROM run_pairs").fetchall() == [("r", "q1", 7)]
+        assert "without a primary key" in s.one("SELECT note FROM migrations WHERE version = 4")[0]
+        assert s.insert("run_pairs", [{"run_id": "r", "pair_id": "q1", "source_row": 8}]) == 0
