@@ -265,8 +265,8 @@ MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "pro
 # DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database).
 # A run (`factory run`, Store(run_memory=True)) streams: it never needs much of DuckDB at once
 # (chunks of rows, labels made in parts), and whatever the cap allows, DuckDB's buffer cache fills
-# up to it, so a low cap is what keeps a run's peak the same at 100k and 1M pairs
-# (bench/bench_scale.py). Exports, audits and the review app read whole runs through DuckDB at once
+# up to it, so a low cap keeps that part of a run's peak the same at 100k and 1M pairs (the rest
+# still grows ~10%: bench/bench_scale.py, README "Streaming runs at scale"). Exports, audits and the review app read whole runs through DuckDB at once
 # and get more. FACTORY_DUCKDB_MEMORY, when set, is the cap for both. A checkpoint every 64 MB of
 # log instead of 16 MB: fewer checkpoints for a long run to wait on, while what is held until the
 # next one stays small; a killed run's log replays in a second or two.
