@@ -212,16 +212,13 @@ class SqlReader(Reader):
 
     def chunks(self, chunk_size: int, done: dict[int, dict] | None = None) -> Iterator[InputChunk]:
         done = done or {}
-        cur = self.store.con.cursor()
-        try:
+        with self.store.cursor() as cur:
             res = cur.execute(self.sql, self.params)
             index, row = 0, 0
             while batch := res.fetchmany(chunk_size):
                 if index not in done:
                     yield InputChunk(index, list(enumerate(batch, start=row)), [], {"first": row})
                 index, row = index + 1, row + len(batch)
-        finally:
-            cur.close()
 
 
 def check_local(spec: str | Path, what: str) -> None:

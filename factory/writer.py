@@ -70,10 +70,20 @@ class Writer:
         self._q.join()
         self._raise()
 
+    def reopen_store(self) -> bool:
+        """Between transactions: let the store reopen its database (:meth:`Store.reopen`), with this
+        thread's connection closed meanwhile and opened again after."""
+        self.drain()
+        self._view.close()
+        try:
+            return self.store.reopen()
+        finally:
+            self._view = self.store.view()
+
     def __exit__(self, *exc) -> None:
         self._q.put(None)
         self._thread.join()
-        self._view.con.close()
+        self._view.close()
 
 
 @contextlib.contextmanager

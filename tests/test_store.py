@@ -63,6 +63,43 @@ def test_reopen_keeps_schema_and_rows(tmp_path):
         assert s.count("responses") == 1 and s.schema_version() == len(MIGRATIONS)
 
 
+def test_reopen_in_place_keeps_rows_and_lock_and_waits_for_open_cursors(tmp_path):
+    path = tmp_path / "s.duckdb"
+    with Store(path, writer_run="r", run_memory=True) as s:
+        s.insert("responses", [_row(1)], GEN_SCHEMA)
+        view = s.view()
+        with s.cursor() as cur:
+            assert cur.execute("SELECT count(*) FROM responses").fetchall() == [(1,)]
+            assert not s.reopen()  # a reader's cursor is open: the database stays open
+        assert not s.reopen()  # the view is still open
+        view.close()
+        view.close()  # closing twice does not count twice
+        before = s.con
+        assert s.reopen()
+        assert s.con is not before
+        assert s.con.execute("SELECT current_setting('memory_limit')").fetchall() == before_limit(s)
+        s.insert("responses", [_row(2)], GEN_SCHEMA)
+        assert s.count("responses") == 2
+        with pytest.raises(StoreError, match="in use by run r"):  # the writer lock stayed held
+            Store(path, writer_run="other")
+        v2 = s.view()
+        assert v2.count("responses") == 2 and not s.reopen()
+        v2.close()
+        assert s.reopen()
+    with Store(path, read_only=True) as s:
+        assert s.count("responses") == 2
+
+
+def before_limit(s):
+    """The memory cap the store was opened with, as DuckDB reports it."""
+    import duckdb
+    con = duckdb.connect(config={"memory_limit": s.config["memory_limit"]})
+    try:
+        return con.execute("SELECT current_setting('memory_limit')").fetchall()
+    finally:
+        con.close()
+
+
 def test_read_only_missing_db_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no such database"):
         Store(tmp_path / "nope.duckdb", read_only=True)

@@ -7,8 +7,9 @@ import json
 
 from typer.testing import CliRunner
 
-from factory import pipeline, prefs
+from factory import pipeline, prefs, runner
 from factory.cli import app
+from factory.store import Store
 
 from runkit import (fake, labels, pair_records, peak_rss_run, prefs_yaml, query, rows_differ, same_labels, sl_yaml,
                     table_rows, write_jsonl)
@@ -34,13 +35,18 @@ def _three_pipelines(d, *, chunk_inputs: int, chunk_rows: int) -> list:
                        chunk_rows=chunk_rows, source=sample)]
 
 
-def test_streamed_result_is_identical_row_for_row_to_unstreamed(tmp_path):
+def test_streamed_result_is_identical_row_for_row_to_unstreamed(tmp_path, monkeypatch):
     dbs = {}
-    for name, ci, cr in (("whole", 100_000, 100_000), ("streamed", 7, 5)):
+    reopened = []
+    reopen = Store.reopen
+    monkeypatch.setattr(Store, "reopen", lambda self: reopened.append(reopen(self)) or reopened[-1])
+    for name, ci, cr, every in (("whole", 100_000, 100_000, 0), ("streamed", 7, 5, 2)):
+        monkeypatch.setattr(runner, "REOPEN_CHUNKS", every)  # the streamed runs also reopen their database
         paths = _three_pipelines(tmp_path / name, chunk_inputs=ci, chunk_rows=cr)
         for p in paths:
             (pipeline if "sl.yaml" in str(p) else prefs).run(p, engine=fake(), quiet=True)
         dbs[name] = tmp_path / name / "out.duckdb"
+    assert reopened.count(True) >= 3, reopened
     # the streamed run really was streamed: many input chunks, each recorded once
     whole, streamed = (dict(query(dbs[k], "SELECT stage || ':' || split_part(run_id, '-', 1), count(*) FROM chunks "
                                           "GROUP BY 1")) for k in ("whole", "streamed"))
