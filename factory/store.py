@@ -265,9 +265,10 @@ MEMBERSHIP = {"pairs": ("run_pairs", "pair_id"), "prompts": ("run_prompts", "pro
 # DuckDB's own cap on its memory (past it, it spills to a temporary folder beside the database).
 # A run (`factory run`, Store(run_memory=True)) streams: it never needs much of DuckDB at once
 # (chunks of rows, labels made in parts), and whatever the cap allows, DuckDB's buffer cache fills
-# up to it, so a low cap keeps that part of a run's peak the same at 100k and 1M pairs (the rest
-# still grows ~10%: bench/bench_scale.py, README "Streaming runs at scale"). Exports, audits and the review app read whole runs through DuckDB at once
-# and get more. FACTORY_DUCKDB_MEMORY, when set, is the cap for both. A checkpoint every 64 MB of
+# up to it, so a low cap keeps that part of a run's peak the same at 100k and 1M pairs (what DuckDB
+# allocates outside its cap is given back by Store.reopen; bench/bench_scale.py, README "Streaming
+# runs at scale"). Exports, audits and the review app read whole runs through DuckDB at once and get
+# more. FACTORY_DUCKDB_MEMORY, when set, is the cap for both. A checkpoint every 64 MB of
 # log instead of 16 MB: fewer checkpoints for a long run to wait on, while what is held until the
 # next one stays small; a killed run's log replays in a second or two.
 MEMORY_LIMIT = os.environ.get("FACTORY_DUCKDB_MEMORY", "512MB")
@@ -375,14 +376,17 @@ class Store:
     def reopen(self) -> bool:
         """Close the database and open it again with the same settings, when no other connection of
         this store is open (False otherwise). DuckDB keeps a little memory for every temporary buffer
-        a query ever used (about 60 bytes each, from its buffer manager's eviction queues) until the
-        database closes: a long run's per-chunk joins and sorts made that ~35 MB at 8M judgements, so
-        a run reopens its database every few dozen chunks (Runner.reopen_chunks). The writer lock is
+        a query ever used (about 60 bytes each, held by its buffer manager's eviction queues) until the
+        database closes: a 1M-pair run's per-chunk joins and sorts made that ~36 MB, so a run reopens
+        its database every few dozen input chunks (runner.REOPEN_CHUNKS). The writer lock is
         a file lock of this process and stays held; closing checkpoints."""
         if self._cursors[0]:
             return False
-        self.con.close()
-        self.con = duckdb.connect(str(self.path), read_only=self._read_only, config=self.config)
+        try:
+            self.con.close()
+            self.con = duckdb.connect(str(self.path), read_only=self._read_only, config=self.config)
+        except duckdb.Error as e:  # closing checkpoints: a full disk says so as any other write does
+            raise self._write_error(e) from e
         return True
 
     def relabel_lock(self, run_id: str) -> None:

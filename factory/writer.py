@@ -75,10 +75,9 @@ class Writer:
         thread's connection closed meanwhile and opened again after."""
         self.drain()
         self._view.close()
-        try:
-            return self.store.reopen()
-        finally:
-            self._view = self.store.view()
+        reopened = self.store.reopen()  # an error ends the run as a failed write does; committed rows stay
+        self._view = self.store.view()
+        return reopened
 
     def __exit__(self, *exc) -> None:
         self._q.put(None)
