@@ -302,7 +302,7 @@ class Store:
         self.config = {**DUCKDB_CONFIG, **({"memory_limit": RUN_MEMORY_LIMIT} if run_memory else {})}
         self._lock_fd: int | None = None
         self._keyed: dict[str, bool] = {}
-        self._read_only, self._is_view, self._closed_view = read_only, False, False
+        self._read_only, self._counted = read_only, False  # _counted: a view still counted in _cursors
         self._cursors = [0]  # connections of this store open beside `con` (views, readers' cursors): shared with views
         if writer_run is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ class Store:
         if read_only and not self.path.exists():
             raise StoreError(f"{self.path}: no such database; run a pipeline first (`factory run …`)")
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only, config=self.config)
+            self.con = self._connect()
         except duckdb.Error as e:
             self._release_lock()  # a refused open must not keep the writer lock for the rest of the process
             if "lock" in str(e).lower():
@@ -356,7 +356,7 @@ class Store:
         of this process (the run's writer thread): it shares the lock, and closing it frees neither."""
         other = object.__new__(Store)
         other.path, other._lock_fd, other._keyed, other.config = self.path, None, dict(self._keyed), self.config
-        other._read_only, other._cursors, other._is_view, other._closed_view = self._read_only, self._cursors, True, False
+        other._read_only, other._cursors, other._counted = self._read_only, self._cursors, True
         other.con = self.con.cursor()
         self._cursors[0] += 1
         return other
@@ -384,10 +384,13 @@ class Store:
             return False
         try:
             self.con.close()
-            self.con = duckdb.connect(str(self.path), read_only=self._read_only, config=self.config)
+            self.con = self._connect()
         except duckdb.Error as e:  # closing checkpoints: a full disk says so as any other write does
             raise self._write_error(e) from e
         return True
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        return duckdb.connect(str(self.path), read_only=self._read_only, config=self.config)
 
     def relabel_lock(self, run_id: str) -> None:
         """Name another run as the lock's holder (the run id is final once the engine is known)."""
@@ -396,9 +399,9 @@ class Store:
             os.pwrite(self._lock_fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode(), 0)
 
     def close(self) -> None:
-        if self._is_view and not self._closed_view:
+        if self._counted:
             self._cursors[0] -= 1
-            self._closed_view = True
+            self._counted = False
         self.con.close()
         self._release_lock()
 

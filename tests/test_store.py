@@ -75,9 +75,10 @@ def test_reopen_in_place_keeps_rows_and_lock_and_waits_for_open_cursors(tmp_path
         view.close()
         view.close()  # closing twice does not count twice
         before = s.con
+        limit = s.con.execute("SELECT current_setting('memory_limit')").fetchall()
         assert s.reopen()
         assert s.con is not before
-        assert s.con.execute("SELECT current_setting('memory_limit')").fetchall() == before_limit(s)
+        assert s.con.execute("SELECT current_setting('memory_limit')").fetchall() == limit  # the run's cap, not DuckDB's default
         s.insert("responses", [_row(2)], GEN_SCHEMA)
         assert s.count("responses") == 2
         with pytest.raises(StoreError, match="in use by run r"):  # the writer lock stayed held
@@ -88,16 +89,6 @@ def test_reopen_in_place_keeps_rows_and_lock_and_waits_for_open_cursors(tmp_path
         assert s.reopen()
     with Store(path, read_only=True) as s:
         assert s.count("responses") == 2
-
-
-def before_limit(s):
-    """The memory cap the store was opened with, as DuckDB reports it."""
-    import duckdb
-    con = duckdb.connect(config={"memory_limit": s.config["memory_limit"]})
-    try:
-        return con.execute("SELECT current_setting('memory_limit')").fetchall()
-    finally:
-        con.close()
 
 
 def test_read_only_missing_db_is_a_clear_error(tmp_path):
