@@ -175,35 +175,32 @@ def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB fi
     from .store import Store
 
     with Store(db, read_only=True) as store:
-        runs = store.con.execute(
-            "SELECT run_id, kind, status, model, constitution_name, constitution_version, started_at, error FROM runs "
-            + ("WHERE run_id = ? " if run_id else "") + "ORDER BY started_at", [run_id] if run_id else []).fetchall()
-        for rid, kind, st, model, cname, cver, started, error in runs:
-            t = Table(title=f"{rid} ({kind}, {st}) model={model} constitution={cname} v{cver}", show_edge=False)
-            for col in ("table", "ok", "failed", "skipped"):
-                t.add_column(col)
-            for table in store.run_tables(rid):
-                counts = dict(store.con.execute(f"SELECT t.status, count(*) FROM {store.run_rows(table, '$run')} t "
-                                                "GROUP BY 1", {"run": rid}).fetchall()) if table != "prompts" else \
-                    {"ok": store.count("run_prompts", "run_id = ?", [rid])}
-                total = sum(counts.values())
-                t.add_row(table, f"{counts.get('ok', 0)}/{total}", str(counts.get("failed", 0)),
-                          str(counts.get("skipped", 0)))
-            console.print(t)
-            if error:
-                console.print(f"  [red]error[/red]: {error}", highlight=False)
-            chunks = store.one("SELECT count(*), sum(n_jobs), sum(n_new) FROM chunks WHERE run_id = ?", [rid])
-            if chunks and chunks[0]:
-                console.print(f"  finished input chunks: {chunks[0]} ({chunks[1]} jobs, {chunks[2]} made new)")
-            prefs = store.one("""SELECT count(*), count(*) FILTER (WHERE is_tie), avg(margin), avg(orders_agree),
-                                 count(*) FILTER (WHERE chosen = 'a') FROM preferences WHERE run_id = ?""", [rid])
-            if prefs and prefs[0]:
-                n, ties, margin, agree, a = prefs
-                console.print(f"  preferences: {n} pairs, {ties} ties, chose a {a}× / b {n - ties - a}×, "
-                              f"mean margin {margin or 0:.3f}, orders agree {agree or 0:.2f}")
-            for stage, reason, n in store.con.execute(
-                "SELECT stage, reason, count(*) FROM skips WHERE run_id = ? GROUP BY 1, 2 ORDER BY 3 DESC", [rid]).fetchall():
-                console.print(f"  skipped input ({stage}): {n}× {reason}", markup=False)
+        report = store.status_report(run_id)
+    for r in report:
+        t = Table(title=f"{r['run_id']} ({r['kind']}, {r['status']}) model={r['model']} constitution={r['constitution']}",
+                  show_edge=False)
+        for col in ("table", "ok", "failed", "skipped"):
+            t.add_column(col)
+        for table, counts in r["tables"].items():
+            t.add_row(table, f"{counts.get('ok', 0)}/{sum(counts.values())}", str(counts.get("failed", 0)),
+                      str(counts.get("skipped", 0)))
+        console.print(t)
+        if r["error"]:
+            console.print(f"  [red]error[/red]: {r['error']}", highlight=False)
+        chunks = r["chunks"]
+        if chunks and chunks[0]:
+            console.print(f"  finished input chunks: {chunks[0]} ({chunks[1]} jobs, {chunks[2]} made new)")
+        if len(r["judges"]) > 1:
+            console.print("  judges: " + ", ".join(f"{j['judge']} ({j['model']}, {j['mode']}, weight {j['weight']:g})"
+                                                   for j in r["judges"]), markup=False)
+        prefs = r["preferences"]
+        if prefs and prefs[0]:
+            n, ties, margin, agree, a, jagree, nj = prefs
+            console.print(f"  preferences: {n} pairs, {ties} ties, chose a {a}× / b {n - ties - a}×, "
+                          f"mean margin {margin or 0:.3f}, orders agree {agree or 0:.2f}"
+                          + (f", judges agree {jagree or 0:.2f} of {nj}" if (nj or 0) > 1 else ""))
+        for stage, reason, n in r["skips"]:
+            console.print(f"  skipped input ({stage}): {n}× {reason}", markup=False)
 
 
 @model_app.command("pull")

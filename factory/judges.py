@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .engines.base import Completion, EngineError, Request, Sampling
@@ -44,12 +45,24 @@ class JudgeMode:
     name = ""
     tables: tuple[str, ...] = ("judgements",)
     uses_logprobs = True  # needs option log-probs from the engine
+    orders: tuple[str, ...] = ("ab", "ba")  # the orders each (pair, principle) is judged in
+    engine_kinds: tuple[str, ...] | None = None  # only these engine kinds (None: any generative engine)
 
     def settings(self, spec: Any) -> dict:
         """The mode's part of the judge settings (hashed into every key it makes)."""
         return {}
 
+    def principles(self, spec: Any, constitution: Any, per_pair: Any) -> Any:
+        """``pair -> principles`` to judge: the constitution's (a seeded sample per pair by default)."""
+        from .stages.judge import choose
+
+        return lambda pair: choose(constitution, spec.per_pair, spec.seed, pair.pair_id)
+
     def check(self, engine: Any) -> None:
+        kind = getattr(engine, "kind", None)
+        if kind == "reward_model" and self.engine_kinds is None:
+            raise EngineError(f"a reward model ({engine.model}) scores pairs and cannot answer judge.mode "
+                              f"'{self.name}'; use judge.mode reward_model (or a chat model's engine for this mode)")
         caps = getattr(engine, "capabilities", None)
         if self.uses_logprobs and caps is not None and caps.scoring == "none":
             raise EngineError(f"the engine ({engine.model}) returns no log-probabilities, which judge.mode "
@@ -113,7 +126,8 @@ class CotMode(JudgeMode):
     tables = ("rationales", "judgements")
 
     def settings(self, spec):
-        return {"cot": Sampling(max_tokens=spec.cot_max_tokens, temperature=spec.cot_temperature).as_dict()}
+        cot = spec.settings_for("cot")
+        return {"cot": Sampling(max_tokens=cot.max_tokens, temperature=cot.temperature).as_dict()}
 
     def check(self, engine):
         super().check(engine)
@@ -161,7 +175,8 @@ class VoteMode(JudgeMode):
     uses_logprobs = False
 
     def settings(self, spec):
-        return {"votes": spec.votes, "vote_temperature": spec.vote_temperature, "vote_max_tokens": spec.vote_max_tokens}
+        v = spec.settings_for("vote")
+        return {"votes": v.votes, "vote_temperature": v.temperature, "vote_max_tokens": v.max_tokens}
 
     def jobs(self, ctx, pair, p, order, run_id=None):
         return [self._score_job(ctx, pair, p, order, run_id)]
@@ -183,6 +198,67 @@ class VoteMode(JudgeMode):
             p_first = sum(1 for x in valid if x == 0) / len(valid)
             row.update(p_first=p_first, p_a=p_first if job.row["order"] == "ab" else 1.0 - p_first)
         return [row]
+
+
+@register
+class RewardModelMode(JudgeMode):
+    """A reward-model engine (``kind: reward_model``) scores both candidates once: one judgement per
+    pair, under the pseudo-principle ``judge.reward_model.principle_id`` ("reward"), in order ``ab``
+    only (σ(r_a − r_b) does not depend on the order shown, so ``ba`` would repeat the same passes).
+    The engine answers ``option_logprobs = (log σ(r1 − r2), log σ(r2 − r1))``: read as any log-prob
+    judgement."""
+
+    name = "reward_model"
+    uses_logprobs = False
+    orders = ("ab",)
+    engine_kinds = ("reward_model",)
+
+    def settings(self, spec):
+        return {"reward_model": spec.settings_for("reward_model").model_dump()}
+
+    def principles(self, spec, constitution, per_pair):
+        from .constitution import Principle
+
+        pid = spec.settings_for("reward_model").principle_id
+        p = Principle(id=pid, critique="(reward model)", revision="(reward model)",
+                      comparison="Which response does the reward model score higher?")
+        return lambda pair: [p]
+
+    def check(self, engine):
+        if getattr(engine, "kind", None) != "reward_model":
+            raise EngineError(f"judge.mode reward_model needs a reward-model engine (kind: reward_model), not "
+                              f"{engine.model}; use judge.mode logprob (or cot, vote) with a chat model")
+
+    def jobs(self, ctx, pair, p, order, run_id=None):
+        key = ctx.key("judgements", pair, p, order)
+        row = {**ctx.row(pair, p, order, run_id), "rationale": None}
+        conv = _truncate_rm(pair.conversation, ctx.max_chars)
+
+        def build() -> Request:
+            first, second = (pair.a, pair.b) if order == "ab" else (pair.b, pair.a)
+            cands = (tuple(conv) + ({"role": "assistant", "content": first},),
+                     tuple(conv) + ({"role": "assistant", "content": second},))
+            row["messages_hash"] = messages_hash([*conv, {"role": "assistant", "content": first},
+                                                  {"role": "assistant", "content": second}])
+            return Request(key, list(conv), SCORE, options=tuple(ctx.options), candidates=cands)
+
+        return [Job("judgements", key, row, build=build, to_rows=lambda job, c: self.to_rows(job, c, ctx))]
+
+
+def _truncate_rm(conversation, max_chars):
+    from .stages.judge import truncate
+
+    return truncate(conversation, max_chars)
+
+
+def check_role(name: str, engine: Any, spec: Any) -> "JudgeMode":
+    """The judge mode of judge ``name``, checked against its engine: an error naming the judge."""
+    mode = get(spec.mode)
+    try:
+        mode.check(engine)
+    except EngineError as e:
+        raise EngineError(f"judge '{name}': {e}") from None
+    return mode
 
 
 def setup(store: Any, engine: Any, spec: Any, *, run_id: str, constitution: Any, template: Any) -> tuple[JudgeCtx, JudgeMode]:
@@ -207,13 +283,66 @@ def setup(store: Any, engine: Any, spec: Any, *, run_id: str, constitution: Any,
 def pair_jobs(ctx: JudgeCtx, mode: JudgeMode, pairs: list[Pair], principles, run_id: str | None = None) -> list[Job]:
     """Every (pair, chosen principle, order) of ``pairs`` in prefix-cache order; ``principles(pair)``
     gives a pair's principles."""
-    from .stages.judge import ORDERS, cache_order
+    from .stages.judge import cache_order
 
     cells = []
     for pair in pairs:
         ps = principles(pair)
-        for order in ORDERS:
+        for order in mode.orders:
             if mode.name != "cot":  # rendered from one skeleton per (pair, order): free it after the last
                 ctx.expect(pair, order, len(ps))
             cells.append([j for p in ps for j in mode.jobs(ctx, pair, p, order, run_id)])
     return cache_order(cells)
+
+
+@dataclass
+class PanelJudge:
+    """One judge of a run's panel, ready to make jobs: its name and weight, context and mode."""
+
+    name: str
+    weight: float
+    ctx: JudgeCtx
+    mode: JudgeMode
+    principles: Any  # pair -> principles to judge
+
+
+def setup_panel(store: Any, engines: dict[str, Any], roles: list[Any], *, run_id: str, constitution: Any,
+                templates: dict[str, Any]) -> list[PanelJudge]:
+    """Every judge role set up on its engine (checked before any request: a judge whose engine cannot
+    serve its mode is an error naming the judge), and recorded as the run's judges."""
+    from .stages.judge import OptionError
+
+    panel: list[PanelJudge] = []
+    seen: dict[tuple, str] = {}
+    for role in roles:
+        engine, spec = engines[role.name], role.judge
+        check_role(role.name, engine, spec)
+        try:
+            jctx, mode = setup(store, engine, spec, run_id=run_id, constitution=constitution,
+                               template=templates.get(f"judge:{role.name}", templates["judge"]))
+        except (EngineError, OptionError) as e:
+            raise type(e)(f"judge '{role.name}': {e}") from None
+        sig = (jctx.model, jctx.sampling_hash)
+        if sig in seen:
+            raise EngineError(f"judges '{seen[sig]}' and '{role.name}' are the same model ({jctx.model}) with the same "
+                              "settings, so they would give the same judgements; remove one, or give it another model, "
+                              "seed or judge mode")
+        seen[sig] = role.name
+        panel.append(PanelJudge(role.name, role.weight, jctx, mode, mode.principles(spec, constitution, spec.per_pair)))
+    if store is not None:
+        store.record_judges(run_id, [{"judge": j.name, "model": j.ctx.model, "sampling_hash": j.ctx.sampling_hash,
+                                      "mode": j.mode.name, "weight": j.weight} for j in panel])
+    return panel
+
+
+def panel_jobs(panel: list[PanelJudge], pairs: list[Pair], run_id: str | None = None,
+               principles: Any = None) -> list[Job]:
+    """Every judge's jobs for ``pairs``, each routed to its judge's engine (``principles``: override
+    the judges' own choice, e.g. an audit's naive principle; a reward model keeps its own)."""
+    jobs = []
+    for j in panel:
+        choose = principles if principles is not None and j.mode.engine_kinds is None else j.principles
+        for job in pair_jobs(j.ctx, j.mode, pairs, choose, run_id):
+            job.route = j.name
+            jobs.append(job)
+    return jobs

@@ -81,6 +81,7 @@ class Job:
     need: tuple[str, ...] = ()
     chunk: ChunkState | None = None
     replace: bool = False
+    route: str | None = None  # the role whose engine answers it (a judge's name, "policy"); None: the default
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -135,8 +136,12 @@ class Runner:
     def __init__(self, store: Store, engine: Engine, run_id: str, *, stage: str, chunk_rows: int = 1024,
                  chunk_seconds: float = 5.0, retry_failed: bool = False, max_open_chunks: int = 4,
                  probe_rows: int = 4096, own_runs: Iterable[str] = (), full_probe: bool = False,
-                 progress: Callable[[], float | None] = lambda: None, quiet: bool = True):
+                 progress: Callable[[], float | None] = lambda: None, quiet: bool = True,
+                 routes: dict[str, Engine] | None = None, identity: str | None = None):
         self.store, self.engine, self.run_id, self.stage = store, engine, run_id, stage
+        # role -> engine (a job's ``route``); several distinct engines run side by side (factory.fanout)
+        self.routes = routes or {}
+        self.identity = identity or engine.model  # what answers this run: recorded with each finished chunk
         self.chunk_rows, self.chunk_seconds = chunk_rows, chunk_seconds
         self.retry_failed, self.max_open_chunks, self.probe_rows = retry_failed, max_open_chunks, probe_rows
         self.own_runs = {run_id, *own_runs}  # run ids whose rows this run makes (e.g. "<run>-naive")
@@ -172,6 +177,17 @@ class Runner:
     def request_stop(self) -> None:
         """Send nothing new; write what has completed and return (the first Ctrl-C / SIGTERM)."""
         self._stop = True
+
+    def engines(self) -> list[Engine]:
+        """The distinct engines this run sends to (the default first)."""
+        out = [self.engine]
+        for e in self.routes.values():
+            if all(e is not x for x in out):
+                out.append(e)
+        return out
+
+    def _enqueue(self, job: Job) -> None:
+        self._todo.append(job)
 
     def run(self, inputs: Iterable[InputChunk]) -> None:
         self._inputs = iter(inputs)
@@ -286,7 +302,7 @@ class Runner:
                 else:
                     job.replace = stored[0] is not None
                     self._planned[job.key] = job
-                    self._todo.append(job)
+                    self._enqueue(job)
 
     def _probe(self, table: str, jobs: list[Job], need: list[str]) -> dict[str, tuple]:
         cols = ", ".join(["t.status", "t.run_id", *(f"t.{c}" for c in need)])
@@ -340,7 +356,7 @@ class Runner:
 
     def _chunk_done(self, chunk: ChunkState) -> None:
         self._open.remove(chunk)
-        meta = {**chunk.meta, "engine": self.engine.model}  # what answered: another engine redoes the chunk
+        meta = {**chunk.meta, "engine": self.identity}  # what answered: another engine redoes the chunk
         self._records.append({"run_id": self.run_id, "stage": self.stage, "chunk": chunk.index, "source": "",
                               "meta_json": json.dumps(meta), "n_jobs": chunk.n_jobs, "n_new": chunk.n_new,
                               "done_at": now()})
@@ -378,11 +394,14 @@ class Runner:
         if self._buffered:
             tables = [(table, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS.get(table)), replace)
                       for (table, replace), rows in self._buf.items() if rows]
-            token = getattr(self.engine, "commit_token", lambda: None)()
+            token = self._commit_token()
             self._writer.put(tables, self._links, self._records, token)
         self._buf, self._links, self._records, self._buffered = {}, {}, [], 0
         self._last_flush = time.perf_counter()
         self._written()
+
+    def _commit_token(self):
+        return getattr(self.engine, "commit_token", lambda: None)()
 
     def _written(self) -> None:
         """Note what the writer has committed: the restart latency, and engines that hold durable
@@ -390,7 +409,10 @@ class Runner:
         for token in self._writer.committed():
             if self.first_write_at is None:
                 self.first_write_at = now()
-            if token is not None:
+            if isinstance(token, list):  # several engines: (engine, token) each
+                for engine, tok in token:
+                    engine.committed(tok)
+            elif token is not None:
                 self.engine.committed(token)
 
     # -- progress --------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 Every kind of run (``sl`` critique→revise, ``prefs`` AI preference labels, ``audit`` labels vs
 human labels) goes through :func:`run`: load and check the pipeline file, take the database's
-writer lock and record the run, build the engine (or borrow the caller's) when the kind first needs
-it, stream the kind's stages through :class:`~factory.runner.Runner`, finish the run with its counts
-and status (``done``, ``stopped`` after Ctrl-C/SIGTERM, ``failed`` with the reason), and release
-the lock and any engine it built. A kind is one :class:`RunKind` registered by name in ``KINDS``;
-``factory run``, ``validate``, ``render`` and ``show`` look kinds up there and nowhere else.
+writer lock and record the run, build every role's engine (the policy's, each judge's; roles with the
+same model and engine settings share one) or borrow the caller's, stream the kind's stages through
+:class:`~factory.runner.Runner` (each job to its role's engine), finish the run with its counts and
+status (``done``, ``stopped`` after Ctrl-C/SIGTERM, ``failed`` with the reason), and release the
+lock and every engine it built. A finished run rerun with nothing to do starts no engine. A kind is
+one :class:`RunKind` subclass registered by name with :func:`register_kind` (the kinds live side by
+side in :mod:`factory.kinds`); ``factory run``, ``validate``, ``render`` and ``show`` look kinds up
+there and nowhere else.
 
 Resume is not a mode: the run id hashes everything that decides what the run makes (pipeline,
 constitution, templates; not operational knobs like ``chunk_rows``), so rerunning the same command
@@ -25,13 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .constitution import Constitution
-from .engines import Engine, ensure_engine
+from .engines import Engine, EngineError
 from .runner import EngineFailed, InputChunk, Runner, TableStats
-from .store import Store, StoreError, now
+from .store import Store, StoreError
 from .templates import Template
 
-# kind name -> module defining ``KIND`` (imported only when a pipeline of that kind is used)
-KIND_MODULES = {"sl": "factory.pipeline", "prefs": "factory.prefs", "audit": "factory.audit.run"}
+KINDS: dict[str, "RunKind"] = {}  # kind name -> the kind (filled by @register_kind in factory.kinds)
 # config keys that change how a run is executed, not what it makes: left out of the run id
 OPERATIONAL = ("chunk_rows", "chunk_inputs")
 
@@ -53,6 +55,32 @@ class Loaded:
     def run_id(self) -> str:
         return f"{self.cfg.name}-{self.config_hash[:10]}"
 
+    def roles(self) -> list:
+        """Every role of the run (config.Role: name, model, engine settings; judges' settings)."""
+        return [r for r in (self.policy_role(), *self.judge_roles()) if r is not None]
+
+    def policy_role(self):
+        from .config import Role
+
+        f = getattr(self.cfg, "policy_role", None)
+        if f is not None:
+            return f()
+        return None if hasattr(self.cfg, "judge_roles") else Role(name="policy", model=self.cfg.model,
+                                                                  engine=self.cfg.engine)
+
+    def judge_roles(self) -> list:
+        f = getattr(self.cfg, "judge_roles", None)
+        return f() if f is not None else []
+
+    def identity(self, models: dict[str, str | None]) -> Any:
+        """What answers, as part of the run id: the one engine's model for a file without roles (as
+        before roles existed), else role -> model. None when one is unknown."""
+        if any(m is None for m in models.values()):
+            return None
+        if not getattr(self.cfg, "uses_roles", lambda: False)():
+            return next(iter(models.values()), None)
+        return dict(sorted(models.items()))
+
     @property
     def config_hash(self) -> str:
         from .store import content_key
@@ -61,20 +89,11 @@ class Loaded:
         return content_key(self.kind, body, self.constitution.hash, {k: t.hash for k, t in self.templates.items()},
                            self.engine_model)
 
-    def expected_engine_model(self) -> str | None:
-        """The engine identity known without starting the engine (for `factory validate`): fake, or a
-        local model folder's fingerprint; None where only the engine can say (a server's model)."""
-        from . import models
-
-        kind = self.cfg.engine.kind
-        if kind == "fake":
-            return f"fake:{self.cfg.model}"
-        if kind in ("vllm", "ray"):
-            try:
-                return models.identity(self.cfg.model, models.resolve(self.cfg.model, pull=False))
-            except (models.ModelError, OSError):
-                return None
-        return None
+    def expected_engine_model(self) -> Any:
+        """The run's engine identity known without starting any engine (``factory validate``, a no-op
+        rerun): each role's engine settings answer their own (fake, a local folder's fingerprint);
+        None where only an engine can say (a server's model)."""
+        return self.identity({r.name: r.engine.expected_model(r.model) for r in self.roles()})
 
 
 @dataclass
@@ -150,10 +169,17 @@ def kind_of(path: str | Path) -> str:
     return kind if isinstance(kind, str) else "sl"
 
 
+def register_kind(cls: type[RunKind]) -> type[RunKind]:
+    """Register a run kind (a :class:`RunKind` subclass with a ``name``): one decorator per kind."""
+    KINDS[cls.name] = cls()
+    return cls
+
+
 def get_kind(name: str) -> RunKind:
-    if name not in KIND_MODULES:
-        raise StoreError(f"unknown pipeline kind '{name}'; use one of {', '.join(KIND_MODULES)}")
-    return importlib.import_module(KIND_MODULES[name]).KIND
+    importlib.import_module("factory.kinds")  # the kinds register themselves
+    if name not in KINDS:
+        raise StoreError(f"unknown pipeline kind '{name}'; use one of {', '.join(KINDS)}")
+    return KINDS[name]
 
 
 def load(path: str | Path) -> tuple[RunKind, Loaded]:
@@ -163,15 +189,15 @@ def load(path: str | Path) -> tuple[RunKind, Loaded]:
 
 
 class RunContext:
-    """What a kind's ``execute`` works with: the open store, the loaded pipeline, the engine (built on
-    first use), the summary, and :meth:`stream` to run jobs through the engine."""
+    """What a kind's ``execute`` works with: the open store, the loaded pipeline, each role's engine,
+    the summary, and :meth:`stream` to run jobs through the engines."""
 
-    def __init__(self, lp: Loaded, store: Store, summary: Summary, *, engine: Engine, owned: list[Engine],
+    def __init__(self, lp: Loaded, store: Store, summary: Summary, *, engines: dict[str, Engine], owned: list[Engine],
                  quiet: bool, retry_failed: bool, options: dict[str, Any]):
         self.lp, self.store, self.summary = lp, store, summary
         self.quiet, self.retry_failed, self.options = quiet, retry_failed, options
         self.owned = owned
-        self._engine = engine
+        self.engines = engines  # role name -> engine (roles with the same settings share one)
         self.runner: Runner | None = None
         self.stop_requested = False
         self.own_runs: list[str] = []  # other run ids this run makes rows under (an audit's naive pass)
@@ -180,16 +206,28 @@ class RunContext:
     def run_id(self) -> str:
         return self.lp.run_id
 
-    def engine(self) -> Engine:
-        return self._engine
+    def engine(self, role: str | None = None) -> Engine:
+        """The engine of ``role`` (default: the run's first role)."""
+        if role is None:
+            return next(iter(self.engines.values()))
+        return self.engines[role]
+
+    @property
+    def identity(self) -> str:
+        """What answers the run, recorded with each finished chunk (another engine redoes the chunk)."""
+        ident = self.lp.identity({r: e.model for r, e in self.engines.items()})
+        return ident if isinstance(ident, str) else json.dumps(ident, sort_keys=True)
 
     def stream(self, stage: str, inputs: Iterable[InputChunk], *, progress: Callable[[], float | None] = lambda: None,
                own_runs: Iterable[str] = (), full_probe: bool = False) -> Runner:
-        """Run the jobs of ``inputs`` (and their follow-ups) through the engine into the store."""
+        """Run the jobs of ``inputs`` (and their follow-ups) through the engines into the store."""
         cfg = self.lp.cfg
-        self.runner = Runner(self.store, self.engine(), self.run_id, stage=stage, chunk_rows=cfg.chunk_rows,
-                             retry_failed=self.retry_failed, own_runs=own_runs, full_probe=full_probe,
-                             progress=progress, quiet=self.quiet)
+        cls = Runner
+        if len({id(e) for e in self.engines.values()}) > 1:
+            from .fanout import RoutedRunner as cls  # noqa: N813
+        self.runner = cls(self.store, self.engine(), self.run_id, stage=stage, chunk_rows=cfg.chunk_rows,
+                          retry_failed=self.retry_failed, own_runs=own_runs, full_probe=full_probe,
+                          progress=progress, quiet=self.quiet, routes=dict(self.engines), identity=self.identity)
         if self.stop_requested:
             self.runner.request_stop()
         try:
@@ -208,36 +246,20 @@ class RunContext:
         skipped when the input changed since they were recorded (``fingerprint`` differs: their
         records are dropped, stored rows are still reused by key) or when the run answers with
         another engine; with ``--retry-failed`` the chunks holding failed rows are planned again."""
-        rows = self.store.con.execute("SELECT chunk, meta_json, n_jobs FROM chunks WHERE run_id = ? AND stage = ?",
-                                      [self.run_id, stage]).fetchall()
-        done = {i: (json.loads(m), n) for i, m, n in rows}
-        engine = self.engine().model
+        done = self.store.chunk_records(self.run_id, stage)
+        engine = self.identity
         if any(m.get("fingerprint") != fingerprint or m.get("engine", engine) != engine for m, _ in done.values()):
-            self.store.con.execute("DELETE FROM chunks WHERE run_id = ? AND stage = ?", [self.run_id, stage])
+            self.store.drop_chunk_records(self.run_id, stage)
             return {}, True
         full = False
         if self.retry_failed and done:
-            failed, linked = self._failed_chunks()
+            failed, linked = self.store.failed_chunks(self.run_id, [self.run_id, *self.own_runs],
+                                                      get_kind(self.lp.kind).tables)
             full = linked  # failed rows this run reused from another run: their chunks are unknown here
             done = {} if linked else {i: v for i, v in done.items() if i not in failed}
         self.summary.skipped_chunks += len(done)
         self.summary.skipped_jobs += sum(n for _, n in done.values())
         return {i: m for i, (m, _) in done.items()}, full
-
-    def _failed_chunks(self) -> tuple[set[int], bool]:
-        """The input chunks with failed rows this run made, and whether it uses failed rows it did not make."""
-        kind = get_kind(self.lp.kind)
-        own_ids = [self.run_id, *self.own_runs]
-        failed: set[int] = set()
-        linked = False
-        for table in kind.tables:
-            failed |= {c for (c,) in self.store.con.execute(
-                f"SELECT DISTINCT chunk FROM {table} WHERE status = 'failed' AND run_id IN ({', '.join('?' * len(own_ids))})",
-                own_ids).fetchall()}
-            linked = linked or bool(self.store.one(
-                f"""SELECT 1 FROM {table} t SEMI JOIN run_items i ON i.id = t.id AND i."table" = '{table}'
-                    AND i.run_id = ? WHERE t.status = 'failed' LIMIT 1""", [self.run_id]))
-        return failed, linked
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -249,26 +271,57 @@ class _Stopped(Exception):
     """The run stopped on request (first Ctrl-C / SIGTERM) after writing what had completed."""
 
 
-def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, retry_failed: bool = False,
-        **options: Any) -> Summary:
-    """Run (or resume) the pipeline at ``path``, whatever its kind. ``options`` go to the kind
-    (e.g. an audit's ``naive_principle``)."""
+def build_engines(lp: Loaded, engine: Engine | None, overrides: dict[str, Engine] | None,
+                  owned: list[Engine]) -> dict[str, Engine]:
+    """Every role's engine: ``overrides[role]`` where given, else the caller's ``engine`` for every
+    role, else one built per distinct (model, engine settings) and appended to ``owned``. All are
+    built before any work, so an unreachable judge server is an error before sampling starts."""
+    from .engines import make_engine
+
+    built: dict[str, Engine] = {}
+    out: dict[str, Engine] = {}
+    for role in lp.roles():
+        if overrides and role.name in overrides:
+            out[role.name] = overrides[role.name]
+        elif engine is not None:
+            out[role.name] = engine
+        else:
+            key = role.engine_key()
+            if key not in built:
+                try:
+                    built[key] = make_engine(role.engine, role.model)
+                except (StoreError, EngineError) as e:
+                    who = "the policy" if role.name == "policy" else f"judge '{role.name}'"
+                    raise type(e)(f"{who} ({role.model}): {e}") from e
+                owned.append(built[key])
+            out[role.name] = built[key]
+    return out
+
+
+def run(path: str | Path, *, engine: Engine | None = None, engines: dict[str, Engine] | None = None,
+        quiet: bool = False, retry_failed: bool = False, **options: Any) -> Summary:
+    """Run (or resume) the pipeline at ``path``, whatever its kind. ``engine``: one engine for every
+    role; ``engines``: role name -> engine (tests, drills). ``options`` go to the kind (e.g. an
+    audit's ``naive_principle``)."""
     kind, lp = load(path)
     start = time.perf_counter()
     # the writer lock first (a second process learns at once that the database is busy), then the
-    # engine (its identity completes the run id), then the run's row
+    # engines (their identities complete the run id), then the run's row
     store = Store(lp.cfg.db, writer_run=lp.run_id, run_memory=True)
     owned: list[Engine] = []
     try:
-        engine = ensure_engine(engine, lp.cfg.engine, lp.cfg.model, owned)
-        lp.engine_model = engine.model
+        if engine is None and not engines and not retry_failed and _finished_already(store, lp):
+            release(store, owned)
+            return _noop_summary(kind, lp, start)
+        roles = build_engines(lp, engine, engines, owned)
+        lp.engine_model = lp.identity({r: e.model for r, e in roles.items()})
         store.relabel_lock(lp.run_id)
-        record_run(store, lp, engine)
+        record_run(store, lp, roles)
     except BaseException:
         release(store, owned)
         raise
     summary = Summary(run_id=lp.run_id, db=str(lp.cfg.db), kind=kind.name)
-    ctx = RunContext(lp, store, summary, engine=engine, owned=owned, quiet=quiet, retry_failed=retry_failed,
+    ctx = RunContext(lp, store, summary, engines=roles, owned=owned, quiet=quiet, retry_failed=retry_failed,
                      options=options)
     restore = _install_signals(ctx)
     try:
@@ -298,40 +351,61 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
     return summary
 
 
-def record_run(store: Store, lp: Loaded, engine: Engine) -> None:
-    """Record the run, its lineage blobs and what answers (the engine's identity and capabilities)."""
+def record_run(store: Store, lp: Loaded, engines: dict[str, Engine]) -> None:
+    """Record the run, its lineage blobs and what answers (each role's engine identity and capabilities)."""
     c = lp.constitution
     store.put_config("constitution", c.model_dump(), key=c.hash)
     for t in lp.templates.values():
         store.put_config("template", {"path": t.path, "source": t.source}, key=t.hash)
-    store.con.execute(
-        """INSERT OR IGNORE INTO runs (run_id, name, kind, pipeline_path, config_hash, config_json, constitution_name,
-           constitution_version, constitution_hash, model, engine_json, started_at, status)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')""",
-        [lp.run_id, lp.cfg.name, lp.kind, lp.path, lp.config_hash, json.dumps(lp.cfg.snapshot()), c.name, c.version,
-         c.hash, lp.cfg.model, lp.cfg.engine.model_dump_json(), now()],
-    )
-    caps = getattr(engine, "capabilities", None)
-    lineage = {"engine_model": engine.model, "engine_seed": engine.seed,
-               "capabilities": caps.__dict__ if caps is not None else None}
-    store.con.execute("UPDATE runs SET status = 'running', error = NULL, lineage_json = ? WHERE run_id = ?",
-                      [json.dumps(lineage, default=str), lp.run_id])
+
+    def caps(e: Engine) -> dict | None:
+        cap = getattr(e, "capabilities", None)
+        return cap.__dict__ if cap is not None else None
+
+    first = next(iter(engines.values()))
+    lineage = {"engine_model": first.model, "engine_seed": first.seed, "capabilities": caps(first)}
+    if len({id(e) for e in engines.values()}) > 1 or getattr(lp.cfg, "uses_roles", lambda: False)():
+        lineage["roles"] = {r: {"model": e.model, "seed": e.seed, "capabilities": caps(e)} for r, e in engines.items()}
+    store.record_run(run_id=lp.run_id, name=lp.cfg.name, kind=lp.kind, path=lp.path, config_hash=lp.config_hash,
+                     config=lp.cfg.snapshot(), constitution=c, model=lp.cfg.model,
+                     engine_json=lp.cfg.engine.model_dump_json(), lineage=lineage)
+
+
+def _finished_already(store: Store, lp: Loaded) -> bool:
+    """A run recorded ``done`` under the id its engines' identities (known from files) give: a rerun
+    has nothing to do, so no engine starts (its chunk records and rows are all stored)."""
+    ident = lp.expected_engine_model()
+    if ident is None:
+        return False
+    lp.engine_model = ident
+    status, config_hash = store.run_status(lp.run_id)
+    return status == "done" and config_hash == lp.config_hash
+
+
+def _noop_summary(kind: "RunKind", lp: Loaded, start: float) -> Summary:
+    """The summary of a finished run rerun with nothing to do (read from its row; no engine started)."""
+    s = Summary(run_id=lp.run_id, db=str(lp.cfg.db), kind=kind.name, status="done")
+    with Store(lp.cfg.db, read_only=True) as store:
+        body = store.one("SELECT summary_json FROM runs WHERE run_id = ?", [lp.run_id])
+        done = json.loads(body[0] or "{}") if body else {}
+        s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
+        s.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
+    s.skipped_jobs = int(done.get("written", 0)) + int(done.get("reused", 0))
+    s.extra = {"noop": True}
+    s.seconds = time.perf_counter() - start
+    return s
 
 
 def _finish(store: Store, lp: Loaded, kind: RunKind, summary: Summary, start: float) -> None:
     """Count the run's failed/skipped rows and input skips (SQL over the whole run), mark its status."""
     summary.seconds = time.perf_counter() - start
     try:
-        for table in kind.tables:
-            for reason, status, n in store.con.execute(
-                    f"""SELECT coalesce(t.error, ''), t.status, count(*) FROM {store.run_rows(table, '$run')} t
-                        WHERE t.status <> 'ok' GROUP BY 1, 2""", {"run": lp.run_id}).fetchall():
-                key = f"{table} {status}: {reason.split(';')[0]}"
-                summary.failures[key] = summary.failures.get(key, 0) + n
+        for table, reason, status, n in store.failure_counts(lp.run_id, kind.tables):
+            key = f"{table} {status}: {reason.split(';')[0]}"
+            summary.failures[key] = summary.failures.get(key, 0) + n
         from .human import skip_reason
 
-        for reason, n in store.con.execute("SELECT reason, count(*) FROM skips WHERE run_id = ? GROUP BY 1",
-                                           [lp.run_id]).fetchall():
+        for reason, n in store.input_skip_counts(lp.run_id):
             r = skip_reason(reason)
             summary.input_skips[r] = summary.input_skips.get(r, 0) + n
         stages: dict[str, dict] = {}
@@ -344,8 +418,7 @@ def _finish(store: Store, lp: Loaded, kind: RunKind, summary: Summary, start: fl
                 "input_skips": sum(summary.input_skips.values()), "seconds": round(summary.seconds, 2),
                 "stages": {t: {**d, "seconds": round(d["seconds"], 2)} for t, d in stages.items()},
                 **summary.extra}
-        store.con.execute("UPDATE runs SET status = ?, error = ?, finished_at = ?, summary_json = ? WHERE run_id = ?",
-                          [summary.status, summary.error, now(), json.dumps(body, default=str), lp.run_id])
+        store.finish_run(lp.run_id, summary.status, summary.error, body)
     except Exception:  # the store itself failed (disk full): the status could not be written; say so
         if summary.status == "done":
             raise

@@ -252,6 +252,18 @@ MIGRATIONS.append([
        || 'without a primary key (its in-memory index grew with the run); Store.insert keeps their keys unique')""",
 ])
 
+# v5 (issue 20): roles and panels. Who judged a run (name, model, judge settings, weight), each judge's
+# own label per pair, and the panel label's judge counts.
+from .runbook import RUN_JUDGES_DDL, RunBook  # noqa: E402
+
+MIGRATIONS.append([
+    RUN_JUDGES_DDL,
+    """CREATE TABLE IF NOT EXISTS judge_preferences (run_id VARCHAR, judge VARCHAR, pair_id VARCHAR, p_a DOUBLE,
+       chosen VARCHAR, is_tie BOOLEAN, n_principles BIGINT, orders_agree DOUBLE)""",
+    "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS n_judges BIGINT",  # judges with a valid label for the pair
+    "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS judges_agree BIGINT",  # … on the panel label's side
+])
+
 # The Arrow schema rows of each generated table are written with.
 TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA, "rationales": RATIONALE_SCHEMA,
                  "judgements": JUDGEMENT_SCHEMA, "pairs": PAIR_SCHEMA,
@@ -293,7 +305,7 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Store:
+class Store(RunBook):
     """One DuckDB file. ``Store(path, writer_run=...)`` takes the writer lock; read-only otherwise."""
 
     def __init__(self, path: str | Path, *, writer_run: str | None = None, read_only: bool = False,

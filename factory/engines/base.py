@@ -45,6 +45,10 @@ class Request:
     option_ids: tuple[int, ...] | None = None
     # Continue the final (assistant) message instead of starting a new turn.
     continue_final: bool = False
+    # A reward-model judgement: full chat conversations (the judged conversation + one assistant turn
+    # each, in the order shown: first, second). A reward-model engine answers with
+    # ``option_logprobs = (log σ(r1 − r2), log σ(r2 − r1))``.
+    candidates: tuple[tuple[dict, ...], ...] | None = None
 
 
 @dataclass
