@@ -551,5 +551,11 @@ def audit_adjudicated_cmd(audit_id: str = typer.Argument(..., help="the audit wh
         console.print(line, markup=False, highlight=False)
 
 
+# -- serving a model for a role (issue 20) ---------------------------------------------------------
+from .cli_serve import serve_app  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -136,7 +136,8 @@ def run_foreground(cmd: list[str], host: str, port: int, grace_s: float = 60.0) 
     Prints how long the server took to answer /health. Returns an exit status for the shell."""
     typer.secho(f"starting: {shlex.join(cmd)}", err=True, dim=True)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, start_new_session=True)  # signals reach it only through us, exactly once
+    sys.stdout.flush()  # the engine block first, even into a pipe; the server's log goes to stderr
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True)  # signals reach it only through us, once
     stopping = threading.Event()
     stopped_at = [0.0]
 

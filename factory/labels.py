@@ -16,6 +16,14 @@ judgements always give the same labels. For one pair:
 4. ``is_tie`` = |p − 0.5| < ``tie_eps`` (or exactly 0.5), ``chosen`` = a/b/NULL (tie or no valid
    judgement), ``margin`` = |p − 0.5|·2; ties are kept and marked, never dropped.
 
+A panel (a run with several judges, ``LabelRule.judges``) pools judges × principles: step 1 and the
+calibration priors are per judge, step 2 per (judge, principle); ``mean``: each judge's label p_j
+pools its principles as above and the panel's is Σ v_j p_j / Σ v_j (v_j: the judge's weight, equal by
+default); ``logit``: σ(Σ_j Σ_k W_jk ℓ_jk), W_jk the fitted weight of ``"judge/principle"`` or else
+v_j · w_k. ``n_judges`` counts the judges with a label for the pair, ``judges_agree`` those on the
+panel label's side (a tie agrees with nothing). Which judge made a judgement is its (model, judge
+settings hash), recorded per run in ``run_judges``. One judge: exactly the rule above.
+
 Probabilities are clipped to [1e-6, 1 − 1e-6] before any log-odds (a vote share can be 0 or 1).
 """
 
@@ -40,18 +48,37 @@ class LabelRule:
     calibrate: bool = False
     pool: Literal["mean", "logit"] = "mean"
     name: str = "constitution"  # where the weights come from (a fitted weight set's id otherwise)
+    judges: dict[str, float] = field(default_factory=dict)  # a panel: judge -> weight (empty: one judge)
+    members: tuple[tuple[str, str, str], ...] = ()  # (judge, model, judge settings hash) of a panel
 
     def with_(self, **kw: Any) -> "LabelRule":
         return LabelRule(**{**self.__dict__, **kw})
 
     @property
     def hash(self) -> str:
-        return content_key("label-rule", self.__dict__)
+        d = dict(self.__dict__)
+        if not self.judges:  # one judge: the hash it always had
+            d.pop("judges"), d.pop("members")
+        return content_key("label-rule", d)
+
+    def with_panel(self, judges: list[dict]) -> "LabelRule":
+        """This rule for a run judged by ``judges`` (store.run_judges rows): unchanged for one judge; a
+        panel pools over its judges, and a reward model's pseudo-principle gets weight 1 (alone in its
+        judge's label)."""
+        weights = dict(self.weights)
+        for j in judges:
+            if j["mode"] == "reward_model":
+                weights.setdefault("reward", 1.0)
+        if len(judges) < 2:
+            return self.with_(weights=weights) if weights != self.weights else self
+        return self.with_(weights=weights, judges={j["judge"]: float(j["weight"]) for j in judges},
+                          members=tuple((j["judge"], j["model"], j["sampling_hash"]) for j in judges))
 
 
-def rule_for(store: Store | None, constitution: Any, judge: Any) -> LabelRule:
+def rule_for(store: Store | None, constitution: Any, judge: Any, run_id: str | None = None) -> LabelRule:
     """The run's rule: the judge's tie band, clamp and calibration, with the constitution's weights or
-    the named weight set ``judge.weights`` (from ``factory audit fit``)."""
+    the named weight set ``judge.weights`` (from ``factory audit fit``); with ``run_id``, over the
+    run's panel of judges (``run_judges``)."""
     rule = LabelRule({p.id: float(p.weight) for p in constitution.principles}, tie_eps=judge.tie_eps,
                      clamp=tuple(judge.clamp) if judge.clamp else None, calibrate=judge.calibrate)
     name = getattr(judge, "weights", None)
@@ -64,6 +91,8 @@ def rule_for(store: Store | None, constitution: Any, judge: Any) -> LabelRule:
                              "(or remove judge.weights to use the constitution's weights)")
         body = json.loads(row[0])
         rule = rule.with_(weights=body["weights"], pool="logit", name=name, calibrate=body.get("calibrate", rule.calibrate))
+    if store is not None and run_id is not None and _has(store, "run_judges"):
+        rule = rule.with_panel(store.run_judges(run_id))
     return rule
 
 
@@ -82,7 +111,7 @@ def run_rule(store: Store, run_id: str) -> LabelRule:
         raise StoreError(f"{store.path}: run '{run_id}' has no stored constitution, so its principle weights are "
                          "unknown; rerun it with this version of the factory")
     return rule_for(store, Constitution.model_validate(json.loads(body[0])),
-                    JudgeSpec.model_validate(config.get("judge", {})))
+                    JudgeSpec.model_validate(config.get("judge", {})), run_id)
 
 
 def _has(store: Store, table: str) -> bool:
@@ -98,31 +127,47 @@ def _clip(x: str, lo: float, hi: float) -> str:
     return f"(CASE WHEN {x} IS NULL THEN NULL ELSE least(greatest({x}, {_lit(lo)}), {_lit(hi)}) END)"
 
 
-def priors_sql(judgements: str) -> str:
-    """Per (principle, order): ``prior``, the mean P(first) of the ok judgements (batch calibration)."""
+def judged_sql(judgements: str, rule: LabelRule) -> str:
+    """``judgements`` with a ``judge`` column: a panel's judge of each row (by its model and judge
+    settings hash), '' for one judge."""
+    if not rule.members:
+        return f"(SELECT *, '' AS judge FROM {judgements})"
+    q = lambda x: "'" + str(x).replace("'", "''") + "'"  # noqa: E731
+    vals = ", ".join(f"({q(j)}, {q(m)}, {q(h)})" for j, m, h in rule.members)
+    return f"""(SELECT t.*, coalesce(m.judge, '') AS judge FROM {judgements} t LEFT JOIN (VALUES {vals})
+                AS m(judge, model, sampling_hash) ON m.model = t.model AND m.sampling_hash = t.sampling_hash)"""
+
+
+def priors_sql(judgements: str, rule: LabelRule | None = None) -> str:
+    """Per (principle, order), and per judge of a panel (``rule``): ``prior``, the mean P(first) of the
+    ok judgements (batch calibration)."""
+    if rule is not None and rule.members:
+        return f"""SELECT judge, principle_id, "order", avg(p_first) AS prior, count(p_first) AS n
+                   FROM {judged_sql(judgements, rule)} WHERE status = 'ok' GROUP BY ALL"""
     return f"""SELECT principle_id, "order", avg(p_first) AS prior, count(p_first) AS n FROM {judgements}
                WHERE status = 'ok' GROUP BY ALL"""
 
 
 def scored_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
-    """Per judgement: pair_id, principle_id, order, ``p`` (the P(a) the rule uses: calibrated if asked,
-    clamped; NULL when failed), ``p_raw`` (as judged). ``priors``: a relation of :func:`priors_sql`
-    computed over a larger set than ``judgements`` (a run labelled in parts); by default the priors
-    of ``judgements`` itself."""
+    """Per judgement: pair_id, judge, principle_id, order, ``p`` (the P(a) the rule uses: calibrated if
+    asked, clamped; NULL when failed), ``p_raw`` (as judged). ``priors``: a relation of
+    :func:`priors_sql` computed over a larger set than ``judgements`` (a run labelled in parts); by
+    default the priors of ``judgements`` itself."""
     lo, hi = rule.clamp if rule.clamp else (0.0, 1.0)
-    base = f"""SELECT pair_id, principle_id, "order", CASE WHEN status = 'ok' THEN p_a END AS p_raw,
-                      CASE WHEN status = 'ok' THEN p_first END AS p_first FROM {judgements}"""
+    base = f"""SELECT pair_id, judge, principle_id, "order", CASE WHEN status = 'ok' THEN p_a END AS p_raw,
+                      CASE WHEN status = 'ok' THEN p_first END AS p_first FROM {judged_sql(judgements, rule)}"""
     if rule.calibrate:
-        pri = priors or f"SELECT principle_id, \"order\", prior FROM ({priors_sql(judgements)})"
+        by = 'judge, principle_id, "order"' if rule.members else 'principle_id, "order"'
+        pri = priors or f"SELECT {by}, prior FROM ({priors_sql(judgements, rule)})"
         cal = f"""WITH j AS ({base}),
                  pri AS ({pri}),
                  c AS (SELECT j.*, 1 / (1 + exp(-({_logit('j.p_first')} - {_logit('pri.prior')}))) AS pf
-                       FROM j JOIN pri USING (principle_id, "order"))
-              SELECT pair_id, principle_id, "order", p_raw,
+                       FROM j JOIN pri USING ({by}))
+              SELECT pair_id, judge, principle_id, "order", p_raw,
                      CASE WHEN "order" = 'ab' THEN pf ELSE 1 - pf END AS p0 FROM c"""
     else:
-        cal = f"SELECT pair_id, principle_id, \"order\", p_raw, p_raw AS p0 FROM ({base})"
-    return f"""SELECT pair_id, principle_id, "order", p_raw, {_clip('p0', lo, hi)} AS p FROM ({cal})"""
+        cal = f"SELECT pair_id, judge, principle_id, \"order\", p_raw, p_raw AS p0 FROM ({base})"
+    return f"""SELECT pair_id, judge, principle_id, "order", p_raw, {_clip('p0', lo, hi)} AS p FROM ({cal})"""
 
 
 def _logit(x: str) -> str:
@@ -131,9 +176,9 @@ def _logit(x: str) -> str:
 
 
 def cells_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
-    """Per (pair, principle): p_ab, p_ba (mean P(a) of each order), p (their mean, or the one present),
-    l (mean log-odds of the orders present), n_valid, n_failed."""
-    return f"""SELECT pair_id, principle_id,
+    """Per (pair, judge, principle): p_ab, p_ba (mean P(a) of each order), p (their mean, or the one
+    present), l (mean log-odds of the orders present), n_valid, n_failed."""
+    return f"""SELECT pair_id, judge, principle_id,
                       avg(p) FILTER (WHERE "order" = 'ab') AS p_ab, avg(p) FILTER (WHERE "order" = 'ba') AS p_ba,
                       CASE WHEN count(p) FILTER (WHERE "order" = 'ab') > 0 AND count(p) FILTER (WHERE "order" = 'ba') > 0
                            THEN (avg(p) FILTER (WHERE "order" = 'ab') + avg(p) FILTER (WHERE "order" = 'ba')) / 2
@@ -142,45 +187,89 @@ def cells_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> st
                            THEN (avg({_logit('p')}) FILTER (WHERE "order" = 'ab') + avg({_logit('p')}) FILTER (WHERE "order" = 'ba')) / 2
                            ELSE avg({_logit('p')}) END AS l,
                       count(p) AS n_valid, count(*) - count(p) AS n_failed
-               FROM ({scored_sql(judgements, rule, priors)}) GROUP BY pair_id, principle_id"""
+               FROM ({scored_sql(judgements, rule, priors)}) GROUP BY pair_id, judge, principle_id"""
 
 
 def _weights_sql(rule: LabelRule) -> str:
-    rows = ", ".join(f"('{k.replace(chr(39), chr(39) * 2)}', {_lit(v)})" for k, v in rule.weights.items())
-    return f"(SELECT * FROM (VALUES {rows}) AS w(principle_id, w))" if rows else "(SELECT NULL AS principle_id, NULL AS w WHERE false)"
+    """(judge, principle_id, w, v): a cell's weight w (fitted ``judge/principle`` weights, else the
+    principle's, times the judge's for the logit pool) and its judge's weight v."""
+    q = lambda x: "'" + str(x).replace("'", "''") + "'"  # noqa: E731
+    judges = rule.judges or {"": 1.0}
+    rows = []
+    for j, v in judges.items():
+        for k, w in rule.weights.items():
+            if "/" in k:
+                continue
+            wk = rule.weights.get(f"{j}/{k}", w * v if rule.pool == "logit" else w)
+            rows.append(f"({q(j)}, {q(k)}, {_lit(wk)}, {_lit(v)})")
+    if not rows:
+        return "(SELECT NULL AS judge, NULL AS principle_id, NULL AS w, NULL AS v WHERE false)"
+    return f"(SELECT * FROM (VALUES {', '.join(rows)}) AS w(judge, principle_id, w, v))"
 
 
 def labels_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
     """Per pair (columns of ``preferences`` minus run_id/created_at, plus n_judgements, n_failed and
     p_a_raw/p_a_cal where the rule computes them): the label of :mod:`this module <factory.labels>`
     (``priors``: see :func:`scored_sql`)."""
-    if rule.pool == "logit":
-        pooled = "1 / (1 + exp(-sum(c.w * c.l) FILTER (WHERE c.l IS NOT NULL)))"
-    else:
-        pooled = "sum(c.w * c.p) FILTER (WHERE c.p IS NOT NULL) / nullif(sum(c.w) FILTER (WHERE c.p IS NOT NULL), 0)"
     eps = _lit(rule.tie_eps)
+    if rule.pool == "logit":
+        per_judge = "sum(c.w * c.l) FILTER (WHERE c.l IS NOT NULL)"  # a judge's log-odds; σ of the sum is the label
+        pooled = "1 / (1 + exp(-sum(jl.s) FILTER (WHERE jl.s IS NOT NULL)))"
+        judge_p = "1 / (1 + exp(-jl.s))"
+    else:
+        per_judge = "sum(c.w * c.p) FILTER (WHERE c.p IS NOT NULL) / nullif(sum(c.w) FILTER (WHERE c.p IS NOT NULL), 0)"
+        pooled = "sum(jl.v * jl.s) FILTER (WHERE jl.s IS NOT NULL) / nullif(sum(jl.v) FILTER (WHERE jl.s IS NOT NULL), 0)"
+        judge_p = "jl.s"
     return f"""
-      WITH c AS (SELECT cells.*, w.w FROM ({cells_sql(judgements, rule, priors)}) cells LEFT JOIN {_weights_sql(rule)} w
-                 USING (principle_id)),
-           agg AS (SELECT pair_id, {pooled} AS p_a,
+      WITH c AS (SELECT cells.*, w.w, w.v FROM ({cells_sql(judgements, rule, priors)}) cells LEFT JOIN {_weights_sql(rule)} w
+                 USING (judge, principle_id)),
+           jl AS (SELECT pair_id, judge, {per_judge} AS s, any_value(c.v) AS v FROM c GROUP BY pair_id, judge),
+           pj AS (SELECT pair_id, {pooled} AS p_a,
+                         count(*) FILTER (WHERE jl.s IS NOT NULL) AS n_judges FROM jl GROUP BY pair_id),
+           agg AS (SELECT pair_id,
                           count(*) FILTER (WHERE c.p IS NOT NULL) AS n_principles,
                           count(*) FILTER (WHERE c.p_ab IS NOT NULL AND c.p_ba IS NOT NULL) AS n_complete,
                           count(*) FILTER (WHERE c.p_ab IS NOT NULL AND c.p_ba IS NOT NULL
                                            AND (c.p_ab > 0.5) = (c.p_ba > 0.5)) AS n_agree,
                           sum(c.n_valid) AS n_judgements, sum(c.n_failed) AS n_failed
                    FROM c GROUP BY pair_id),
-           side AS (SELECT c.pair_id, count(*) FILTER (WHERE sign(c.p - 0.5) = sign(agg.p_a - 0.5)) AS same
-                    FROM c JOIN agg USING (pair_id) GROUP BY c.pair_id)
-      SELECT pair_id, p_a,
-             CASE WHEN p_a IS NULL OR abs(p_a - 0.5) < {eps} OR p_a = 0.5 THEN NULL
-                  WHEN p_a > 0.5 THEN 'a' ELSE 'b' END AS chosen,
-             abs(p_a - 0.5) * 2 AS margin,
-             coalesce(abs(p_a - 0.5) < {eps} OR p_a = 0.5, false) AS is_tie,
+           side AS (SELECT c.pair_id, count(*) FILTER (WHERE sign(c.p - 0.5) = sign(pj.p_a - 0.5)) AS same
+                    FROM c JOIN pj USING (pair_id) GROUP BY c.pair_id),
+           jside AS (SELECT jl.pair_id, count(*) FILTER (WHERE sign({judge_p} - 0.5) = sign(pj.p_a - 0.5)
+                                                        AND abs(pj.p_a - 0.5) >= {eps} AND pj.p_a <> 0.5) AS same
+                     FROM jl JOIN pj USING (pair_id) GROUP BY jl.pair_id)
+      SELECT pair_id, pj.p_a AS p_a,
+             CASE WHEN pj.p_a IS NULL OR abs(pj.p_a - 0.5) < {eps} OR pj.p_a = 0.5 THEN NULL
+                  WHEN pj.p_a > 0.5 THEN 'a' ELSE 'b' END AS chosen,
+             abs(pj.p_a - 0.5) * 2 AS margin,
+             coalesce(abs(pj.p_a - 0.5) < {eps} OR pj.p_a = 0.5, false) AS is_tie,
              CASE WHEN n_complete > 0 THEN n_agree / n_complete END AS orders_agree,
              coalesce(side.same, 0)::BIGINT AS principles_agree,
              n_principles::BIGINT AS n_principles, (n_complete = n_principles AND n_principles > 0) AS orders_complete,
-             n_judgements::BIGINT AS n_judgements, n_failed::BIGINT AS n_failed
-      FROM agg LEFT JOIN side USING (pair_id)"""
+             n_judgements::BIGINT AS n_judgements, n_failed::BIGINT AS n_failed,
+             pj.n_judges::BIGINT AS n_judges, coalesce(jside.same, 0)::BIGINT AS judges_agree
+      FROM agg JOIN pj USING (pair_id) LEFT JOIN side USING (pair_id) LEFT JOIN jside USING (pair_id)"""
+
+
+def judge_labels_sql(judgements: str, rule: LabelRule, priors: str | None = None) -> str:
+    """Per (pair, judge) of a panel: each judge's own label (its principles pooled by the same rule)."""
+    eps = _lit(rule.tie_eps)
+    if rule.pool == "logit":
+        p = "1 / (1 + exp(-sum(c.w * c.l) FILTER (WHERE c.l IS NOT NULL)))"
+    else:
+        p = "sum(c.w * c.p) FILTER (WHERE c.p IS NOT NULL) / nullif(sum(c.w) FILTER (WHERE c.p IS NOT NULL), 0)"
+    return f"""
+      WITH c AS (SELECT cells.*, w.w FROM ({cells_sql(judgements, rule, priors)}) cells LEFT JOIN {_weights_sql(rule)} w
+                 USING (judge, principle_id)),
+           j AS (SELECT pair_id, judge, {p} AS p_a, count(*) FILTER (WHERE c.p IS NOT NULL) AS n_principles,
+                        avg(CASE WHEN c.p_ab IS NOT NULL AND c.p_ba IS NOT NULL
+                                 THEN ((c.p_ab > 0.5) = (c.p_ba > 0.5))::INT END) AS orders_agree
+                 FROM c GROUP BY pair_id, judge)
+      SELECT pair_id, judge, p_a,
+             CASE WHEN p_a IS NULL OR abs(p_a - 0.5) < {eps} OR p_a = 0.5 THEN NULL
+                  WHEN p_a > 0.5 THEN 'a' ELSE 'b' END AS chosen,
+             coalesce(abs(p_a - 0.5) < {eps} OR p_a = 0.5, false) AS is_tie, n_principles::BIGINT AS n_principles,
+             orders_agree FROM j"""
 
 
 def check_weights(store: Store, judgements: str, rule: LabelRule, params: Any = None) -> None:
@@ -201,7 +290,7 @@ def label_run(store: Store, run_id: str, constitution: Any, judge: Any, *, chang
     """Recompute the run's ``preferences`` (derived data, replaced each time) and ``calibration``
     priors from its judgements; returns the summary figures. With ``changed=False`` (this invocation
     stored nothing new) labels already made by the same rule are kept as they are."""
-    rule = rule_for(store, constitution, judge)
+    rule = rule_for(store, constitution, judge, run_id)
     rel = store.run_rows("judgements", "$run")
     if changed or not store.one("SELECT count(*) FROM preferences WHERE run_id = ? AND rule_hash = ?",
                                 [run_id, rule.hash])[0]:
@@ -237,23 +326,37 @@ def _relabel(store: Store, run_id: str, rule: LabelRule, rel: str) -> None:
     check_unique(store, run_id)
     check_weights(store, rel, rule, {"run": run_id})
     raw, cal = ("o.p_a", "f.p_a") if rule.calibrate else ("f.p_a", "o.p_a")  # the label is one of raw / calibrated
-    priors = 'SELECT principle_id, "order", prior FROM calibration WHERE run_id = $run'  # the whole run's
+    if rule.members:  # a panel: each judge's own priors
+        priors = 'SELECT judge, principle_id, "order", prior FROM judge_calibration WHERE run_id = $run'
+    else:
+        priors = 'SELECT principle_id, "order", prior FROM calibration WHERE run_id = $run'  # the whole run's
     with store.transaction():
         store.con.execute("DELETE FROM preferences WHERE run_id = $run", {"run": run_id})
         store.con.execute("DELETE FROM calibration WHERE run_id = $run", {"run": run_id})
+        store.con.execute("DELETE FROM judge_preferences WHERE run_id = $run", {"run": run_id})
+        store.con.execute("DELETE FROM judge_calibration WHERE run_id = $run", {"run": run_id})
         store.con.execute(f"INSERT INTO calibration SELECT $run, * FROM ({priors_sql(rel)})", {"run": run_id})
+        if rule.members:
+            store.con.execute(f"INSERT INTO judge_calibration SELECT $run, * FROM ({priors_sql(rel, rule)})",
+                              {"run": run_id})
         ok = store.one("SELECT coalesce(sum(n), 0) FROM calibration WHERE run_id = ?", [run_id])[0]  # no second scan
         parts = max(1, -(-ok // PART_JUDGEMENTS))
         for part in range(parts):
             sub = f"(SELECT * FROM {rel} WHERE hash(pair_id) % {parts} = {part})" if parts > 1 else rel
             store.con.execute(f"""
                 INSERT INTO preferences (run_id, pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree,
-                                         n_principles, orders_complete, created_at, p_a_raw, p_a_cal, rule_hash)
+                                         n_principles, orders_complete, created_at, p_a_raw, p_a_cal, rule_hash,
+                                         n_judges, judges_agree)
                 SELECT $run, f.pair_id, f.p_a, f.chosen, f.margin, f.is_tie, f.orders_agree, f.principles_agree,
-                       f.n_principles, f.orders_complete, now(), {raw}, {cal}, $h
+                       f.n_principles, f.orders_complete, now(), {raw}, {cal}, $h, f.n_judges, f.judges_agree
                 FROM ({labels_sql(sub, rule, priors)}) f
                 JOIN ({labels_sql(sub, rule.with_(calibrate=not rule.calibrate), priors)}) o USING (pair_id)""",
                 {"run": run_id, "h": rule.hash})
+            if rule.members:
+                store.con.execute(f"""INSERT INTO judge_preferences (run_id, judge, pair_id, p_a, chosen, is_tie,
+                                      n_principles, orders_agree)
+                                      SELECT $run, judge, pair_id, p_a, chosen, is_tie, n_principles, orders_agree
+                                      FROM ({judge_labels_sql(sub, rule, priors)})""", {"run": run_id})
 
 
 def _label_summary(store: Store, run_id: str, rule: LabelRule) -> dict[str, float]:
@@ -262,6 +365,10 @@ def _label_summary(store: Store, run_id: str, rule: LabelRule) -> dict[str, floa
         [run_id])
     if not n:
         return {}
+    panel = {}
+    if rule.members:
+        jn, jagree = store.one("SELECT max(n_judges), avg(judges_agree) FROM preferences WHERE run_id = ?", [run_id])
+        panel = {"judges": len(rule.judges), "mean judges agree": float(jagree or 0.0)}
     # what labels cost: tokens of every judgement (and rationale) of the run, per pair labelled
     ptok, gtok = 0, 0
     for table in ("judgements", "rationales"):
@@ -271,7 +378,7 @@ def _label_summary(store: Store, run_id: str, rule: LabelRule) -> dict[str, floa
         ptok, gtok = ptok + a, gtok + b
     return {"pairs labelled": n, "ties": ties, "mean orders agree": float(agree or 0.0), "mean margin": float(margin or 0.0),
             "prompt tokens/label": round(ptok / n, 1), "generated tokens/label": round(gtok / n, 2),
-            "label rule": rule.name + (" (calibrated)" if rule.calibrate else "")}
+            **panel, "label rule": rule.name + (" (calibrated)" if rule.calibrate else "")}
 
 
 def labels_of(judgements: pa.Table, rule: LabelRule) -> pa.Table:
@@ -300,6 +407,6 @@ def labels_table(store: Store, judgements: str, rule: LabelRule, params: Any = N
     return store.con.sql(labels_sql(judgements, rule), params=params).to_arrow_table()
 
 
-__all__ = ["LabelRule", "rule_for", "run_rule", "labels_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
+__all__ = ["LabelRule", "rule_for", "run_rule", "labels_sql", "judge_labels_sql", "judged_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
            "labels_of", "priors_sql",
            "check_weights", "PREFERENCE_SCHEMA", "now"]

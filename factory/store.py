@@ -262,6 +262,9 @@ MIGRATIONS.append([
        chosen VARCHAR, is_tie BOOLEAN, n_principles BIGINT, orders_agree DOUBLE)""",
     "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS n_judges BIGINT",  # judges with a valid label for the pair
     "ALTER TABLE preferences ADD COLUMN IF NOT EXISTS judges_agree BIGINT",  # … on the panel label's side
+    # a panel's calibration priors, per judge (one judge: `calibration`, as before)
+    """CREATE TABLE IF NOT EXISTS judge_calibration (run_id VARCHAR, judge VARCHAR, principle_id VARCHAR,
+       "order" VARCHAR, prior DOUBLE, n BIGINT)""",
 ])
 
 # The Arrow schema rows of each generated table are written with.

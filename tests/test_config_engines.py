@@ -82,7 +82,7 @@ def test_vllm_key_under_openai_names_both_kinds_that_have_it(tmp_path):
 
 def test_unknown_kind_missing_base_url_and_bad_values_point_at_their_lines(tmp_path):
     e = fail(tmp_path, "engine:\n  kind: vlm\n")
-    assert (e.line, e.col) == (6, 9) and "`engine.kind` must be one of 'fake', 'vllm', 'ray', 'openai'; got 'vlm'" in e.message
+    assert (e.line, e.col) == (6, 9) and "`engine.kind` must be one of 'fake', 'vllm', 'ray', 'openai', 'reward_model'; got 'vlm'" in e.message
     e = fail(tmp_path, "engine:\n  kind: openai\n  seed: 1\n")
     assert (e.line, e.col) == (6, 3) and "`engine` has no `base_url`; add the endpoint's base URL" in e.message
     e = fail(tmp_path, "engine:\n  kind: openai\n  base_url: u\n  scoring: topk\n  max_concurrency: 0\n")

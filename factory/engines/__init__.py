@@ -51,7 +51,14 @@ def _vllm_kwargs(spec, model: str) -> dict:
 def _fake(spec, model: str) -> Engine:
     from .fake import FakeEngine
 
-    return FakeEngine(model=model, seed=spec.seed, max_model_len=spec.max_model_len)
+    return FakeEngine(model=model, seed=spec.seed, max_model_len=spec.max_model_len, latency_s=spec.latency_s)
+
+
+@builder("reward_model")
+def _reward_model(spec, model: str) -> Engine:
+    from .reward_model import build
+
+    return build(spec, model)
 
 
 @builder("vllm")

@@ -6,13 +6,15 @@ vLLM); option log-probabilities are derived from a hash of the prompt. Its ident
 
 Knobs for tests: ``empty_every`` (every k-th request answers ""), ``fail_every`` (every k-th request
 is a failed completion), ``die_after`` (raise after that many completions, like an engine crash),
-``scoring``/``prefill`` (pretend to be an endpoint with top-k or no log-probs, or no prefill).
+``scoring``/``prefill`` (pretend to be an endpoint with top-k or no log-probs, or no prefill),
+``latency_s`` (each request takes that long, as a slow model would: overlap benchmarks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 from typing import Iterable, Iterator
 
 from .base import Capabilities, Completion, EngineError, Request
@@ -20,13 +22,15 @@ from .base import Capabilities, Completion, EngineError, Request
 
 class FakeEngine:
     def __init__(self, model: str = "fake", seed: int = 0, max_model_len: int = 2048, empty_every: int = 0,
-                 fail_every: int = 0, die_after: int | None = None, scoring: str = "token_ids", prefill: bool = True):
+                 fail_every: int = 0, die_after: int | None = None, scoring: str = "token_ids", prefill: bool = True,
+                 latency_s: float = 0.0):
         self.model = model if model.startswith("fake:") else f"fake:{model}"
         self.seed = seed
         self.max_model_len = max_model_len
         self.empty_every = empty_every
         self.fail_every = fail_every
         self.die_after = die_after
+        self.latency_s = latency_s
         self.capabilities = Capabilities(scoring=scoring, top_k=20 if scoring == "top_k" else 0, prefill=prefill)
         self.calls: list[int] = []  # requests received per generate() call that received any
         self.requests = 0
@@ -58,6 +62,8 @@ class FakeEngine:
 
     def _one(self, req: Request) -> Completion:
         k = self.requests
+        if self.latency_s:
+            time.sleep(self.latency_s)
         if self.fail_every and k % self.fail_every == 0:
             return Completion(key=req.key, status="failed", error="injected engine error")
         n_prompt = sum(len(m["content"]) // 4 + 4 for m in req.messages)  # ~4 characters a token
