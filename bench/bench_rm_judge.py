@@ -7,7 +7,7 @@ matter for speed). Each pair is the hh-rlhf conversation plus response a / respo
 through ``RewardModelEngine.generate`` exactly as a judge run sends it. Model load is not timed.
 Also times ``compute_panel`` (3 judges) on synthetic probabilities.
 
-    python bench/bench_rm_judge.py                 # 64 pairs, batch sizes 8 and 16, max_length 512
+    python bench/bench_rm_judge.py                 # 64 pairs, float32 and bfloat16, batch 8 and 16, max_length 512
     python bench/bench_rm_judge.py --pairs 16 --batch-sizes 8
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--batch-sizes", default="8,16")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--dtypes", default="auto,bfloat16", help="auto = float32 on CPU")
     args = ap.parse_args(argv)
     import torch
 
@@ -90,23 +92,32 @@ def main(argv: list[str] | None = None) -> int:
     reqs = requests(args.pairs)
     with tempfile.TemporaryDirectory(prefix="bench-rm-") as tmp:
         folder = rm_folder(Path(tmp))
-        for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            eng = RewardModelEngine(folder, model_name="smollm2-135m-rm", batch_size=bs, max_length=args.max_length)
-            list(eng.generate(reqs[:2]))  # warm-up (first forward pass)
-            eng.truncated = 0
-            start = time.perf_counter()
-            out = list(eng.generate(iter(reqs)))
-            seconds = time.perf_counter() - start
-            tokens = sum(c.prompt_tokens for c in out)
-            ok = sum(c.status == "ok" for c in out)
-            print(f"RESULT rm_judge: {ok} pairs, batch {bs}, max_length {args.max_length}: {seconds:.1f} s = "
-                  f"{ok / seconds:.2f} pairs/s, {tokens / seconds:,.0f} tokens/s ({eng.truncated} sequences cut, "
-                  f"{tokens / max(ok, 1):.0f} tokens/pair, {torch.get_num_threads()} threads)")
-            record("rm_judge", {"pairs": ok, "batch_size": bs, "max_length": args.max_length,
-                                "seconds": round(seconds, 2), "pairs_per_s": round(ok / seconds, 3),
-                                "tokens_per_s": round(tokens / seconds), "tokens_per_pair": round(tokens / max(ok, 1)),
-                                "truncated": eng.truncated, "threads": torch.get_num_threads()})
-            eng.close()
+        ref = None  # P(first) of the first configuration, to count decisions another dtype flips
+        for dtype in args.dtypes.split(","):
+            for bs in [int(x) for x in args.batch_sizes.split(",")]:
+                eng = RewardModelEngine(folder, model_name="smollm2-135m-rm", batch_size=bs,
+                                        max_length=args.max_length, dtype=dtype)
+                list(eng.generate(reqs[:2]))  # warm-up (first forward pass)
+                eng.truncated = 0
+                start = time.perf_counter()
+                out = list(eng.generate(iter(reqs)))
+                seconds = time.perf_counter() - start
+                tokens = sum(c.prompt_tokens for c in out)
+                ok = sum(c.status == "ok" for c in out)
+                p = np.exp([c.option_logprobs[0] for c in out])
+                ref = p if ref is None else ref
+                flips = int(((p > 0.5) != (ref > 0.5)).sum())
+                print(f"RESULT rm_judge: {ok} pairs, {dtype}, batch {bs}, max_length {args.max_length}: {seconds:.1f} s "
+                      f"= {ok / seconds:.2f} pairs/s, {tokens / seconds:,.0f} tokens/s ({eng.truncated} sequences cut, "
+                      f"{tokens / max(ok, 1):.0f} tokens/pair, {torch.get_num_threads()} threads; vs the first "
+                      f"configuration: max |dp| {np.abs(p - ref).max():.4f}, {flips} decisions flipped)")
+                record("rm_judge", {"pairs": ok, "dtype": dtype, "batch_size": bs, "max_length": args.max_length,
+                                    "seconds": round(seconds, 2), "pairs_per_s": round(ok / seconds, 3),
+                                    "tokens_per_s": round(tokens / seconds), "tokens_per_pair": round(tokens / max(ok, 1)),
+                                    "truncated": eng.truncated, "threads": torch.get_num_threads(),
+                                    "max_abs_dp_vs_first": round(float(np.abs(p - ref).max()), 5), "flips_vs_first": flips,
+                                    "loadavg_1m": round(os.getloadavg()[0], 2)})
+                eng.close()
     seconds = bench_panel()
     print(f"RESULT panel_audit: 3 judges x 100,000 pairs: {seconds:.2f} s")
     record("rm_judge", {"panel_audit_pairs": 100_000, "judges": 3, "seconds": round(seconds, 2)})

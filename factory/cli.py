@@ -64,7 +64,7 @@ def validate(path: Path):
         c = load_constitution(path)
         console.print(f"ok, {len(c.principles)} principles ({c.name} v{c.version}, hash {c.hash})")
     else:
-        from .runs import load
+        from .kinds import load
 
         kind, lp = load(path)
         lp.engine_model = lp.expected_engine_model()
@@ -81,7 +81,7 @@ def render(
     example: int = typer.Option(0, help="index of the prompt (or pair) among the valid ones"),
 ):
     """Show exactly the chat messages the model will receive for one example."""
-    from .render import render_example
+    from .kinds import render_example
 
     _print_messages(render_example(pipeline, stage, example))
 
@@ -124,7 +124,7 @@ def run(pipeline: Path, quiet: bool = typer.Option(False, help="no progress bar"
         retry_failed: bool = typer.Option(False, "--retry-failed", help="run rows stored as failed again "
                                           "(they count as done otherwise)")):
     """Run a pipeline (or continue it: stored rows are never recomputed)."""
-    from .runs import run as run_any
+    from .kinds import run as run_any
 
     summary = run_any(pipeline, quiet=quiet, retry_failed=retry_failed)
     print_summary(summary)

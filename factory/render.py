@@ -71,11 +71,3 @@ def render_sl(kind, lp, stage: str, example: int) -> list[dict]:
         crits = [{"principle": p, "text": critique} for p in principles]
         return lp.templates["revise"].render(conversation=conv, response=response, critiques=crits, round=1)
     raise StoreError(f"unknown --stage '{stage}'; use answer, critique or revise")
-
-
-def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
-    """Any pipeline kind, looked up in the run-kind registry."""
-    from .runs import load
-
-    kind, lp = load(path)
-    return kind.render(lp, stage, example)

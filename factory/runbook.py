@@ -9,6 +9,7 @@ and the status query ``factory status`` prints. :class:`RunBook` is a base of
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 RUN_JUDGES_DDL = """CREATE TABLE IF NOT EXISTS run_judges (
@@ -24,23 +25,19 @@ class RunBook:
     # -- the run's row ---------------------------------------------------------------------------
     def record_run(self, *, run_id: str, name: str, kind: str, path: str, config_hash: str, config: dict,
                    constitution: Any, model: str, engine_json: str, lineage: dict) -> None:
-        from .store import now
-
         c = constitution
         self.con.execute(
             """INSERT OR IGNORE INTO runs (run_id, name, kind, pipeline_path, config_hash, config_json, constitution_name,
                constitution_version, constitution_hash, model, engine_json, started_at, status)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')""",
             [run_id, name, kind, path, config_hash, json.dumps(config), c.name, c.version, c.hash, model, engine_json,
-             now()])
+             datetime.now(timezone.utc)])
         self.con.execute("UPDATE runs SET status = 'running', error = NULL, lineage_json = ? WHERE run_id = ?",
                          [json.dumps(lineage, default=str), run_id])
 
     def finish_run(self, run_id: str, status: str, error: str | None, summary: dict) -> None:
-        from .store import now
-
         self.con.execute("UPDATE runs SET status = ?, error = ?, finished_at = ?, summary_json = ? WHERE run_id = ?",
-                         [status, error, now(), json.dumps(summary, default=str), run_id])
+                         [status, error, datetime.now(timezone.utc), json.dumps(summary, default=str), run_id])
 
     def run_status(self, run_id: str) -> tuple[str | None, str | None]:
         """(status, config_hash) of a recorded run, (None, None) if unknown."""

@@ -7,9 +7,9 @@ same model and engine settings share one) or borrow the caller's, stream the kin
 :class:`~factory.runner.Runner` (each job to its role's engine), finish the run with its counts and
 status (``done``, ``stopped`` after Ctrl-C/SIGTERM, ``failed`` with the reason), and release the
 lock and every engine it built. A finished run rerun with nothing to do starts no engine. A kind is
-one :class:`RunKind` subclass registered by name with :func:`register_kind` (the kinds live side by
-side in :mod:`factory.kinds`); ``factory run``, ``validate``, ``render`` and ``show`` look kinds up
-there and nowhere else.
+one :class:`RunKind` subclass registered by name with ``factory.kinds.register_kind`` (the kinds live
+side by side in :mod:`factory.kinds`, above this lifecycle); ``factory run``, ``validate``,
+``render`` and ``show`` look kinds up there and nowhere else.
 
 Resume is not a mode: the run id hashes everything that decides what the run makes (pipeline,
 constitution, templates; not operational knobs like ``chunk_rows``), so rerunning the same command
@@ -18,7 +18,6 @@ continues the same run, skipping finished input chunks and stored rows.
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import threading
@@ -33,7 +32,6 @@ from .runner import EngineFailed, InputChunk, Runner, TableStats
 from .store import Store, StoreError
 from .templates import Template
 
-KINDS: dict[str, "RunKind"] = {}  # kind name -> the kind (filled by @register_kind in factory.kinds)
 # config keys that change how a run is executed, not what it makes: left out of the run id
 OPERATIONAL = ("chunk_rows", "chunk_inputs")
 
@@ -161,40 +159,13 @@ class RunKind:
         """Work on the whole run after its stages (SQL in the database): labels, audits."""
 
 
-def kind_of(path: str | Path) -> str:
-    from .yamlconf import load_yaml_data
-
-    data, _ = load_yaml_data(path)
-    kind = data.get("kind", "sl") if isinstance(data, dict) else "sl"
-    return kind if isinstance(kind, str) else "sl"
-
-
-def register_kind(cls: type[RunKind]) -> type[RunKind]:
-    """Register a run kind (a :class:`RunKind` subclass with a ``name``): one decorator per kind."""
-    KINDS[cls.name] = cls()
-    return cls
-
-
-def get_kind(name: str) -> RunKind:
-    importlib.import_module("factory.kinds")  # the kinds register themselves
-    if name not in KINDS:
-        raise StoreError(f"unknown pipeline kind '{name}'; use one of {', '.join(KINDS)}")
-    return KINDS[name]
-
-
-def load(path: str | Path) -> tuple[RunKind, Loaded]:
-    """The kind of the pipeline file at ``path`` and the pipeline, loaded and checked."""
-    k = get_kind(kind_of(path))
-    return k, k.load(path)
-
-
 class RunContext:
     """What a kind's ``execute`` works with: the open store, the loaded pipeline, each role's engine,
     the summary, and :meth:`stream` to run jobs through the engines."""
 
-    def __init__(self, lp: Loaded, store: Store, summary: Summary, *, engines: dict[str, Engine], owned: list[Engine],
-                 quiet: bool, retry_failed: bool, options: dict[str, Any]):
-        self.lp, self.store, self.summary = lp, store, summary
+    def __init__(self, kind: RunKind, lp: Loaded, store: Store, summary: Summary, *, engines: dict[str, Engine],
+                 owned: list[Engine], quiet: bool, retry_failed: bool, options: dict[str, Any]):
+        self.kind, self.lp, self.store, self.summary = kind, lp, store, summary
         self.quiet, self.retry_failed, self.options = quiet, retry_failed, options
         self.owned = owned
         self.engines = engines  # role name -> engine (roles with the same settings share one)
@@ -254,7 +225,7 @@ class RunContext:
         full = False
         if self.retry_failed and done:
             failed, linked = self.store.failed_chunks(self.run_id, [self.run_id, *self.own_runs],
-                                                      get_kind(self.lp.kind).tables)
+                                                      self.kind.tables)
             full = linked  # failed rows this run reused from another run: their chunks are unknown here
             done = {} if linked else {i: v for i, v in done.items() if i not in failed}
         self.summary.skipped_chunks += len(done)
@@ -298,12 +269,11 @@ def build_engines(lp: Loaded, engine: Engine | None, overrides: dict[str, Engine
     return out
 
 
-def run(path: str | Path, *, engine: Engine | None = None, engines: dict[str, Engine] | None = None,
-        quiet: bool = False, retry_failed: bool = False, **options: Any) -> Summary:
-    """Run (or resume) the pipeline at ``path``, whatever its kind. ``engine``: one engine for every
-    role; ``engines``: role name -> engine (tests, drills). ``options`` go to the kind (e.g. an
-    audit's ``naive_principle``)."""
-    kind, lp = load(path)
+def execute(kind: RunKind, lp: Loaded, *, engine: Engine | None = None, engines: dict[str, Engine] | None = None,
+            quiet: bool = False, retry_failed: bool = False, **options: Any) -> Summary:
+    """Run (or resume) the loaded pipeline ``lp`` of ``kind`` (``factory.kinds.run`` loads a file and
+    calls this). ``engine``: one engine for every role; ``engines``: role name -> engine (tests,
+    drills). ``options`` go to the kind (e.g. an audit's ``naive_principle``)."""
     start = time.perf_counter()
     # the writer lock first (a second process learns at once that the database is busy), then the
     # engines (their identities complete the run id), then the run's row
@@ -321,7 +291,7 @@ def run(path: str | Path, *, engine: Engine | None = None, engines: dict[str, En
         release(store, owned)
         raise
     summary = Summary(run_id=lp.run_id, db=str(lp.cfg.db), kind=kind.name)
-    ctx = RunContext(lp, store, summary, engines=roles, owned=owned, quiet=quiet, retry_failed=retry_failed,
+    ctx = RunContext(kind, lp, store, summary, engines=roles, owned=owned, quiet=quiet, retry_failed=retry_failed,
                      options=options)
     restore = _install_signals(ctx)
     try:

@@ -59,7 +59,7 @@ def models_of(db: Path) -> tuple[set[str], dict[str, int]]:
 
 
 def test_old_pipelines_keep_their_run_ids():
-    from factory.runs import load
+    from factory.kinds import load
 
     for path, want in ((REPO / "pipelines/demo.yaml", "demo-6a17a0a30c"),
                        (REPO / "pipelines/hh-prefs.yaml", "hh-prefs-6857ef6484")):

@@ -187,3 +187,38 @@ def test_settings_are_strict_and_default_to_cpu():
         RewardModelEngineSpec.model_validate({"kind": "reward_model", "base_url": "http://x"})
     with pytest.raises(ValidationError):
         RewardModelEngineSpec.model_validate({"kind": "reward_model", "device": "tpu"})
+
+
+@pytest.mark.train
+def test_a_prefs_run_with_the_reward_model_as_a_panel_judge(trained_rm, tmp_path):
+    """The judge role `kind: reward_model` end to end: a fake judge and the trained RM label 4 hh-rlhf pairs;
+    the RM's stored p_a is σ(r_a − r_b) computed directly, and its rows carry the RM's identity."""
+    import json
+
+    import duckdb
+
+    from conftest import REPO
+    from factory import prefs
+    from factory.models import identity
+
+    rm = trained_rm / "rm"
+    path = tmp_path / "p.yaml"
+    path.write_text(f"""kind: prefs
+name: rmpanel
+constitution: {REPO}/constitutions/harmless.yaml
+pairs: {{source: file, path: {HH}, format: hh-rlhf, limit: 4}}
+judges:
+  - {{name: fake, model: judge-x, engine: {{kind: fake}}}}
+  - {{name: rm, model: {rm}, kind: reward_model}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 1, seed: 0}}
+db: {tmp_path / 'out.duckdb'}
+""")
+    prefs.run(path, quiet=True)
+    with duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT j.model, j.p_a, p.conversation, p.response_a, p.response_b FROM judgements j "
+                           "JOIN pairs p USING (pair_id) WHERE j.model LIKE ?", [f"{rm}@%"]).fetchall()
+    assert len(rows) == 4 and {r[0] for r in rows} == {identity(str(rm), str(rm))}
+    for _, p_a, conv, a, b in rows:
+        conv = json.loads(conv)
+        r_a, r_b = (_direct_reward(rm, conv + [{"role": "assistant", "content": t}]) for t in (a, b))
+        assert p_a == pytest.approx(1.0 / (1.0 + math.exp(r_b - r_a)), abs=1e-4)

@@ -50,6 +50,9 @@ def _define_spec():
         max_length: int | None = Field(None, ge=16, description="tokens scored per conversation + response; a "
                                        "longer one keeps its end (default: max_model_len)")
         device: Literal["cpu", "auto"] = Field("cpu", description="cpu, or auto (a GPU when torch sees one)")
+        dtype: Literal["auto", "float32", "bfloat16"] = Field(
+            "auto", description="auto: float32 on CPU (as `factory eval rm` scores), bfloat16 on a GPU; bfloat16 on a "
+            "CPU with AMX/AVX512-bf16 is faster but rounds rewards (close pairs may flip)")
 
         def expected_model(self, model: str) -> str | None:
             """The identity this engine will have, from files alone (no model load); None if unknown."""
@@ -87,10 +90,11 @@ def build(spec: RewardModelEngineSpec, model: str) -> "RewardModelEngine":
     except models.ModelError as e:
         raise EngineError(f"reward model '{model}': {e}; {NOT_A_CLASSIFIER_HINT}") from None
     return RewardModelEngine(path, model_name=model, seed=spec.seed, max_model_len=spec.max_model_len,
-                             batch_size=spec.batch_size, max_length=spec.max_length, device=spec.device)
+                             batch_size=spec.batch_size, max_length=spec.max_length, device=spec.device,
+                             dtype=spec.dtype)
 
 
-def load_reward_model(path: str | Path, device: str = "cpu"):
+def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "auto"):
     """(model, tokenizer) of a reward-model folder, or an EngineError naming the folder and the fix."""
     from ..evaluate import load_model
     from ..models import ModelError
@@ -102,8 +106,12 @@ def load_reward_model(path: str | Path, device: str = "cpu"):
     except (ModelError, OSError, ValueError, KeyError) as e:
         raise EngineError(f"{path}: cannot be used as a reward model ({str(e).splitlines()[0]}); "
                           f"{NOT_A_CLASSIFIER_HINT}") from None
+    import torch
+
     if device == "cpu" and model.device.type != "cpu":
         model = model.to("cpu").float()
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
     return model, tok
 
 
@@ -133,11 +141,12 @@ class RewardModelEngine:
     kind = "reward_model"
 
     def __init__(self, path: str | Path, *, model_name: str | None = None, seed: int = 0, max_model_len: int = 2048,
-                 batch_size: int = 8, max_length: int | None = None, device: str = "cpu", window: int | None = None):
+                 batch_size: int = 8, max_length: int | None = None, device: str = "cpu", dtype: str = "auto",
+                 window: int | None = None):
         from ..models import identity
 
         self.path = str(path)
-        self.reward_model, self.tokenizer = load_reward_model(path, device)
+        self.reward_model, self.tokenizer = load_reward_model(path, device, dtype)
         self.model = identity(model_name, self.path)
         self.seed = seed
         self.max_model_len = max_model_len

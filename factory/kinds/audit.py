@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 from .. import judges
-from ..audit.run import AuditPipeline, AuditSettings, _audit, _judge_meta, _weights, naive_run, run_judgements
+from ..audit.core import AuditPipeline, AuditSettings, _audit, _judge_meta, _weights, naive_run, run_judgements
 from ..constitution import load_constitution
 from ..human import import_into
 from ..inputs import chunked
 from ..labels import label_run, rule_for
-from ..runs import KINDS, Loaded, RunContext, RunKind, register_kind
+from ..runs import Loaded, RunContext, RunKind
+from . import KINDS, register_kind
 from ..sources import SqlReader
 from ..stages import judge as J
 from .prefs import judge_templates

@@ -18,8 +18,8 @@ from ..constitution import load_constitution
 from ..inputs import chunked
 from ..labels import label_run
 from ..runner import Job, Write
-from ..runs import KINDS, Loaded, RunContext, RunKind, Summary, register_kind
-from ..runs import run as run_any
+from ..runs import Loaded, RunContext, RunKind, Summary
+from . import KINDS, register_kind
 from ..sources import SqlReader, open_source, pair_parser, prompt_row
 from ..stages import judge as J
 from ..stages import sl
@@ -184,6 +184,8 @@ def load(path: str | Path) -> Loaded:
 
 def run(path: str | Path, **kw) -> Summary:
     """Run (or resume) the preference pipeline at ``path``."""
+    from . import run as run_any
+
     return run_any(path, **kw)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from ..config import load_pipeline
 from ..constitution import load_constitution
 from ..inputs import chunked
-from ..runs import KINDS, Loaded, RunContext, RunKind, Summary, register_kind
-from ..runs import run as run_any
+from ..runs import Loaded, RunContext, RunKind, Summary
+from . import KINDS, register_kind
 from ..sources import open_source, prompt_row
 from ..stages import sl
 from ..store import Store, StoreError
@@ -78,6 +78,8 @@ def load(path: str | Path) -> Loaded:
 
 def run(path: str | Path, **kw) -> Summary:
     """Run (or resume) the critique→revise pipeline at ``path``."""
+    from . import run as run_any
+
     return run_any(path, **kw)
 
 
