@@ -249,3 +249,30 @@ def test_panel_labels_match_a_hand_worked_example():
     one = con.execute(f"SELECT p_a FROM ({labels_sql('(SELECT * FROM j WHERE model = $$fake:j1$$)', single)}) "
                       "ORDER BY pair_id").fetchall()
     assert [round(p, 12) for (p,) in one] == [0.475, 0.2]
+
+
+def test_an_audit_of_a_panel_shows_each_judge_and_the_panel_side_by_side(tmp_path, hh_rlhf):
+    """An audit pipeline with ``judges:``: every judge is audited against the humans beside the panel
+    label, with the inter-judge figures, in the stored result, the HTML report and the terminal."""
+    from factory.audit.run import audit
+
+    path = tmp_path / "audit.yaml"
+    path.write_text(f"""kind: audit
+name: panel-audit
+constitution: {REPO}/constitutions/harmless.yaml
+human: {{path: {hh_rlhf}, limit: 40}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 2}}
+{JUDGES}db: {tmp_path / 'a.duckdb'}
+audit: {{n_bootstrap: 50}}
+""")
+    audit_id, result, report = audit(path, quiet=True)
+    panel = result.panel
+    assert panel is not None and panel["judges"] == ["j1", "j2"] and panel["weights"] == {"j1": 1.0, "j2": 2.0}
+    assert [b["name"] for b in panel["per_judge"]] == ["j1", "j2"] and panel["panel"]["n_pairs"] > 0
+    for key in ("alpha", "fleiss"):
+        assert panel[key]["n_items"] > 0
+    # the panel block scores the stored panel labels: its agreement is recomputable from preferences
+    html = Path(report).read_text()
+    assert "Judges side by side" in html and "Krippendorff" in html
+    judged = dict(query(tmp_path / "a.duckdb", "SELECT model, count(*) FROM judgements GROUP BY 1"))
+    assert set(judged) == {"fake:judge-one", "fake:judge-two"}

@@ -126,6 +126,15 @@ def test_long_conversations_keep_their_end(trained_rm):
 
 
 @pytest.mark.train
+def test_bfloat16_rounds_but_keeps_the_answers_close(trained_rm):
+    f32 = [math.exp(c.option_logprobs[0]) for c in RewardModelEngine(trained_rm / "rm").generate(_requests())]
+    bf16 = RewardModelEngine(trained_rm / "rm", dtype="bfloat16")
+    assert next(bf16.reward_model.parameters()).dtype.__str__() == "torch.bfloat16"
+    got = [math.exp(c.option_logprobs[0]) for c in bf16.generate(_requests())]
+    np.testing.assert_allclose(got, f32, atol=0.02)
+
+
+@pytest.mark.train
 def test_pulls_lazily_and_a_bad_request_fails_alone(trained_rm):
     eng = RewardModelEngine(trained_rm / "rm", batch_size=2, window=2)
     pulled = []

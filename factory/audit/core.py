@@ -109,6 +109,9 @@ def _audit(store: Store, run_id: str, set_id: str, rule: Any, naive_judgements: 
                            variants={k: labels_table(store, rel, r, params) for k, r in variants.items()}, **kw)
     result.settings["label_rule"] = {"name": rule.name, "pool": rule.pool, "calibrate": rule.calibrate,
                                      "clamp": rule.clamp, "hash": rule.hash}
+    if rule.members:  # a panel: each judge's own labels and the panel's, side by side
+        result.panel = panel_audit(store, rel, rule, params, human, kw)
+        result.settings["label_rule"]["judges"] = rule.judges
     how = "its own judgements on every pair"
     if naive_judgements is not None:
         result.naive = compute_audit(naive_judgements, human, weights, naive_principle=naive, **kw).naive
@@ -129,6 +132,28 @@ def _audit(store: Store, run_id: str, set_id: str, rule: Any, naive_judgements: 
     store.con.execute("INSERT OR REPLACE INTO audits VALUES (?, ?, ?, ?, ?, ?)",
                       [audit_id, run_id, set_id, now(), json.dumps(result.to_dict()), str(report)])
     return audit_id, result, str(report)
+
+
+def panel_audit(store: Store, rel: str, rule: Any, params: dict, human: pa.Table, kw: dict) -> dict:
+    """Each judge of a panel run against the humans, their agreement with each other, and the panel
+    label (the one label rule) as a labeller of its own (:func:`factory.audit.panel.compute_panel`)."""
+    from ..labels import cells_sql, judge_labels_sql, labels_sql
+    from .panel import compute_panel
+
+    per_judge = store.con.sql(f"""
+        SELECT l.pair_id, l.judge, coalesce(l.p_a, 'NaN'::DOUBLE) AS p_a, c.p_ab, c.p_ba
+        FROM ({judge_labels_sql(rel, rule)}) l LEFT JOIN
+             (SELECT pair_id, judge, avg(p_ab) AS p_ab, avg(p_ba) AS p_ba FROM ({cells_sql(rel, rule)})
+              GROUP BY ALL) c USING (pair_id, judge)
+        WHERE l.judge <> '' ORDER BY l.pair_id, l.judge""", params=params).to_arrow_table()
+    panel = store.con.sql(f"SELECT pair_id, p_a FROM ({labels_sql(rel, rule)}) WHERE p_a IS NOT NULL",
+                          params=params).to_arrow_table()
+    res = compute_panel(per_judge, human.select(["pair_id", "human_choice", "len_a", "len_b"]), panel,
+                        tie_eps=kw["tie_eps"], n_bootstrap=kw["n_bootstrap"], seed=kw["seed"], n_bins=kw["n_bins"],
+                        length_gap=kw["length_gap"])
+    out = res.to_dict()
+    out["weights"] = dict(rule.judges)
+    return out
 
 
 def show(audit_id: str, result: Any, report: str | Path, skips: list[dict[str, Any]] = ()) -> None:

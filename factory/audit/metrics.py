@@ -83,6 +83,7 @@ class AuditResult:
     counts: dict[str, int]
     settings: dict[str, Any]
     variants: list[Block] = field(default_factory=list)  # the same pairs under other label rules
+    panel: dict[str, Any] | None = None  # a panel run: each judge and the panel side by side (audit.panel)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))

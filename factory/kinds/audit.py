@@ -80,7 +80,7 @@ class AuditKind(RunKind):
         c = lp.constitution
         meta = {"run": lp.run_id, "pipeline": lp.path, "model": cfg.model,
                 "constitution": f"{c.name} v{c.version} ({c.hash})", "judge": _judge_meta(cfg.judge.model_dump())}
-        rule = rule_for(store, c, cfg.judge)
+        rule = rule_for(store, c, cfg.judge, lp.run_id)
         settings.constitution_weights = _weights(c)
         audit_id, result, report = _audit(store, lp.run_id, s.extra["set_id"], rule,
                                           naive_j if naive_j.num_rows else None, settings, meta)
