@@ -195,13 +195,14 @@ def _weights_sql(rule: LabelRule) -> str:
     principle's, times the judge's for the logit pool) and its judge's weight v."""
     q = lambda x: "'" + str(x).replace("'", "''") + "'"  # noqa: E731
     judges = rule.judges or {"": 1.0}
+    principles = dict.fromkeys(k.split("/", 1)[-1] for k in rule.weights)
     rows = []
     for j, v in judges.items():
-        for k, w in rule.weights.items():
-            if "/" in k:
-                continue
-            wk = rule.weights.get(f"{j}/{k}", w * v if rule.pool == "logit" else w)
-            rows.append(f"({q(j)}, {q(k)}, {_lit(wk)}, {_lit(v)})")
+        for k in principles:
+            w = rule.weights.get(k)
+            wk = rule.weights.get(f"{j}/{k}", None if w is None else (w * v if rule.pool == "logit" else w))
+            if wk is not None:
+                rows.append(f"({q(j)}, {q(k)}, {_lit(wk)}, {_lit(v)})")
     if not rows:
         return "(SELECT NULL AS judge, NULL AS principle_id, NULL AS w, NULL AS v WHERE false)"
     return f"(SELECT * FROM (VALUES {', '.join(rows)}) AS w(judge, principle_id, w, v))"
@@ -280,7 +281,8 @@ def check_weights(store: Store, judgements: str, rule: LabelRule, params: Any = 
 
 
 def _check(principles: list[str], rule: LabelRule) -> None:
-    missing = [p for p in principles if p not in rule.weights]
+    known = set(rule.weights) | {k.split("/", 1)[-1] for k in rule.weights}  # "judge/principle": a panel's fit
+    missing = [p for p in principles if p not in known]
     if missing:
         raise StoreError(f"no weight for principle(s) {sorted(missing)[:5]} in weight set '{rule.name}'; add them to the "
                          f"constitution (or the weight set), or drop their judgements (known: {sorted(rule.weights)[:10]})")

@@ -276,3 +276,43 @@ audit: {{n_bootstrap: 50}}
     assert "Judges side by side" in html and "Krippendorff" in html
     judged = dict(query(tmp_path / "a.duckdb", "SELECT model, count(*) FROM judgements GROUP BY 1"))
     assert set(judged) == {"fake:judge-one", "fake:judge-two"}
+
+
+def test_audit_fit_on_a_panel_learns_judge_by_principle_weights(tmp_path, hh_rlhf):
+    """`factory audit fit` on a panel run fits one weight per (judge, principle); a run using that weight
+    set labels with them (σ(Σ W_jk ℓ_jk)), recomputed here from the stored cells."""
+    from factory.audit.fit import fit
+    from factory.audit.run import audit
+    from factory.labels import cells_sql, run_rule
+    from factory.store import Store
+
+    path = tmp_path / "audit.yaml"
+    body = f"""kind: audit
+name: panel-audit
+constitution: {REPO}/constitutions/harmless.yaml
+human: {{path: {hh_rlhf}, limit: 120, name: hh}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 2}}
+{JUDGES}db: {tmp_path / 'a.duckdb'}
+audit: {{n_bootstrap: 20}}
+"""
+    path.write_text(body)
+    audit(path, quiet=True)
+    run_id = query(tmp_path / "a.duckdb", "SELECT run_id FROM runs WHERE kind = 'audit'")[0][0]
+    r = fit(tmp_path / "a.duckdb", run_id, "hh", "panelfit", n_bootstrap=20)
+    assert r.weights and all(k.split("/")[0] in ("j1", "j2") for k in r.weights)
+    assert {k.split("/")[0] for k in r.weights} == {"j1", "j2"}
+    path.write_text(body.replace("per_pair: 2}", "per_pair: 2, weights: panelfit}"))
+    audit(path, quiet=True)
+    with Store(tmp_path / "a.duckdb", read_only=True) as store:
+        run2 = store.one("SELECT run_id FROM runs WHERE kind = 'audit' AND run_id <> ? ", [run_id])[0]
+        rule = run_rule(store, run2)
+        assert rule.pool == "logit" and rule.judges == {"j1": 1.0, "j2": 2.0}
+        rel = store.run_rows("judgements", "$run")
+        cells = store.con.execute(f"SELECT pair_id, judge, principle_id, l FROM ({cells_sql(rel, rule)})",
+                                  {"run": run2}).fetchall()
+        want: dict[str, float] = {}
+        for pair, judge, principle, ell in cells:
+            if ell is not None:
+                want[pair] = want.get(pair, 0.0) + r.weights[f"{judge}/{principle}"] * ell
+        got = dict(store.con.execute("SELECT pair_id, p_a FROM preferences WHERE run_id = ?", [run2]).fetchall())
+    assert got and all(math.isclose(got[p], 1 / (1 + math.exp(-x)), rel_tol=1e-9) for p, x in want.items())

@@ -1,6 +1,7 @@
 """``factory audit fit``: principle weights and a temperature fitted to human labels.
 
-The features of a pair are its per-principle, order-averaged log-odds ``ℓ_k`` (the cells of
+The features of a pair are its per-principle (for a panel: per judge × principle, named
+``judge/principle``), order-averaged log-odds ``ℓ_k`` (the cells of
 :mod:`factory.labels`, after the run's clamp and calibration; a principle not judged for the pair
 is 0, no evidence). A logistic regression without intercept (so swapping a and b gives 1 − p: no
 position prior can creep in) is fitted on a train split of the human set's pairs, its strength
@@ -58,11 +59,14 @@ def fit(db: str | Path, run_id: str, human_set: str, name: str, *, train_frac: f
     with Store(db, writer_run=f"fit:{name}") as store:
         set_info(store, human_set)  # a clear error for an unknown set
         rule = run_rule(store, run_id)
-        base = LabelRule(rule.weights, rule.tie_eps, rule.clamp, rule.calibrate) if rule.pool == "logit" else rule
+        base = LabelRule(rule.weights, rule.tie_eps, rule.clamp, rule.calibrate, judges=rule.judges,
+                         members=rule.members) if rule.pool == "logit" else rule
         rel, params = store.run_rows("judgements", "$run"), {"run": run_id}
-        cells = store.con.sql(f"""SELECT c.pair_id, c.principle_id, c.l, h.human_choice
+        # a panel's features are its (judge, principle) cells: judge × principle weights "judge/principle"
+        feature = "c.judge || '/' || c.principle_id" if rule.members else "c.principle_id"
+        cells = store.con.sql(f"""SELECT c.pair_id, {feature} AS principle_id, c.l, h.human_choice
                                   FROM ({cells_sql(rel, base)}) c JOIN human_labels h USING (pair_id)
-                                  WHERE h.set_id = $set AND c.l IS NOT NULL""",
+                                  WHERE h.set_id = $set AND c.l IS NOT NULL AND (c.judge <> '' OR {not rule.members})""",
                               params={**params, "set": human_set}).to_arrow_table()
         if cells.num_rows == 0:
             raise StoreError(f"{db}: run '{run_id}' has no valid judgements of human set '{human_set}'; audit the set "
@@ -87,7 +91,8 @@ def fit(db: str | Path, run_id: str, human_set: str, name: str, *, train_frac: f
                                      use_legacy_attributes=True).fit(X[train], y[train])
         w = dict(zip(names, (float(v) for v in model.coef_[0])))
         scale = sum(abs(v) for v in w.values())
-        fitted_rule = LabelRule(w, rule.tie_eps, rule.clamp, rule.calibrate, pool="logit", name=name)
+        fitted_rule = LabelRule(w, rule.tie_eps, rule.clamp, rule.calibrate, pool="logit", name=name,
+                                judges=rule.judges, members=rule.members)
         test_ids = pa.array([p for p, t in zip(pairs, train) if not t], pa.string())
         human = human_table(store, human_set)
         human = human.filter(pa.compute.is_in(human.column("pair_id"), test_ids))
