@@ -5,6 +5,8 @@ one-logit head (``AutoModelForSequenceClassification``, num_labels=1): the archi
 what ``factory train rm`` writes from it, so the speed is the same (the head's weights do not
 matter for speed). Each pair is the hh-rlhf conversation plus response a / response b, scored
 through ``RewardModelEngine.generate`` exactly as a judge run sends it. Model load is not timed.
+The machine is shared: besides wall-clock pairs/s the script records the process's CPU
+seconds (pairs per CPU-second: the rate with one core to itself) and the 1-minute load average.
 Also times ``compute_panel`` (3 judges) on synthetic probabilities.
 
     python bench/bench_rm_judge.py                 # 64 pairs, float32 and bfloat16, batch 8 and 16, max_length 512
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                                         max_length=args.max_length, dtype=dtype)
                 list(eng.generate(reqs[:2]))  # warm-up (first forward pass)
                 eng.truncated = 0
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 out = list(eng.generate(iter(reqs)))
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 tokens = sum(c.prompt_tokens for c in out)
                 ok = sum(c.status == "ok" for c in out)
                 p = np.exp([c.option_logprobs[0] for c in out])
@@ -110,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"RESULT rm_judge: {ok} pairs, {dtype}, batch {bs}, max_length {args.max_length}: {seconds:.1f} s "
                       f"= {ok / seconds:.2f} pairs/s, {tokens / seconds:,.0f} tokens/s ({eng.truncated} sequences cut, "
                       f"{tokens / max(ok, 1):.0f} tokens/pair, {torch.get_num_threads()} threads; vs the first "
-                      f"configuration: max |dp| {np.abs(p - ref).max():.4f}, {flips} decisions flipped)")
+                      f"configuration: max |dp| {np.abs(p - ref).max():.4f}, {flips} decisions flipped; "
+                      f"{cpu:.1f} CPU-s = {ok / cpu:.2f} pairs per CPU-second)")
                 record("rm_judge", {"pairs": ok, "dtype": dtype, "batch_size": bs, "max_length": args.max_length,
                                     "seconds": round(seconds, 2), "pairs_per_s": round(ok / seconds, 3),
+                                    "cpu_seconds": round(cpu, 2), "pairs_per_cpu_s": round(ok / cpu, 3),
                                     "tokens_per_s": round(tokens / seconds), "tokens_per_pair": round(tokens / max(ok, 1)),
                                     "truncated": eng.truncated, "threads": torch.get_num_threads(),
                                     "max_abs_dp_vs_first": round(float(np.abs(p - ref).max()), 5), "flips_vs_first": flips,

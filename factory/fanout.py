@@ -9,7 +9,10 @@ it from a queue the run's main thread fills, at most ``window`` requests outstan
 completions of every engine come back on one queue. The main thread does everything else: plans,
 probes the store, renders requests, turns completions into rows and hands them to the writer
 thread. A judge starts on a pair as soon as its two samples are stored in the run's buffers (the
-same follow-up mechanism as one engine): no stage waits for another.
+same follow-up mechanism as one engine): no stage waits for another. Memory stays that of one
+engine's run: at most ``queue_cap`` rendered requests wait per engine (each engine bounds what it
+holds in flight itself), and the next input chunk is opened only when fewer than ``probe_rows``
+planned jobs wait in all.
 
 An engine that raises, or stops answering, ends the run ``failed`` naming its role(s); what
 completed is written first, and a rerun resumes.
@@ -50,7 +53,12 @@ class Feeder:
         return f"{who} ({self.engine.model})" if kinds else self.engine.model
 
     def outstanding(self) -> int:
+        """Handed to the thread and not yet answered (queued or inside the engine)."""
         return self.put - self.back
+
+    def queued(self) -> int:
+        """Rendered requests waiting in the queue (the thread's count is read without a lock: an int)."""
+        return self.put - self._sent
 
     def _requests(self) -> Iterator[Request | None]:
         while not self.stopping:
@@ -91,7 +99,7 @@ class Feeder:
 class RoutedRunner(Runner):
     """The runner for several engines (see the module docstring)."""
 
-    window = 4096  # requests outstanding per engine (in its queue and in flight)
+    queue_cap = 256  # rendered requests waiting per engine (the engine pulls them as it has room)
 
     def _setup_feeders(self) -> None:
         self._out: queue.SimpleQueue = queue.SimpleQueue()
@@ -154,7 +162,7 @@ class RoutedRunner(Runner):
     def _feed(self) -> bool:
         moved = False
         for f in self._feeders:
-            while f.todo and f.outstanding() < self.window:
+            while f.todo and f.queued() < self.queue_cap:
                 job = f.todo.popleft()
                 self._inflight[job.key] = job
                 f.q.put(job.build())
@@ -163,14 +171,15 @@ class RoutedRunner(Runner):
         return moved
 
     def _hungry(self) -> bool:
-        return any(not f.todo and f.outstanding() < self.window for f in self._feeders)
+        return any(not f.todo and f.queued() < self.queue_cap for f in self._feeders)
 
     def _plan(self) -> bool:
         """One step of planning when an engine could take more: follow-ups first (a judge starts on
         a pair as soon as its samples are stored), then the next input chunk."""
-        if not self._hungry() and sum(len(f.todo) for f in self._feeders) >= self.probe_rows:
+        waiting = sum(len(f.todo) for f in self._feeders)
+        if not self._hungry() and waiting >= self.probe_rows:
             return False
-        more_input = self._inputs is not None and len(self._open) < self.max_open_chunks
+        more_input = self._inputs is not None and len(self._open) < self.max_open_chunks and waiting < self.probe_rows
         if self._followups and (len(self._followups) >= self.probe_rows or not more_input or not self._inflight
                                 or self._hungry()):
             batch, self._followups = self._followups, []

@@ -1,0 +1,164 @@
+"""Roles and panels: what a panel of judges and a separate policy cost, on fake engines.
+
+    python bench/bench_panel.py                # 20,000 pairs; overlap with 300 prompts
+    python bench/bench_panel.py --pairs 100000 # the issue's size (needs a quiet machine)
+    python bench/bench_panel.py --quick        # 2,000 pairs; overlap with 60 prompts
+
+1. Panel vs one judge: the same file of pairs, 4 principles, both orders, judged by one fake judge
+   and by a panel of three (each on its own fake engine, so the three stream side by side on their
+   own threads), each through `factory run` in a fresh process: judgements/s of the stream (from
+   the run's own summary) and the child's peak RSS (VmHWM). Target: the panel ≥ 0.9× the one judge's
+   judgements/s, peak RSS within 10%.
+2. Overlap of two engines: a policy and a judge on fake engines with a fixed per-request latency
+   (``engine: {kind: fake, latency_s: …}``), sized so that the policy alone (a policy-only run,
+   ``judges: []``) and the judge alone (the same pairs judged with the samples already stored) each
+   take about T seconds. Sampling and judging in one fresh run then takes T_both; serial would be
+   2T, perfect overlap T. Target: T_both ≤ 0.6 × (T_policy + T_judge).
+Figures go to bench/results/panel.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, record
+
+# The child: the factory CLI, writing its own peak RSS (VmHWM, kB) at exit.
+CHILD = """import atexit, os
+def _hwm():
+    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+    open(os.environ['BENCH_HWM'], 'w').write(kb)
+atexit.register(_hwm)
+from factory.cli import app
+app()"""
+WORDS = "the of and to in is you that it he was for on are as with his they at be this have from or one had".split()
+
+
+def make_pairs(path: Path, n: int) -> None:
+    rng = random.Random(0)
+
+    def text() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(110))[:500]
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"{i}: {text()}", "response_a": text(), "response_b": text()}) + "\n")
+
+
+def run_child(pipeline: Path, tmp: Path) -> dict:
+    hwm = tmp / "hwm"
+    env = {**os.environ, "BENCH_HWM": str(hwm), "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", CHILD, "run", str(pipeline), "--quiet"], env=env, cwd=REPO,
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"{pipeline} failed:\n{p.stderr[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mb": int(hwm.read_text()) / 1024}
+
+
+def summary_of(db: Path, name: str) -> dict:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        body = con.execute("SELECT summary_json FROM runs WHERE name = ? ORDER BY started_at DESC LIMIT 1",
+                           [name]).fetchone()[0]
+    finally:
+        con.close()
+    return json.loads(body)
+
+
+def panel_vs_one(tmp: Path, n: int) -> dict:
+    make_pairs(tmp / "pairs.jsonl", n)
+    out = {}
+    for label, judges in (("one", ["j1"]), ("panel", ["j1", "j2", "j3"])):
+        lines = "".join(f"  - {{name: {j}, model: judge-{j}, engine: {{kind: fake, seed: {i}}}}}\n"
+                        for i, j in enumerate(judges))
+        path = tmp / f"{label}.yaml"
+        path.write_text(f"""kind: prefs
+name: {label}
+constitution: {REPO}/constitutions/harmless.yaml
+pairs: {{source: file, path: {tmp}/pairs.jsonl}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 4}}
+judges:
+{lines}db: {tmp}/{label}.duckdb
+chunk_rows: 10000
+""")
+        proc = run_child(path, tmp)
+        s = summary_of(tmp / f"{label}.duckdb", label)
+        st = s["stages"]["judgements"]
+        out[label] = {"judges": len(judges), "judgements": st["written"], "stream_s": round(st["seconds"], 2),
+                      "judgements_per_s": round(st["written"] / st["seconds"]), "process_s": round(proc["wall_s"], 1),
+                      "peak_rss_mb": round(proc["peak_rss_mb"])}
+        print(f"{label}: {json.dumps(out[label])}", flush=True)
+    one, panel = out["one"], out["panel"]
+    return {"pairs": n, **{f"{k}_{x}": v for k, d in out.items() for x, v in d.items()},
+            "throughput_ratio_panel_vs_one": round(panel["judgements_per_s"] / one["judgements_per_s"], 3),
+            "rss_ratio_panel_vs_one": round(panel["peak_rss_mb"] / one["peak_rss_mb"], 3)}
+
+
+def overlap(tmp: Path, prompts: int, latency: float) -> dict:
+    """Policy latency L per request (one request samples both answers of a prompt), judge latency L/2
+    per request (one pair per prompt, one principle, two orders): the policy alone and the judge alone
+    each take about prompts × L."""
+    with open(tmp / "prompts.jsonl", "w") as f:
+        for i in range(prompts):
+            f.write(json.dumps({"prompt": f"Question {i}: how should I handle situation {i}?"}) + "\n")
+
+    def pipe(name: str, db: str, judges: str) -> Path:
+        path = tmp / f"{name}.yaml"
+        path.write_text(f"""kind: prefs
+name: {name}
+constitution: {REPO}/constitutions/harmless.yaml
+policy: {{model: policy, engine: {{kind: fake, latency_s: {latency}}}}}
+{judges}pairs: {{source: sample, prompts: {{path: {tmp}/prompts.jsonl}}, n: 2, sampling: {{max_tokens: 16}}}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 1}}
+db: {tmp}/{db}
+""")
+        return path
+
+    judge = f"judges:\n  - {{name: j, model: judge, engine: {{kind: fake, latency_s: {latency / 2}}}}}\n"
+    def stream_s(db: str, name: str) -> float:  # the stream's seconds (engine start, labelling excluded)
+        return max(st["seconds"] for st in summary_of(tmp / db, name)["stages"].values())
+
+    t_policy = run_child(pipe("policy", "serial.duckdb", "judges: []\n"), tmp)["wall_s"]
+    s_policy = stream_s("serial.duckdb", "policy")
+    run_child(pipe("judge", "serial.duckdb", judge), tmp)  # samples stored: only the judge works
+    s_judge = stream_s("serial.duckdb", "judge")
+    run_child(pipe("both", "both.duckdb", judge), tmp)
+    s_both = stream_s("both.duckdb", "both")
+    out = {"prompts": prompts, "policy_latency_s": latency, "judge_latency_s": latency / 2,
+           "T_policy_s": round(s_policy, 2), "T_judge_s": round(s_judge, 2), "T_both_s": round(s_both, 2),
+           "ratio_both_vs_serial": round(s_both / (s_policy + s_judge), 3), "policy_process_s": round(t_policy, 1)}
+    print(f"overlap: {json.dumps(out)}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=20_000)
+    ap.add_argument("--prompts", type=int, default=300)
+    ap.add_argument("--latency", type=float, default=0.01)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    pairs, prompts = (2_000, 60) if a.quick else (a.pairs, a.prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "a").mkdir()
+        (Path(tmp) / "b").mkdir()
+        res = {"panel": panel_vs_one(Path(tmp) / "a", pairs), "overlap": overlap(Path(tmp) / "b", prompts, a.latency),
+               "quick": a.quick}
+    print("RESULT panel: " + json.dumps(res), flush=True)
+    record("panel", res)
+
+
+if __name__ == "__main__":
+    main()
