@@ -38,7 +38,7 @@ def setup(n_pairs: int, k: int):
 
 def judge_ctx(eng, c, tmpl, tag):
     from factory import judges
-    from factory.config import JudgeSpec
+    from factory.roles import JudgeSpec
 
     ctx, mode = judges.setup(None, eng, JudgeSpec(), run_id="bench", constitution=c, template=tmpl)
     ctx.sampling_hash = tag

@@ -99,7 +99,7 @@ def rule_for(store: Store | None, constitution: Any, judge: Any, run_id: str | N
 def run_rule(store: Store, run_id: str) -> LabelRule:
     """The label rule a stored run was labelled with: its judge settings and its constitution (or the
     weight set it names), read back from the database."""
-    from .config import JudgeSpec
+    from .roles import JudgeSpec
     from .constitution import Constitution
 
     row = store.one("SELECT config_json, constitution_hash FROM runs WHERE run_id = ?", [run_id])

@@ -58,7 +58,7 @@ class Loaded:
         return [r for r in (self.policy_role(), *self.judge_roles()) if r is not None]
 
     def policy_role(self):
-        from .config import Role
+        from .roles import Role
 
         f = getattr(self.cfg, "policy_role", None)
         if f is not None:

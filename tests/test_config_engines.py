@@ -100,7 +100,10 @@ def test_engine_spec_is_a_union_other_code_can_validate():
 
 
 def test_every_kind_has_one_builder():
-    kinds = {m.model_fields["kind"].default for m in (FakeEngineSpec, VLLMEngineSpec, RayEngineSpec, OpenAIEngineSpec)}
+    from factory.engines.reward_model import RewardModelEngineSpec
+
+    kinds = {m.model_fields["kind"].default for m in (FakeEngineSpec, VLLMEngineSpec, RayEngineSpec, OpenAIEngineSpec,
+                                                      RewardModelEngineSpec)}
     assert set(BUILDERS) == kinds
     eng = make_engine(FakeEngineSpec(seed=4), "alias")
     assert (eng.seed, eng.max_model_len) == (4, 2048)
@@ -110,5 +113,5 @@ def test_unregistered_kind_is_a_clear_error():
     class Odd(FakeEngineSpec):
         kind: str = "odd"
 
-    with pytest.raises(EngineError, match="engine kind 'odd' is not available in this build; known kinds: fake, openai, ray, vllm"):
+    with pytest.raises(EngineError, match="engine kind 'odd' is not available in this build; known kinds: fake, openai, ray, reward_model, vllm"):
         make_engine(Odd(), "m")

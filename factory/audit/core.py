@@ -14,7 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from ..config import JudgeSpec, RolesMixin, RunConfig, Strict, local_source
+from ..config import RunConfig, Strict, local_source
+from ..roles import JudgeSpec, RolesMixin
 from ..constitution import Constitution
 from ..human import human_table, set_info
 from ..store import Store, StoreError, content_key, now

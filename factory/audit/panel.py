@@ -11,11 +11,8 @@ Inputs (Arrow tables; pure numpy/scipy, no database):
 - ``panel`` (optional): ``pair_id, p_a``, the panel label made by :mod:`factory.labels` (the one
   label rule); without it the panel row is the mean of the judges' p_a, as the settings say.
 
-Per judge (and the panel) the figures are exactly the single-judge audit's
-(:func:`factory.audit.metrics._block`: agreement with ties as 0.5 and its interval, Cohen's κ on
-decided pairs, the verdict against chance by :mod:`factory.audit.stats`, length bias, calibration),
-plus a bootstrap interval for κ and position bias from ``p_ab``/``p_ba`` (the audit's definitions:
-P(first shown preferred) over judgements, consistency = both orders pick the same side).
+Per judge (and the panel) the figures are the single-judge audit's (:func:`factory.audit.metrics._block`),
+plus a bootstrap interval for κ and position bias from ``p_ab``/``p_ba`` (the audit's definitions).
 
 Between judges (every judged pair, no human label needed), each judge's choice is a/b by
 :func:`factory.prefmath.decide` with the tie band, and a tie or failure is a missing value:
@@ -30,10 +27,9 @@ judges' errors (undefined when one judge's errors do not vary), ρ̄ their mean,
 number of independent judges ``n_eff = n / (1 + (n − 1)·ρ̄)``: n when errors are independent,
 1 when the judges err together. ρ̄ < 0 (judges err on different pairs) gives n_eff > n.
 
-Intervals are 95% percentile bootstraps over items. Every statistic depends only on how many items
-of each type (pattern of values) are drawn, so a resample is a Multinomial draw of type counts
-(as :func:`factory.audit.stats.bootstrap_mean_ci` does): exact, and cheap at any number of pairs.
-Each figure carries ``too_few`` when it rests on fewer than MIN_DECIDED (30) items.
+Intervals are 95% percentile bootstraps over items; a statistic depends only on how many items of each
+type (pattern of values) are drawn, so a resample is one Multinomial draw of type counts (as
+:func:`factory.audit.stats.bootstrap_mean_ci` does). ``too_few``: fewer than MIN_DECIDED (30) items.
 """
 
 from __future__ import annotations
@@ -45,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from factory.audit.metrics import Block, _block, _Cfg, _jsonable, _read_human
+from factory.audit.metrics import Block, _align, _block, _Cfg, _jsonable, _mean, _read_human
 from factory.audit.stats import MIN_DECIDED, exact_ci
 from factory.prefmath import _check_probabilities, _encode, _floats, decide
 
@@ -125,8 +121,7 @@ def compute_panel(judgements: pa.Table, human: pa.Table, panel: pa.Table | None 
         return out
 
     p, p_ab, p_ba = grid("p_a"), grid("p_ab"), grid("p_ba")
-    for x in (p, p_ab, p_ba):
-        _check_probabilities(x.ravel())
+    _check_probabilities(np.concatenate([p.ravel(), p_ab.ravel(), p_ba.ravel()]))
     hum = _read_human(_with_lengths(human, judgements), pair_ids)
     cfg = _Cfg(n_bootstrap, seed, n_bins, length_gap)
     labelled = hum.row >= 0
@@ -134,22 +129,20 @@ def compute_panel(judgements: pa.Table, human: pa.Table, panel: pa.Table | None 
     for j, name in enumerate(names):
         codes = np.flatnonzero(labelled & ~np.isnan(p[:, j]))
         per_judge.append(_judge_block(name, p[:, j], codes, hum, tie_eps, _position(p_ab[:, j], p_ba[:, j]), cfg))
-    if panel is None:
-        panel_p = _nanmean(p, axis=1)
-    else:
-        panel_p = _align(panel, pair_ids)
+    panel_p = _nanmean(p, axis=1)
+    if panel is not None:
+        panel = panel.set_column(panel.schema.get_field_index("pair_id"), "pair_id", panel["pair_id"].cast(pa.string()))
+        panel_p = _align(panel, pair_ids, "p_a")
         _check_probabilities(panel_p)
     codes = np.flatnonzero(labelled & ~np.isnan(panel_p))
     panel_block = _judge_block("panel", panel_p, codes, hum, tie_eps, _position(*(np.full(n_pairs, np.nan),) * 2), cfg)
-    choice = _choices(p, tie_eps)
+    chose_a, is_tie, _ = decide(p, tie_eps)
+    choice = np.where(np.isnan(p) | is_tie, np.nan, chose_a.astype(np.float64))  # 1 a, 0 b, NaN tie/failed
     rng = np.random.default_rng(seed)
     complete = labelled & ~np.isnan(p).any(axis=1)
     return PanelResult(
-        judges=names,
-        per_judge=per_judge,
-        panel=panel_block,
-        alpha=krippendorff_alpha(choice, n_bootstrap, rng),
-        fleiss=fleiss_kappa(choice, n_bootstrap, rng),
+        judges=names, per_judge=per_judge, panel=panel_block,
+        alpha=krippendorff_alpha(choice, n_bootstrap, rng), fleiss=fleiss_kappa(choice, n_bootstrap, rng),
         errors=error_correlation(_errors(p[complete], hum.y[hum.row[complete]], tie_eps), names, n_bootstrap, rng),
         counts={"pairs": n_pairs, "judges": n_j, "judgements": judgements.num_rows,
                 "judgements_failed": int(np.isnan(p[pair, judge]).sum()), "human_pairs": human.num_rows,
@@ -202,17 +195,9 @@ def _position(p_ab: np.ndarray, p_ba: np.ndarray) -> dict[str, Any]:
 # -- between judges ------------------------------------------------------------------------------
 
 
-def _choices(p: np.ndarray, tie_eps: float) -> np.ndarray:
-    """1 (a), 0 (b) or NaN (tie or failed) per (pair, judge)."""
-    chose_a, is_tie, _ = decide(p, tie_eps)
-    return np.where(np.isnan(p) | is_tie, np.nan, chose_a.astype(np.float64))
-
-
 def _types(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows (item types) and how many items have each."""
-    if len(rows) == 0:
-        return rows.reshape(0, rows.shape[1] if rows.ndim == 2 else 0), np.zeros(0, dtype=np.int64)
-    return np.unique(rows, axis=0, return_counts=True)
+    return np.unique(rows, axis=0, return_counts=True) if len(rows) else (rows, np.zeros(0, dtype=np.int64))
 
 
 def _resample(counts: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
@@ -409,21 +394,12 @@ def _with_lengths(human: pa.Table, judgements: pa.Table) -> pa.Table:
             .append_column("len_b", pa.array([g[1] for g in got], pa.float64())))
 
 
-def _align(table: pa.Table, pair_ids: pa.Array) -> np.ndarray:
-    got = dict(zip((str(k) for k in table["pair_id"].to_pylist()), table["p_a"].to_pylist()))
-    return np.array([np.nan if (v := got.get(k)) is None else v for k in pair_ids.to_pylist()], dtype=np.float64)
-
-
 def _percentile(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     if len(x) == 0:
         return (math.nan, math.nan)
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(x, [tail, 100 - tail])
     return (float(lo), float(hi))
-
-
-def _mean(x: np.ndarray) -> float:
-    return float(np.mean(x)) if len(x) else math.nan
 
 
 def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:

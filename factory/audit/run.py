@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import JudgeSpec
+from ..roles import JudgeSpec
 from ..engines import Engine
 from ..human import set_info
 from ..labels import run_rule

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .. import judges
-from ..config import load_prefs_pipeline
+from ..roles import load_prefs_pipeline
 from ..constitution import load_constitution
 from ..inputs import chunked
 from ..labels import label_run
