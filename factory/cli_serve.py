@@ -106,7 +106,7 @@ def model(
     """Start vLLM's OpenAI-compatible server for MODEL and print the `engine:` block that uses it.
 
     Example: factory serve model smollm2-135m --port 8000   (then, in a pipeline:
-    engine: {kind: openai, base_url: "http://127.0.0.1:8000/v1"})
+    engine: {kind: openai, base_url: "http://127.0.0.1:8000/v1"}). Arguments after `--` go to vLLM unchanged.
     """
     import importlib.util
 

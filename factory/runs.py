@@ -337,8 +337,15 @@ def record_run(store: Store, lp: Loaded, engines: dict[str, Engine]) -> None:
     if len({id(e) for e in engines.values()}) > 1 or getattr(lp.cfg, "uses_roles", lambda: False)():
         lineage["roles"] = {r: {"model": e.model, "seed": e.seed, "capabilities": caps(e)} for r, e in engines.items()}
     store.record_run(run_id=lp.run_id, name=lp.cfg.name, kind=lp.kind, path=lp.path, config_hash=lp.config_hash,
-                     config=lp.cfg.snapshot(), constitution=c, model=lp.cfg.model,
+                     config=lp.cfg.snapshot(), constitution=c, model=_models_text(lp),
                      engine_json=lp.cfg.engine.model_dump_json(), lineage=lineage)
+
+
+def _models_text(lp: Loaded) -> str:
+    """The run's ``model`` column: the one model, or each role's (``policy=…, j1=…``)."""
+    if not getattr(lp.cfg, "uses_roles", lambda: False)():
+        return lp.cfg.model
+    return ", ".join(f"{r.name}={r.model}" for r in lp.roles())
 
 
 def _finished_already(store: Store, lp: Loaded) -> bool:
