@@ -104,8 +104,9 @@ def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "auto"
     try:
         model, tok = load_model(path, "rm")
     except (ModelError, OSError, ValueError, KeyError) as e:
-        raise EngineError(f"{path}: cannot be used as a reward model ({str(e).splitlines()[0]}); "
-                          f"{NOT_A_CLASSIFIER_HINT}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        where = "" if str(path) in why else f"{path}: cannot be used as a reward model: "
+        raise EngineError(f"{where}{why}; {NOT_A_CLASSIFIER_HINT}") from None
     import torch
 
     if device == "cpu" and model.device.type != "cpu":
@@ -189,8 +190,8 @@ class RewardModelEngine:
         for i, req in enumerate(reqs):
             try:
                 ids = [self.render(c) for c in _candidates(req)]
-            except (ValueError, TypeError, KeyError) as e:  # a bad request fails alone
-                done[i] = Completion(key=req.key, status="failed", error=f"reward model: {e}")
+            except Exception as e:  # a malformed request or one the chat template refuses fails alone
+                done[i] = Completion(key=req.key, status="failed", error=f"reward model: {type(e).__name__}: {e}")
                 continue
             for s in ids:
                 self.truncated += len(s) > self.max_length

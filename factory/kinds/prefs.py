@@ -75,7 +75,7 @@ class PrefsKind(RunKind):
 
         src = lp.cfg.pairs
         if src.source == "sample":
-            self._sampled(ctx, ctx.engine("policy"), judge)
+            self._sampled(ctx, ctx.engine("policy"), judge, panel)
         else:
             if src.source == "file":
                 reader = open_source(src.path, src.split, src.data_dir, "pairs")
@@ -90,13 +90,13 @@ class PrefsKind(RunKind):
                 to_pair = None
             done, changed = ctx.done_chunks("pairs", reader.fingerprint)
             inputs = chunked(store, lp.run_id, "pairs", reader, parse, entity="pairs", expand=lambda rows, _: judge(rows),
-                             done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit, to_entity=to_pair)
+                             done=done, chunk_size=chunk_size(lp, panel), limit=src.limit, to_entity=to_pair)
             ctx.stream("pairs", inputs, progress=lambda: reader.progress, full_probe=changed)
             if src.source == "sl" and not store.count("run_pairs", "run_id = ?", [lp.run_id]):
                 raise StoreError(f"{lp.cfg.db}: no completed SL revisions to pair" + (f" for run '{src.run}'" if src.run else "")
                                  + "; run an SL pipeline into this db first (`factory run pipelines/demo.yaml`)")
 
-    def _sampled(self, ctx: RunContext, engine, judge) -> None:
+    def _sampled(self, ctx: RunContext, engine, judge, panel) -> None:
         lp, store = ctx.lp, ctx.store
         src = lp.cfg.pairs
         sampling = src.sampling.to_sampling(n=src.n)
@@ -121,7 +121,7 @@ class PrefsKind(RunKind):
         reader = open_source(p.path, p.split, p.data_dir, "prompts")
         done, changed = ctx.done_chunks("prompts", reader.fingerprint)
         inputs = chunked(store, lp.run_id, "prompts", reader, lambda row, rec: prompt_row(row, rec, p.field),
-                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=p.limit)
+                         entity="prompts", expand=expand, done=done, chunk_size=chunk_size(lp, panel), limit=p.limit)
         ctx.stream("prompts", inputs, progress=lambda: reader.progress, full_probe=changed)
         ctx.summary.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
 
@@ -139,6 +139,12 @@ class PrefsKind(RunKind):
         from ..render import render_judge
 
         return render_judge(lp, example)
+
+
+def chunk_size(lp: Loaded, panel: list) -> int:
+    """Input records per chunk: ``chunk_inputs``, divided among a panel's judges (a chunk's planned jobs
+    are what a run holds in memory, and each judge adds a pair's judgements again)."""
+    return max(1, lp.cfg.chunk_inputs // max(1, len(panel)))
 
 
 def judge_templates(cfg) -> dict:

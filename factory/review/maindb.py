@@ -169,7 +169,9 @@ def audit_labels(store: Store, audit: AuditRow) -> tuple[pa.Table, pa.Table]:
     rule = run_rule(store, audit.run_id)
     rel, params = store.run_rows("judgements", "$run"), {"run": audit.run_id}
     labels = labels_table(store, rel, rule, params)
-    cells = store.con.sql(f"SELECT pair_id, principle_id, p_ab, p_ba, p FROM ({cells_sql(rel, rule)})",
+    # a panel: one cell per judge × principle, shown as "judge/principle" (each judge's probabilities)
+    cells = store.con.sql(f"""SELECT pair_id, CASE WHEN judge = '' THEN principle_id ELSE judge || '/' || principle_id
+                                     END AS principle_id, p_ab, p_ba, p FROM ({cells_sql(rel, rule)})""",
                           params=params).to_arrow_table()
     return labels, cells
 
