@@ -75,7 +75,7 @@ class _JudgeBase(Strict):
                     sub = data.get(mode)
                     if sub is not None and not isinstance(sub, dict):
                         continue  # let validation report the bad value
-                    data[mode] = {**(sub or {}), f: data.pop(k)}
+                    data[mode] = {f: data.pop(k), **(sub or {})}  # a nested value wins over a flat one
         return data
 
     @model_serializer(mode="wrap")
@@ -207,6 +207,28 @@ class RolesMixin(BaseModel):
 
     def uses_roles(self) -> bool:
         return self.judges is not None or getattr(self, "policy", None) is not None
+
+    @model_validator(mode="after")
+    def _judges_can_judge(self):
+        """Each judge's own settings are valid, and its mode fits its engine kind (errors at its line)."""
+        from pydantic import ValidationError
+
+        for i, j in enumerate(self.judges or []):
+            at = ("judges", i, "judge") if j.judge is not None else ("judges", i)
+            try:
+                role = self.judge_roles()[i]
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ErrorAt(at, f"judge '{j.name}': {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            rm_engine, rm_mode = role.engine.kind == "reward_model", role.judge.mode == "reward_model"
+            if rm_engine and not rm_mode:
+                raise ErrorAt(at, f"judge '{j.name}' is a reward model, which scores pairs and cannot "
+                                  f"answer judge.mode '{role.judge.mode}'; leave its mode out (reward_model)")
+            if rm_mode and not rm_engine:
+                raise ErrorAt(at, f"judge '{j.name}': judge.mode reward_model needs a reward-model engine "
+                                            f"(kind: reward_model); with engine kind {role.engine.kind} use judge.mode "
+                                            "logprob (or cot, vote)")
+        return self
 
 
 def _engine_of_kind(kind: str):

@@ -157,9 +157,12 @@ def test_duplicate_judge_names_are_an_error_at_the_line(tmp_path):
 
 def test_a_judge_whose_engine_cannot_serve_the_mode_is_named(tmp_path):
     judges = JUDGES.replace("weight: 2}", "weight: 2, judge: {mode: reward_model}}")
-    with pytest.raises(EngineError, match="judge 'j2'.*judge.mode logprob"):
+    with pytest.raises(ConfigError, match="judge 'j2'.*judge.mode logprob") as e:  # found when the file loads
         prefs.run(panel_yaml(tmp_path, judges=judges), quiet=True)
-    assert not query(tmp_path / "out.duckdb", "SELECT count(*) FROM samples")[0][0]  # nothing sampled first
+    assert f"{tmp_path}/panel.yaml:7:" in str(e.value)  # j2's line
+    rm = JUDGES.replace("engine: {kind: fake, seed: 1}, weight: 2", "kind: reward_model, judge: {mode: cot}")
+    with pytest.raises(ConfigError, match="judge 'j2' is a reward model.*cannot answer judge.mode 'cot'"):
+        prefs.load(panel_yaml(tmp_path, judges=rm))
 
     class RM(FakeEngine):
         kind = "reward_model"
