@@ -48,9 +48,9 @@ class Feeder:
 
     @property
     def name(self) -> str:
-        kinds = {r if r == "policy" else "judge" for r in self.roles}
-        who = ", ".join(f"judge '{r}'" if r != "policy" else "the policy" for r in self.roles)
-        return f"{who} ({self.engine.model})" if kinds else self.engine.model
+        """Who answers on this engine, for errors: "judge 'j2' (fake:judge-two)", "the policy (…)"."""
+        who = ", ".join("the policy" if r == "policy" else f"judge '{r}'" for r in self.roles) or "the run"
+        return f"{who} ({self.engine.model})"
 
     def outstanding(self) -> int:
         """Handed to the thread and not yet answered (queued or inside the engine)."""

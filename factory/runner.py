@@ -16,6 +16,8 @@ answer's critiques, a prompt's pairs, a rationale's scoring request). The runner
   every input chunk whose jobs and follow-ups are all stored: a restart skips finished chunks
   without reading, rendering or probing them;
 - holds at most ``max_open_chunks`` input chunks open, so memory does not depend on the run's size;
+- sends each job to its role's engine (``Job.route``: "policy", a judge's name); with several distinct
+  engines :class:`factory.fanout.RoutedRunner` streams to all of them at once;
 - stops gracefully: after :meth:`request_stop` it sends nothing new, writes what has completed and
   returns (requests still inside the engine are left for the resume). An exception from the
   engine is :class:`EngineFailed` after the same write.
@@ -177,14 +179,6 @@ class Runner:
     def request_stop(self) -> None:
         """Send nothing new; write what has completed and return (the first Ctrl-C / SIGTERM)."""
         self._stop = True
-
-    def engines(self) -> list[Engine]:
-        """The distinct engines this run sends to (the default first)."""
-        out = [self.engine]
-        for e in self.routes.values():
-            if all(e is not x for x in out):
-                out.append(e)
-        return out
 
     def _enqueue(self, job: Job) -> None:
         self._todo.append(job)
