@@ -158,6 +158,11 @@ class RunKind:
     def finish(self, ctx: "RunContext") -> None:
         """Work on the whole run after its stages (SQL in the database): labels, audits."""
 
+    def input_fingerprints(self, lp: Loaded) -> dict[str, str | None] | None:
+        """stage -> the fingerprint of its input as it is now, for a finished run rerun with nothing to
+        do (its chunk records must match it); None: the kind cannot tell cheaply, so it always runs."""
+        return None
+
 
 class RunContext:
     """What a kind's ``execute`` works with: the open store, the loaded pipeline, each role's engine,
@@ -280,7 +285,7 @@ def execute(kind: RunKind, lp: Loaded, *, engine: Engine | None = None, engines:
     store = Store(lp.cfg.db, writer_run=lp.run_id, run_memory=True)
     owned: list[Engine] = []
     try:
-        if engine is None and not engines and not retry_failed and _finished_already(store, lp):
+        if engine is None and not engines and not retry_failed and _finished_already(store, kind, lp):
             release(store, owned)
             return _noop_summary(kind, lp, start)
         roles = build_engines(lp, engine, engines, owned)
@@ -348,15 +353,23 @@ def _models_text(lp: Loaded) -> str:
     return ", ".join(f"{r.name}={r.model}" for r in lp.roles())
 
 
-def _finished_already(store: Store, lp: Loaded) -> bool:
-    """A run recorded ``done`` under the id its engines' identities (known from files) give: a rerun
-    has nothing to do, so no engine starts (its chunk records and rows are all stored)."""
-    ident = lp.expected_engine_model()
+def _finished_already(store: Store, kind: RunKind, lp: Loaded) -> bool:
+    """A run recorded ``done`` under the id its engines' identities (known from files) give, whose
+    inputs are unchanged since its chunk records were written: a rerun has nothing to do, so no engine
+    starts (its chunk records and rows are all stored)."""
+    fingerprints = kind.input_fingerprints(lp)
+    ident = lp.expected_engine_model() if fingerprints else None
     if ident is None:
         return False
     lp.engine_model = ident
     status, config_hash = store.run_status(lp.run_id)
-    return status == "done" and config_hash == lp.config_hash
+    if status != "done" or config_hash != lp.config_hash:
+        return False
+    for stage, fp in fingerprints.items():
+        done = store.chunk_records(lp.run_id, stage)
+        if fp is None or not done or any(m.get("fingerprint") != fp for m, _ in done.values()):
+            return False
+    return True
 
 
 def _noop_summary(kind: "RunKind", lp: Loaded, start: float) -> Summary:

@@ -319,3 +319,12 @@ audit: {{n_bootstrap: 20}}
                 want[pair] = want.get(pair, 0.0) + r.weights[f"{judge}/{principle}"] * ell
         got = dict(store.con.execute("SELECT pair_id, p_a FROM preferences WHERE run_id = ?", [run2]).fetchall())
     assert got and all(math.isclose(got[p], 1 / (1 + math.exp(-x)), rel_tol=1e-9) for p, x in want.items())
+
+
+def test_a_finished_run_whose_input_grew_runs_again(tmp_path):
+    path = panel_yaml(tmp_path)
+    first = prefs.run(path, quiet=True)
+    with open(tmp_path / "prompts.jsonl", "a") as f:
+        f.write('{"prompt": "And one more question?"}\n')
+    again = prefs.run(path, quiet=True)
+    assert not again.extra.get("noop") and again.prompts == first.prompts + 1

@@ -135,6 +135,15 @@ class PrefsKind(RunKind):
         s.labels = label_run(store, ctx.run_id, ctx.lp.constitution, ctx.lp.cfg.judge,
                              changed=s.written > 0 or s.reused > s.skipped_jobs)
 
+    def input_fingerprints(self, lp: Loaded) -> dict[str, str | None] | None:
+        src = lp.cfg.pairs
+        if src.source == "sample":
+            p = src.prompts
+            return {"prompts": open_source(p.path, p.split, p.data_dir, "prompts").fingerprint}
+        if src.source == "file":
+            return {"pairs": open_source(src.path, src.split, src.data_dir, "pairs").fingerprint}
+        return None  # pairs from SL runs in the database: always looked at again
+
     def render(self, lp: Loaded, stage: str, example: int) -> list[dict]:
         from ..render import render_judge
 

@@ -63,6 +63,10 @@ class SLKind(RunKind):
         ctx.stream("prompts", inputs, progress=lambda: reader.progress, full_probe=changed)
         ctx.summary.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
 
+    def input_fingerprints(self, lp: Loaded) -> dict[str, str | None] | None:
+        src = lp.cfg.prompts
+        return {"prompts": open_source(src.path, src.split, src.data_dir, "prompts").fingerprint}
+
     def render(self, lp: Loaded, stage: str, example: int) -> list[dict]:
         from ..render import render_sl
 
