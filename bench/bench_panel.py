@@ -14,6 +14,10 @@
    ``judges: []``) and the judge alone (the same pairs judged with the samples already stored) each
    take about T seconds. Sampling and judging in one fresh run then takes T_both; serial would be
    2T, perfect overlap T. Target: T_both ≤ 0.6 × (T_policy + T_judge).
+3. With ``--real N``: the same overlap measurement on real engines over N prompts: the policy on
+   vLLM offline and the judge the same embedded model served by a local `vllm serve` (``kind:
+   openai``). Both share this machine's cores, so the target is only "no slower than the two
+   separate runs" (stream seconds; engine start-up excluded).
 Figures go to bench/results/panel.jsonl.
 """
 
@@ -143,19 +147,66 @@ db: {tmp}/{db}
     return out
 
 
+def real_pass(tmp: Path, prompts: int) -> dict:
+    from factory import models
+    from factory.engines.serve import VLLMServer
+
+    with open(tmp / "prompts.jsonl", "w") as f:
+        for i in range(prompts):
+            f.write(json.dumps({"prompt": f"Give me a practical tip about topic number {i}."}) + "\n")
+    server = VLLMServer(models.resolve("smollm2-135m"), tmp / "server.log")
+    try:
+        server.wait(timeout=600)
+
+        def pipe(name: str, db: str, judges: str) -> Path:
+            path = tmp / f"{name}.yaml"
+            path.write_text(f"""kind: prefs
+name: {name}
+constitution: {REPO}/constitutions/harmless.yaml
+policy: {{model: smollm2-135m, engine: {{kind: vllm, seed: 0, kv_cache_gib: 1.0}}}}
+{judges}pairs: {{source: sample, prompts: {{path: {tmp}/prompts.jsonl}}, n: 2, sampling: {{max_tokens: 48}}}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 2}}
+db: {tmp}/{db}
+""")
+            return path
+
+        def stream_s(db: str, name: str) -> float:
+            return max(st["seconds"] for st in summary_of(tmp / db, name)["stages"].values())
+
+        judge = (f"judges:\n  - {{name: served, model: smollm2-135m, engine: {{kind: openai, base_url: "
+                 f"'{server.url}', max_concurrency: 16, seed: 0}}}}\n")
+        run_child(pipe("rpolicy", "rserial.duckdb", "judges: []\n"), tmp)
+        t_p = stream_s("rserial.duckdb", "rpolicy")
+        run_child(pipe("rjudge", "rserial.duckdb", judge), tmp)
+        t_j = stream_s("rserial.duckdb", "rjudge")
+        run_child(pipe("rboth", "rboth.duckdb", judge), tmp)
+        t_b = stream_s("rboth.duckdb", "rboth")
+    finally:
+        server.stop()
+    out = {"prompts": prompts, "T_policy_s": round(t_p, 1), "T_judge_s": round(t_j, 1), "T_both_s": round(t_b, 1),
+           "ratio_both_vs_separate": round(t_b / (t_p + t_j), 3)}
+    print(f"real: {json.dumps(out)}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=20_000)
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--latency", type=float, default=0.01)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--real", type=int, default=0, help="prompts for the real-engine pass (0: skip)")
+    ap.add_argument("--only-real", action="store_true")
     a = ap.parse_args()
     pairs, prompts = (2_000, 60) if a.quick else (a.pairs, a.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "a").mkdir()
-        (Path(tmp) / "b").mkdir()
-        res = {"panel": panel_vs_one(Path(tmp) / "a", pairs), "overlap": overlap(Path(tmp) / "b", prompts, a.latency),
-               "quick": a.quick}
+        for d in "abc":
+            (Path(tmp) / d).mkdir()
+        res = {} if a.only_real else {"panel": panel_vs_one(Path(tmp) / "a", pairs),
+                                      "overlap": overlap(Path(tmp) / "b", prompts, a.latency)}
+        if a.real:
+            res["real"] = real_pass(Path(tmp) / "c", a.real)
+        res["quick"] = a.quick
     print("RESULT panel: " + json.dumps(res), flush=True)
     record("panel", res)
 
