@@ -193,7 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=20_000)
     ap.add_argument("--prompts", type=int, default=300)
-    ap.add_argument("--latency", type=float, default=0.01)
+    ap.add_argument("--latency", type=float, default=0.03)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--real", type=int, default=0, help="prompts for the real-engine pass (0: skip)")
     ap.add_argument("--only-real", action="store_true")

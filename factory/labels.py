@@ -102,11 +102,12 @@ def run_rule(store: Store, run_id: str) -> LabelRule:
     from .roles import JudgeSpec
     from .constitution import Constitution
 
-    row = store.one("SELECT config_json, constitution_hash FROM runs WHERE run_id = ?", [run_id])
-    if row is None:
+    run = store.run_row(run_id)
+    if run is None:
         raise StoreError(f"{store.path}: no run '{run_id}'")
-    config = json.loads(row[0] or "{}")
-    body = store.one("SELECT body FROM configs WHERE config_hash = ?", [row[1]]) if row[1] else None
+    config = json.loads(run["config_json"] or "{}")
+    chash = run["constitution_hash"]
+    body = store.one("SELECT body FROM configs WHERE config_hash = ?", [chash]) if chash else None
     if body is None:
         raise StoreError(f"{store.path}: run '{run_id}' has no stored constitution, so its principle weights are "
                          "unknown; rerun it with this version of the factory")

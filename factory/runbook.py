@@ -44,6 +44,18 @@ class RunBook:
         row = self.one("SELECT status, config_hash FROM runs WHERE run_id = ?", [run_id])
         return (row[0], row[1]) if row else (None, None)
 
+    def run_row(self, run_id: str) -> dict | None:
+        """A recorded run's row as a dict (None if unknown)."""
+        cur = self.con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row)) if row else None
+
+    def run_ids(self, kind: str | None = None) -> list[str]:
+        """Recorded runs (of one kind), oldest first."""
+        return [r for (r,) in self.con.execute(
+            "SELECT run_id FROM runs" + (" WHERE kind = ?" if kind else "") + " ORDER BY started_at",
+            [kind] if kind else []).fetchall()]
+
     def failure_counts(self, run_id: str, tables: tuple[str, ...]) -> list[tuple[str, str, str, int]]:
         """(table, reason, status, rows) of the run's rows that are not ok."""
         out = []

@@ -376,8 +376,8 @@ def _noop_summary(kind: "RunKind", lp: Loaded, start: float) -> Summary:
     """The summary of a finished run rerun with nothing to do (read from its row; no engine started)."""
     s = Summary(run_id=lp.run_id, db=str(lp.cfg.db), kind=kind.name, status="done")
     with Store(lp.cfg.db, read_only=True) as store:
-        body = store.one("SELECT summary_json FROM runs WHERE run_id = ?", [lp.run_id])
-        done = json.loads(body[0] or "{}") if body else {}
+        row = store.run_row(lp.run_id) or {}
+        done = json.loads(row.get("summary_json") or "{}")
         s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
         s.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
     s.skipped_jobs = int(done.get("written", 0)) + int(done.get("reused", 0))

@@ -70,11 +70,11 @@ def audit(pipeline: str | Path | None = None, *, db: str | Path | None = None, r
     if not Path(db).exists():
         raise StoreError(f"{db}: no such database")
     with Store(db, writer_run=f"audit:{run_id}") as store:
-        run_row = store.one("SELECT model, constitution_name, constitution_version, constitution_hash, config_json "
-                            "FROM runs WHERE run_id = ?", [run_id])
-        if run_row is None:
-            known = [r[0] for r in store.con.execute("SELECT run_id FROM runs ORDER BY started_at").fetchall()]
-            raise StoreError(f"{db}: no run '{run_id}'; runs in this db: {known or 'none'}")
+        row = store.run_row(run_id)
+        if row is None:
+            raise StoreError(f"{db}: no run '{run_id}'; runs in this db: {store.run_ids() or 'none'}")
+        run_row = [row[k] for k in ("model", "constitution_name", "constitution_version", "constitution_hash",
+                                    "config_json")]
         model, cname, cver, chash, config_json = run_row
         config = json.loads(config_json)
         judge_cfg = JudgeSpec.model_validate(config.get("judge", {}))

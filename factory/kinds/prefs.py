@@ -28,8 +28,7 @@ from ..templates import load_template
 
 def sl_pairs_sql(store: Store, run: str | None) -> str:
     """Initial answer vs final (highest-round ok) revision of each prompt, per SL run (or one run)."""
-    runs = [run] if run else [r for (r,) in store.con.execute(
-        "SELECT run_id FROM runs WHERE kind = 'sl' ORDER BY started_at").fetchall()]
+    runs = [run] if run else store.run_ids("sl")
     parts = []
     for r in runs:
         q = "'" + r.replace("'", "''") + "'"
