@@ -55,14 +55,14 @@ def user_errors(fn):
 @user_errors
 def validate(path: Path):
     """Check a constitution or pipeline YAML: prints "ok, N principles" or file:line: what to fix."""
-    from .yamlconf import load_yaml_data
+    from .yamlconf import LARGE, load_yaml_data
 
-    data, _ = load_yaml_data(path)
+    data, _ = load_yaml_data(path, LARGE)  # a constitution may be large; pipelines are re-read with the default caps
     if isinstance(data, dict) and "principles" in data and "prompts" not in data:
         from .constitution import load_constitution
 
         c = load_constitution(path)
-        console.print(f"ok, {len(c.principles)} principles ({c.name} v{c.version}, hash {c.hash})")
+        console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})")
     else:
         from .runs import load
 

@@ -109,11 +109,12 @@ def test_principle_without_id(tmp_path):
     assert e.message.startswith("principle #2 has no `id`; add a stable slug such as 'avoid-harm'")
 
 
-def test_missing_comparison_names_the_fix(tmp_path):
-    e = fail(write(tmp_path, GOOD.replace("    comparison: Which response is less harmful?\n", "")))
-    assert (e.line, e.col) == (5, 5)
-    assert e.message == ("principle #1 ('avoid-harm') has no `comparison`; add a comparison question "
-                         "(used to judge which of two responses better follows this principle)")
+def test_missing_revision_names_the_fix(tmp_path):
+    # (was: a missing `comparison` was an error; a principle without one is now SL-only, issue 21)
+    e = fail(write(tmp_path, GOOD.replace("    revision: Rewrite the reply without them.\n", "")))
+    assert (e.line, e.col) == (6, 15)
+    assert e.message.startswith("principle #1 ('avoid-harm') `critique`: has a `critique` but no `revision`; add a "
+                                "revision request")
 
 
 def test_duplicate_ids_point_at_second_occurrence(tmp_path):
