@@ -18,9 +18,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .importer import app as constitution_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constitutional AI / RLAIF data factory.")
 model_app = typer.Typer(no_args_is_help=True, help="The embedded model and model names.")
 app.add_typer(model_app, name="model")
+app.add_typer(constitution_app, name="constitution")  # issue 21: `factory constitution import`
 console = Console()
 err = Console(stderr=True)
 
@@ -62,7 +65,7 @@ def validate(path: Path):
         from .constitution import load_constitution
 
         c = load_constitution(path)
-        console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})")
+        console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})", soft_wrap=True)
     else:
         from .runs import load
 

@@ -163,7 +163,13 @@ class RunConfig(Strict):
                               "completion records that let a restart skip finished work (not part of the run id)")
 
     def snapshot(self) -> dict:
-        return json.loads(self.model_dump_json())
+        snap = json.loads(self.model_dump_json())
+        # issue 21: few-shot settings are part of the identity only when used (0 = none: old run ids stay)
+        if not snap.get("few_shot"):
+            snap.pop("few_shot", None)
+        if isinstance(snap.get("judge"), dict) and not snap["judge"].get("few_shot"):
+            snap["judge"].pop("few_shot", None)
+        return snap
 
 
 class Pipeline(RunConfig):
@@ -173,6 +179,8 @@ class Pipeline(RunConfig):
     rounds: int = Field(1, ge=1, le=4, description="critique→revision rounds (1–4)")
     principles: PrincipleChoice = PrincipleChoice()
     sampling: StageSampling = StageSampling()
+    few_shot: int = Field(0, ge=0, le=16, description="critique demonstrations from the constitution's `examples` "
+                          "put before each critique and revision request (a seeded choice per prompt and round)")
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -221,6 +229,8 @@ class JudgeSpec(Strict):
     vote_temperature: float = Field(1.0, ge=0, description="vote mode: sampling temperature")
     vote_max_tokens: int = Field(3, ge=1, le=16, description="vote mode: tokens per sampled verdict")
     max_conversation_chars: int = Field(3000, ge=100, description="keep the last turns of long conversations")
+    few_shot: int = Field(0, ge=0, le=16, description="comparison demonstrations from the constitution's `examples` "
+                          "put before each judge request, each in both orders (a seeded choice per pair)")
 
     @field_validator("mode")
     @classmethod

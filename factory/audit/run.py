@@ -31,6 +31,7 @@ from pydantic import Field
 from .. import judges
 from ..config import JudgeSpec, RunConfig, Strict, local_source
 from ..constitution import Constitution, load_constitution
+from ..fewshot import check_judge
 from ..engines import Engine
 from ..human import human_table, import_into, set_info
 from ..inputs import chunked
@@ -87,6 +88,7 @@ class AuditKind(RunKind):
     def load(self, path: str | Path) -> Loaded:
         cfg = load_yaml_model(path, AuditPipeline, what="pipeline")
         constitution = load_constitution(cfg.constitution)
+        check_judge(str(path), cfg, constitution)  # issue 21: comparison principles, judge.few_shot examples
         return Loaded(str(path), "audit", cfg, constitution, {"judge": load_template(cfg.judge.template)})
 
     def settings(self, ctx: RunContext) -> AuditSettings:
@@ -97,8 +99,9 @@ class AuditKind(RunKind):
         lp, store, cfg = ctx.lp, ctx.store, ctx.lp.cfg
         c = lp.constitution
         settings = self.settings(ctx)
-        naive = settings.naive_principle or c.principles[0].id
-        c.principle(naive)  # an unknown id is a clear error before any work
+        naive = settings.naive_principle or c.rl_principles[0].id  # issue 21: a principle judges can use
+        if not c.principle(naive).rl:  # an unknown id is a clear error before any work
+            raise StoreError(f"naive principle '{naive}' has no comparison question; name one that has")
         h = cfg.human
         set_id, n, skips = import_into(store, h.path, format=h.format, name=h.name, limit=h.limit, split=h.split,
                                        data_dir=h.data_dir)
