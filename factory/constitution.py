@@ -30,8 +30,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationInfo,
+                      field_validator, model_validator)
 
 from factory.yamlconf import LARGE, ConfigError, ErrorAt, load_yaml_model
 
@@ -222,7 +222,17 @@ class ComparisonExample(_Example):
         return v.strip().lower() if isinstance(v, str) else v
 
 
-Example = Annotated[CritiqueExample | ComparisonExample, Field(discriminator="kind")]
+EXAMPLE_KINDS = {"critique": CritiqueExample, "comparison": ComparisonExample}
+
+
+def _example_tag(value: Any) -> str:
+    # tags that are not field names, so an error inside one points at the right key (`critique` is both)
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return f"{kind} example"
+
+
+Example = Annotated[Annotated[CritiqueExample, Tag("critique example")] |
+                    Annotated[ComparisonExample, Tag("comparison example")], Discriminator(_example_tag)]
 
 
 class UnknownPrinciple(KeyError):
@@ -273,6 +283,20 @@ class Constitution(BaseModel):
                                          f"#{first[p.id] + 1}); give every principle a unique id")
             first[p.id] = i
         return principles
+
+    @field_validator("examples", mode="before")
+    @classmethod
+    def _example_kinds(cls, examples: Any) -> Any:
+        kinds = " or ".join(f"kind: {k}" for k in EXAMPLE_KINDS)
+        for i, ex in enumerate(examples if isinstance(examples, list) else []):
+            if not isinstance(ex, dict):
+                raise ErrorAt(i, f"must be a mapping with {kinds}")
+            if "kind" not in ex:
+                raise ErrorAt(i, f"has no `kind`; add {kinds}")
+            if ex["kind"] not in EXAMPLE_KINDS:
+                raise ErrorAt((i, "kind"), f"must be one of {', '.join(repr(k) for k in EXAMPLE_KINDS)}; "
+                                           f"got {ex['kind']!r}")
+        return examples
 
     @model_validator(mode="after")
     def _example_principles(self) -> "Constitution":

@@ -246,4 +246,5 @@ def import_(
     except ConfigError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)
-    Console().print(f"wrote {output}: {c.counts()} ({c.name} v{c.version}, hash {c.hash})", highlight=False)
+    Console().print(f"wrote {output}: {c.counts()} ({c.name} v{c.version}, hash {c.hash})", highlight=False,
+                    soft_wrap=True)
