@@ -161,6 +161,7 @@ def _yaml_error(path: str, e: yaml.YAMLError, text: str) -> ConfigError:
 
 
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 def _record(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks, issues: list[Issue],
@@ -179,7 +180,7 @@ def _record(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks, is
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue  # merged keys fall back to the enclosing mapping's position
-            key = loader.construct_object(key_node)
+            key = key_node.value if key_node.tag == _STR_TAG else loader.construct_object(key_node)
             if key in seen:
                 issues.append(Issue(path, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                     f"duplicate key '{key}' (first set on line {seen[key].line + 1}); "

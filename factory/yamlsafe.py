@@ -81,15 +81,15 @@ def _tag_shown(tag: str) -> str:
 class _Bounded:
     """The limits, checked while the node graph is composed (mixed into a loader before its composer).
 
-    PyYAML shares one node between an anchor and its aliases; ``_size``/``_height`` hold each
-    finished node's expanded size and depth, so an alias costs a lookup, not an expansion.
+    PyYAML shares one node between an anchor and its aliases; ``_anchored`` holds each finished
+    anchored node's expanded size and depth, so an alias costs a lookup, not an expansion.
     """
 
     def _bounds(self, limits: Limits) -> None:
         self.limits = limits
-        self._size: dict[int, int] = {}
-        self._height: dict[int, int] = {}
+        self._anchored: dict[int, tuple[int, int]] = {}  # id(anchored node) -> (expanded size, height)
         self._total = 0
+        self._reach = 0  # the deepest level reached (aliases expanded) in the collection being composed
         self._aliased = 0
         self._depth = 0
 
@@ -121,35 +121,50 @@ class _Bounded:
 
     def compose_node(self, parent, index):
         event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
+        cls = event.__class__
+        if cls is yaml.AliasEvent:
             node = self.anchors.get(event.anchor)
             if node is not None:
-                if id(node) not in self._size:  # its anchor is still open: the alias is inside it
+                done = self._anchored.get(id(node))
+                if done is None:  # its anchor is still open: the alias is inside it
                     raise Refused(event.start_mark, f"the alias *{event.anchor} is used inside its own "
                                                      f"anchor &{event.anchor}, which makes an endless "
                                                      "structure; refer to a value defined before it")
-                self._deeper(event.start_mark, self._height[id(node)], event.anchor)
-                self._count(event.start_mark, self._size[id(node)], event.anchor)
+                size, height = done
+                self._deeper(event.start_mark, height, event.anchor)
+                self._count(event.start_mark, size, event.anchor)
+                if self._depth + height > self._reach:
+                    self._reach = self._depth + height
             return super().compose_node(parent, index)  # an undefined alias is PyYAML's error
-        tag = getattr(event, "tag", None)
-        if tag not in (None, "!") and tag not in _PLAIN_TAGS:
+        tag = event.tag
+        if tag is not None and tag != "!" and tag not in _PLAIN_TAGS:
             shown = _tag_shown(tag)
             what = ("Python object tags are never loaded" if "python/" in tag
                     else "only plain data is allowed (text, numbers, true/false, lists, mappings)")
             raise Refused(event.start_mark, f"the tag {shown} is not allowed: {what}; remove the tag")
-        self._deeper(event.start_mark, 1, None)
-        self._count(event.start_mark, 1, None)
-        self._depth += 1
+        depth = self._depth + 1
+        if depth > self.limits.max_depth:
+            self._deeper(event.start_mark, 1, None)
+        self._total += 1
+        if self._total > self.limits.max_values:
+            self._count(event.start_mark, 0, None)
+        if cls is yaml.ScalarEvent:
+            if depth > self._reach:
+                self._reach = depth
+            node = super().compose_node(parent, index)
+            if event.anchor is not None:
+                self._anchored[id(node)] = (1, 1)
+            return node
+        # a collection: its expanded size is what was counted while composing it (aliases included),
+        # its height how deep that went; kept for anchored nodes only (what aliases repeat)
+        total, reach = self._total, self._reach
+        self._reach = self._depth = depth
         node = super().compose_node(parent, index)
-        self._depth -= 1
-        if isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
-            children = []
-        self._size[id(node)] = 1 + sum(self._size[id(c)] for c in children)
-        self._height[id(node)] = 1 + max((self._height[id(c)] for c in children), default=0)
+        self._depth = depth - 1
+        if event.anchor is not None:
+            self._anchored[id(node)] = (1 + self._total - total, 1 + self._reach - depth)
+        if reach > self._reach:
+            self._reach = reach
         return node
 
 
