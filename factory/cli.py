@@ -60,11 +60,11 @@ def validate(path: Path):
     """Check a constitution or pipeline YAML: prints "ok, N principles" or file:line: what to fix."""
     from .yamlconf import LARGE, load_yaml_data
 
-    data, _ = load_yaml_data(path, LARGE)  # a constitution may be large; pipelines are re-read with the default caps
+    data, marks = load_yaml_data(path, LARGE)  # a constitution may be large; pipelines are re-read with the default caps
     if isinstance(data, dict) and "principles" in data and "prompts" not in data:
-        from .constitution import load_constitution
+        from .constitution import constitution_from_data
 
-        c = load_constitution(path)
+        c = constitution_from_data(path, data, marks)
         console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})", soft_wrap=True)
     else:
         from .runs import load
