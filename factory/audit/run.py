@@ -111,7 +111,7 @@ class AuditKind(RunKind):
         jctx, mode = judges.setup(store, engine, cfg.judge, run_id=lp.run_id, constitution=c,
                                   template=lp.templates["judge"])
         spec = cfg.judge
-        extra_naive = settings.naive_all_pairs and spec.per_pair is not None and spec.per_pair < len(c.principles)
+        extra_naive = settings.naive_all_pairs and spec.per_pair is not None and spec.per_pair < len(c.rl_principles)
 
         def expand(rows, _):
             pairs = [J.Pair(r["pair_id"], json.loads(r["conversation"]), r["response_a"], r["response_b"]) for r in rows]
