@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--principles", type=int, default=4)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--few-shot", type=int, default=0, help="judge.few_shot (comparison demonstrations per request)")
+    ap.add_argument("--cache-only", action="store_true", help="only the prefix cache on/off comparison (no text judge)")
     ap.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prefix-caching", default="on", help=argparse.SUPPRESS)
     ap.add_argument("--text", action="store_true", help=argparse.SUPPRESS)
@@ -134,7 +135,7 @@ def main() -> None:
         phase(a)
         return
     results = {}
-    for pc, text in (("on", True), ("off", False)):
+    for pc, text in (("on", not a.cache_only), ("off", False)):
         cmd = [sys.executable, __file__, "--phase", "--pairs", str(a.pairs), "--principles", str(a.principles),
                "--prefix-caching", pc, "--few-shot", str(a.few_shot)] + (["--text"] if text else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,6 +145,16 @@ def main() -> None:
         results[pc] = json.loads(line[6:])
     on, off = results["on"], results["off"]
     lp_rate = on["logprob_labels"] / on["logprob_s"]
+    off_rate = off["logprob_labels"] / off["logprob_s"]
+    if a.cache_only:
+        print(f"RESULT judge (few_shot {a.few_shot}): prefix cache on {lp_rate:.2f} vs off {off_rate:.2f} labels/s = "
+              f"{lp_rate / off_rate:.2f}x; {on['prompt_tokens_per_label']:.0f} prompt tokens/label")
+        record("judge", {"pairs": a.pairs, "principles": a.principles, "labels": on["logprob_labels"],
+                         "prompt_tokens_per_label": round(on["prompt_tokens_per_label"], 1),
+                         "cache_on_labels_s": round(lp_rate, 2), "cache_off_labels_s": round(off_rate, 2),
+                         "cache_on_vs_off": round(lp_rate / off_rate, 2), "few_shot": a.few_shot, "cache_only": True,
+                         "load_average": round(__import__("os").getloadavg()[0], 1), "quick": a.quick})
+        return
     text_rate = on["text_labels"] / on["text_s"]
     off_rate = off["logprob_labels"] / off["logprob_s"]
     summary = {

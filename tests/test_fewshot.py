@@ -262,3 +262,24 @@ def test_editing_a_critique_demonstration_recomputes_only_the_prompts_that_showe
     s = pipeline.run(path, engine=fake(), quiet=True)
     assert {w.table: w.written for w in s.stages} == {"responses": 0, "critiques": users, "revisions": users}
     assert sum(w.reused for w in s.stages) == 16 + 2 * (16 - users)
+
+
+def test_audit_naive_principle_must_have_a_comparison(tmp_path):
+    const = write_const(tmp_path)
+    human = tmp_path / "human.jsonl"
+    human.write_text(json.dumps({"prompt": "Hi?", "response_a": "Hello.", "response_b": "Go away.", "choice": "a"}) + "\n")
+    path = tmp_path / "audit.yaml"
+    path.write_text(f"""kind: audit
+name: a
+constitution: {const}
+human: {{path: {human}}}
+judge: {{template: {REPO}/prompts/judge.j2}}
+engine: {{kind: fake}}
+db: {tmp_path / 'out.duckdb'}
+audit: {{naive_principle: sl-a}}
+""")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.line == line_of(path, "audit: {naive_principle") and "'sl-a' has no `comparison`" in info.value.message
+    path.write_text(path.read_text().replace("naive_principle: sl-a", "naive_principle: rl-b"))
+    assert load(path)[1].cfg.audit.naive_principle == "rl-b"
