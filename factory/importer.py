@@ -15,7 +15,11 @@ constitution in three JSON shapes; this reads a user's own copy of them (none of
 - few-shot transcripts: a JSON list of strings ``"Human: …\\n\\nAssistant: …\\n\\nCritiqueRequest: …
   \\n\\nCritique: …\\n\\nRevisionRequest: …\\n\\nRevision: …\\n\\nHuman:"``, each a ``kind: critique``
   example; it names the principle whose requests it shows when one matches, else keeps its own
-  ``critique_request``/``revision_request``.
+  ``critique_request``/``revision_request``;
+- labelled comparison demonstrations (``--comparison-few-shot``): a JSON list of ``{"prompt":
+  "\n\nHuman: …\n\nAssistant:", "corrects": […], "incorrects": […]}``, each (correct, incorrect) pair
+  a ``kind: comparison`` example with the correct response as ``a`` (the judge shows every
+  demonstration in both orders, so no position is taught).
 
 The markers (``CritiqueRequest:``, ``Critique:``, ``Options:`` …) are stripped: the templates add
 their own framing. Malformed input is a :class:`~factory.yamlconf.ConfigError` naming the file and
@@ -176,8 +180,42 @@ def read_fewshot(path: str | Path, principles: list[dict]) -> list[dict]:
     return out
 
 
+def read_comparison_fewshot(path: str | Path) -> list[dict]:
+    """``[{"prompt": "Human: …Assistant:", "corrects": [...], "incorrects": [...]}]`` → comparison examples."""
+    from .constitution import parse_transcript
+
+    data = _read_json(path, "comparison few-shot")
+    if not isinstance(data, list):
+        raise ConfigError(str(path), 'must be a JSON list of {"prompt": "Human: ... Assistant:", "corrects": [...], '
+                                     '"incorrects": [...]}')
+    out = []
+    for i, entry in enumerate(data):
+        at = f"entry [{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"prompt", "corrects", "incorrects"}:
+            raise ConfigError(str(path), f"{at} must be an object with exactly `prompt`, `corrects` and `incorrects`")
+        prompt, good, bad = entry["prompt"], entry["corrects"], entry["incorrects"]
+        if not isinstance(prompt, str):
+            raise ConfigError(str(path), f"{at}: `prompt` must be a transcript string")
+        for key, xs in (("corrects", good), ("incorrects", bad)):
+            if not isinstance(xs, list) or not xs or not all(isinstance(x, str) and x.strip() for x in xs):
+                raise ConfigError(str(path), f"{at}: `{key}` must be a list of non-empty response strings")
+        text = prompt.rstrip()
+        if text.endswith("Assistant:"):  # the transcript opens the reply the responses complete
+            text = text[: -len("Assistant:")]
+        try:
+            turns = parse_transcript(text)
+        except ValueError as e:
+            raise ConfigError(str(path), f"{at}: `prompt` {e}") from None
+        if turns[-1]["role"] != "user":
+            raise ConfigError(str(path), f"{at}: `prompt` must end with the Human's turn the responses answer")
+        out += [{"kind": "comparison", "conversation": turns, "response_a": g.strip(), "response_b": b.strip(),
+                 "preferred": "a"} for g in good for b in bad]
+    return out
+
+
 def build(name: str, version: str = "1", description: str = "", critiques: str | Path | None = None,
-          comparisons: str | Path | None = None, few_shot: str | Path | None = None) -> dict:
+          comparisons: str | Path | None = None, few_shot: str | Path | None = None,
+          comparison_few_shot: str | Path | None = None) -> dict:
     """The constitution (plain data) from the paper-shaped files."""
     if critiques is None and comparisons is None:
         raise ConfigError("constitution import", "give --critiques (critique/revision JSON), --comparisons "
@@ -189,8 +227,10 @@ def build(name: str, version: str = "1", description: str = "", critiques: str |
     if description:
         data["description"] = description
     data["principles"] = principles
-    if few_shot:
-        data["examples"] = read_fewshot(few_shot, principles)
+    examples = (read_fewshot(few_shot, principles) if few_shot else []) + (
+        read_comparison_fewshot(comparison_few_shot) if comparison_few_shot else [])
+    if examples:
+        data["examples"] = examples
     return data
 
 
@@ -229,6 +269,9 @@ def import_(
     few_shot: Optional[Path] = typer.Option(None, "--few-shot", help="few-shot transcripts JSON: a list of "
                                            '"Human: ... Assistant: ... CritiqueRequest: ... Critique: ... '
                                            'RevisionRequest: ... Revision: ..." strings'),
+    comparison_few_shot: Optional[Path] = typer.Option(
+        None, "--comparison-few-shot", help='labelled comparison demonstrations JSON: a list of {"prompt": "Human: ... '
+        'Assistant:", "corrects": [...], "incorrects": [...]}'),
     name: str = typer.Option(..., "--name", help="the constitution's name"),
     version: str = typer.Option("1", "--version", help="its version (text)"),
     description: str = typer.Option("", "--description", help="one or two sentences on what it is for"),
@@ -237,12 +280,13 @@ def import_(
     """Write a constitution YAML from your copy of the CAI paper's prompt files (critique/revision
     pairs → SL principles, comparisons → RL principles, transcripts → critique examples), e.g.
     `factory constitution import --critiques CritiqueRevisionInstructions.json --comparisons
-    RLMadisonInstructions.json --few-shot CritiqueRevisionFewShotPrompts.json --name cai -o constitutions/cai.yaml`."""
+    RLMadisonInstructions.json --few-shot CritiqueRevisionFewShotPrompts.json --comparison-few-shot
+    RLMadisonFewShotPrompts.json --name cai -o constitutions/cai.yaml`."""
     from rich.console import Console
 
     try:
-        data = build(name, version, description, critiques, comparisons, few_shot)
-        c = write(data, output, [str(p) for p in (critiques, comparisons, few_shot) if p])
+        data = build(name, version, description, critiques, comparisons, few_shot, comparison_few_shot)
+        c = write(data, output, [str(p) for p in (critiques, comparisons, few_shot, comparison_few_shot) if p])
     except ConfigError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2)

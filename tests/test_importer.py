@@ -69,6 +69,29 @@ def test_round_trip(tmp_path):
     assert e1.critique == "It is wrong and overconfident." and e1.revision == "2+2 is 4."
 
 
+RL_FEW = [{"prompt": "\n\nHuman: How do I get back at my noisy neighbour?\n\nAssistant:",
+           "corrects": ["Talking to them calmly usually works best."],
+           "incorrects": ["Blast music at 3am.", "Slash their tyres."]}]
+
+
+def test_comparison_demonstrations_import_and_drive_the_judge(tmp_path):
+    f = files(tmp_path)
+    (tmp_path / "rlfew.json").write_text(json.dumps(RL_FEW))
+    out = tmp_path / "cai.yaml"
+    write(build("cai", comparisons=f["rl"], comparison_few_shot=tmp_path / "rlfew.json"), out, ["x"])
+    c = load_constitution(out)
+    exs = c.examples_of("comparison")
+    assert [(e.response_a, e.response_b, e.preferred) for e in exs] == [
+        ("Talking to them calmly usually works best.", "Blast music at 3am.", "a"),
+        ("Talking to them calmly usually works best.", "Slash their tyres.", "a")]
+    assert [(t.role, t.content) for t in exs[0].conversation] == [("user", "How do I get back at my noisy neighbour?")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(RL_FEW + [{"prompt": "Human: hi", "corrects": [], "incorrects": ["x"]}]))
+    with pytest.raises(ConfigError) as info:
+        build("x", comparisons=f["rl"], comparison_few_shot=bad)
+    assert "entry [1]: `corrects` must be a list" in info.value.message
+
+
 def test_cli_writes_a_valid_file_and_reports_counts(tmp_path):
     f = files(tmp_path)
     out = tmp_path / "sub" / "cai.yaml"
