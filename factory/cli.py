@@ -58,13 +58,16 @@ def user_errors(fn):
 @user_errors
 def validate(path: Path):
     """Check a constitution or pipeline YAML: prints "ok, N principles" or file:line: what to fix."""
-    from .yamlconf import LARGE, load_yaml_data
+    from .yamlconf import load_yaml_data, top_level_keys
 
-    data, marks = load_yaml_data(path, LARGE)  # a constitution may be large; pipelines are re-read with the default caps
-    if isinstance(data, dict) and "principles" in data and "prompts" not in data:
-        from .constitution import constitution_from_data
+    keys = top_level_keys(path)  # only a constitution gets a constitution's larger caps (it may be large)
+    if keys is None:  # not a plain mapping: the load with every config's caps says what is wrong
+        data, _ = load_yaml_data(path)
+        keys = set(data) if isinstance(data, dict) else set()
+    if "principles" in keys and "prompts" not in keys:
+        from .constitution import load_constitution
 
-        c = constitution_from_data(path, data, marks)
+        c = load_constitution(path)
         console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})", soft_wrap=True)
     else:
         from .runs import load

@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationInfo,
                       field_validator, model_validator)
 
-from factory.yamlconf import LARGE, ConfigError, ErrorAt, load_yaml_model, validate_data
+from factory.yamlconf import LARGE, ConfigError, ErrorAt, load_yaml_model
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 DEFAULT_DIR = "constitutions"
@@ -387,12 +387,6 @@ def load_constitution(path: str | Path) -> Constitution:
     constitution._source = str(path)
     return constitution
 
-
-def constitution_from_data(path: str | Path, data: Any, marks: Any) -> Constitution:
-    """A constitution from YAML already read with ``load_yaml_data(path, LARGE)`` (no second parse)."""
-    constitution = validate_data(data, marks, Constitution, path, what="constitution")
-    constitution._source = str(path)
-    return constitution
 
 
 def list_constitutions(dir: str | Path = DEFAULT_DIR) -> list[Path]:

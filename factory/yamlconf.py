@@ -243,6 +243,43 @@ def _parse(loader_cls, text: str, path: str, limits: Limits) -> tuple[Any, Marks
         loader.dispose()
 
 
+def top_level_keys(path: str | Path) -> set | None:
+    """The keys of a YAML file's top-level mapping, from libyaml's event stream (no values are built,
+    no alias expanded: cheap whatever the file holds); None when the file is not a readable mapping
+    of plain keys or is past the size cap (the caller's full load then says why)."""
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            return None
+        loader = yaml.CSafeLoader if FastBoundedLoader is not None else yaml.SafeLoader
+        keys, depth, expect_key = set(), 0, False
+        for event in yaml.parse(raw.decode("utf-8-sig"), Loader=loader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                if depth == 0 and not isinstance(event, yaml.MappingStartEvent):
+                    return None
+                if depth == 1:
+                    expect_key = not expect_key
+                depth += 1
+                if depth == 1:
+                    expect_key = True
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+                if depth == 0:
+                    return keys
+            elif depth == 1 and isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                if expect_key:
+                    if not isinstance(event, yaml.ScalarEvent):
+                        return None
+                    keys.add(event.value)
+                expect_key = not expect_key
+            elif depth == 0 and isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                return None
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
 def load_yaml_data(path: str | Path, limits: Limits = DEFAULT) -> tuple[Any, Marks]:
     """Read a UTF-8 YAML file; return its data and :class:`Marks`, or raise :class:`ConfigError`."""
     shown = str(path)

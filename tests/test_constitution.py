@@ -374,3 +374,14 @@ def test_a_syntax_error_in_a_large_file_is_located(tmp_path):
     assert len(text) > 1 << 20  # past the size re-parsed by the pure-Python parser
     e = fail(write(tmp_path, text + "  - id: [unclosed\n"))
     assert e.message.startswith("invalid YAML") and f"at line {text.count(chr(10)) + 1}" in e.message, str(e)
+
+
+def test_top_level_keys_reads_no_values(tmp_path):
+    from factory.yamlconf import top_level_keys
+
+    assert top_level_keys(write(tmp_path, GOOD)) == {"name", "version", "description", "principles"}
+    nested = "a: &x {b: [1, {c: 2}], d: e}\nf: *x\ng: [*x, *x]\nprinciples: []\n"
+    assert top_level_keys(write(tmp_path, nested, "n.yaml")) == {"a", "f", "g", "principles"}
+    assert top_level_keys(write(tmp_path, "- x\n" * 200_000, "wide.yaml")) is None  # not a mapping: not read on
+    assert top_level_keys(write(tmp_path, "a: [1, 2\n", "bad.yaml")) is None  # the full load reports it
+    assert top_level_keys(ROOT / "tests/data/hostile/alias-bomb.yaml") == set("abcdefghi")
