@@ -225,14 +225,15 @@ class ComparisonExample(_Example):
 EXAMPLE_KINDS = {"critique": CritiqueExample, "comparison": ComparisonExample}
 
 
-def _example_tag(value: Any) -> str:
-    # tags that are not field names, so an error inside one points at the right key (`critique` is both)
+def _example_tag(value: Any) -> str | None:
+    # the class names as tags: never a data key (`critique` is both a kind and a field), and how
+    # factory.yamlconf finds a union member, so errors point at the right key with the field's hint
     kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return f"{kind} example"
+    return EXAMPLE_KINDS[kind].__name__ if kind in EXAMPLE_KINDS else None
 
 
-Example = Annotated[Annotated[CritiqueExample, Tag("critique example")] |
-                    Annotated[ComparisonExample, Tag("comparison example")], Discriminator(_example_tag)]
+Example = Annotated[Annotated[CritiqueExample, Tag("CritiqueExample")] |
+                    Annotated[ComparisonExample, Tag("ComparisonExample")], Discriminator(_example_tag)]
 
 
 class UnknownPrinciple(KeyError):
