@@ -336,6 +336,7 @@ def test_examples_load_and_a_transcript_hashes_like_its_turns(tmp_path):
     ("Human: Is it safe", "Robot: Is it safe", 20, "must start with 'Human:'"),
     ("preferred: A", "preferred: c", 23, "must be one of 'a' or 'b'"),
     ("  - kind: comparison", "  - kind: ranking", 19, "must be one of 'critique', 'comparison'"),
+    ("    response_b: Sure.\n", "", 19, "example #2 has no `response_b`; add the second response"),
 ])
 def test_bad_examples_are_errors_at_their_line(tmp_path, old, new, line, words):
     e = fail(write(tmp_path, EXAMPLES.replace(old, new)))
