@@ -74,7 +74,7 @@ RL_FEW = [{"prompt": "\n\nHuman: How do I get back at my noisy neighbour?\n\nAss
            "incorrects": ["Blast music at 3am.", "Slash their tyres."]}]
 
 
-def test_comparison_demonstrations_import_and_drive_the_judge(tmp_path):
+def test_comparison_demonstrations_import_as_comparison_examples(tmp_path):
     f = files(tmp_path)
     (tmp_path / "rlfew.json").write_text(json.dumps(RL_FEW))
     out = tmp_path / "cai.yaml"
