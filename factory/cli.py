@@ -18,9 +18,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .importer import app as constitution_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constitutional AI / RLAIF data factory.")
 model_app = typer.Typer(no_args_is_help=True, help="The embedded model and model names.")
 app.add_typer(model_app, name="model")
+app.add_typer(constitution_app, name="constitution")  # issue 21: `factory constitution import`
 console = Console()
 err = Console(stderr=True)
 
@@ -55,14 +58,17 @@ def user_errors(fn):
 @user_errors
 def validate(path: Path):
     """Check a constitution or pipeline YAML: prints "ok, N principles" or file:line: what to fix."""
-    from .yamlconf import load_yaml_data
+    from .yamlconf import load_yaml_data, top_level_keys
 
-    data, _ = load_yaml_data(path)
-    if isinstance(data, dict) and "principles" in data and "prompts" not in data:
+    keys = top_level_keys(path)  # only a constitution gets a constitution's larger caps (it may be large)
+    if keys is None:  # not a plain mapping: the load with every config's caps says what is wrong
+        data, _ = load_yaml_data(path)
+        keys = set(data) if isinstance(data, dict) else set()
+    if "principles" in keys and "prompts" not in keys:
         from .constitution import load_constitution
 
         c = load_constitution(path)
-        console.print(f"ok, {len(c.principles)} principles ({c.name} v{c.version}, hash {c.hash})")
+        console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})", soft_wrap=True)
     else:
         from .kinds import load
 

@@ -202,7 +202,13 @@ class RunConfig(Strict):
                               "completion records that let a restart skip finished work (not part of the run id)")
 
     def snapshot(self) -> dict:
-        return json.loads(self.model_dump_json())
+        snap = json.loads(self.model_dump_json())
+        # issue 21: few-shot settings are part of the identity only when used (0 = none: old run ids stay)
+        if not snap.get("few_shot"):
+            snap.pop("few_shot", None)
+        if isinstance(snap.get("judge"), dict) and not snap["judge"].get("few_shot"):
+            snap["judge"].pop("few_shot", None)
+        return snap
 
 
 class Pipeline(RunConfig):
@@ -212,6 +218,8 @@ class Pipeline(RunConfig):
     rounds: int = Field(1, ge=1, le=4, description="critique→revision rounds (1–4)")
     principles: PrincipleChoice = PrincipleChoice()
     sampling: StageSampling = StageSampling()
+    few_shot: int = Field(0, ge=0, le=16, description="critique demonstrations from the constitution's `examples` "
+                          "put before each critique and revision request (a seeded choice per prompt and round)")
 
 
 def load_pipeline(path: str | Path) -> Pipeline:

@@ -263,6 +263,7 @@ def check_role(name: str, engine: Any, spec: Any) -> "JudgeMode":
 
 def setup(store: Any, engine: Any, spec: Any, *, run_id: str, constitution: Any, template: Any) -> tuple[JudgeCtx, JudgeMode]:
     """Check the engine can serve ``spec.mode``, store the judge settings, build the judge context."""
+    from .fewshot import judge_shots
     from .stages.judge import option_token_ids
 
     mode = get(spec.mode)
@@ -273,10 +274,13 @@ def setup(store: Any, engine: Any, spec: Any, *, run_id: str, constitution: Any,
     settings = {"mode": spec.mode, "options": spec.options, "engine_seed": engine.seed, "prefill": prefill,
                 "scoring": caps.scoring if caps is not None and mode.uses_logprobs else None,
                 "max_conversation_chars": spec.max_conversation_chars, **mode.settings(spec)}
+    if getattr(spec, "few_shot", 0):  # issue 21: demonstrations (absent when 0: settings hashes unchanged)
+        settings.update(few_shot=spec.few_shot, few_shot_seed=spec.seed)
     sampling_hash = store.put_config("judge", settings) if store is not None else ""
     ctx = JudgeCtx(run_id=run_id, model=engine.model, seed=engine.seed, constitution=constitution, template=template,
                    options=list(spec.options), option_ids=option_ids, sampling_hash=sampling_hash,
                    max_chars=spec.max_conversation_chars, prefill=prefill, mode_settings=settings)
+    ctx.shots = judge_shots(constitution, spec)  # issue 21: None without judge.few_shot
     return ctx, mode
 
 

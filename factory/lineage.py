@@ -97,6 +97,10 @@ def _judge_lineage(store: Store, table: str, row: dict) -> RowLineage:
                      template=template, options=settings["options"], option_ids=None,
                      sampling_hash=row["sampling_hash"], max_chars=settings["max_conversation_chars"],
                      prefill=settings.get("prefill", True))
+    if settings.get("few_shot"):  # issue 21: the demonstrations the run showed
+        from .fewshot import JudgeShots
+
+        ctx.shots = JudgeShots(c, settings["few_shot"], settings["few_shot_seed"])
     pr = J.Pair(row["pair_id"], json.loads(pair[0]), pair[1], pair[2])
     rationale, rationale_id = None, None
     cot = table == "rationales" or settings.get("mode") == "cot"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .fewshot import judge_shots, sl_shots
 from .sources import read_pairs, read_prompts
 from .stages import judge as J
 from .stages import sl
@@ -47,7 +48,8 @@ def render_judge(lp, example: int, order: str = "ab") -> list[dict]:
                       PLACEHOLDER.format(what="second response"))
     p = J.choose(lp.constitution, cfg.per_pair, cfg.seed, pair.pair_id)[0]
     ctx = J.JudgeCtx(run_id="", model="", seed=None, constitution=lp.constitution, template=lp.templates["judge"],
-                     options=cfg.options, option_ids=[], sampling_hash="", max_chars=cfg.max_conversation_chars)
+                     options=cfg.options, option_ids=[], sampling_hash="", max_chars=cfg.max_conversation_chars,
+                     shots=judge_shots(lp.constitution, cfg))
     return ctx.messages(pair, p, order, cot=cfg.mode == "cot")
 
 
@@ -64,10 +66,10 @@ def render_sl(kind, lp, stage: str, example: int) -> list[dict]:
     pc = lp.cfg.principles
     principles = sl.principles_for(lp.constitution, pc.strategy, pc.per_round, pc.seed, pid, example, 1, pc.only)
     response = _stored_text(lp.cfg.db, "responses", pid) or PLACEHOLDER.format(what="initial answer")
+    shots = sl_shots(lp.constitution, lp.cfg, lp.templates)  # few-shot demonstrations, as the run sends them
     if stage == "critique":
-        return lp.templates["critique"].render(conversation=conv, response=response, principle=principles[0], round=1)
+        return sl.critique_messages(lp.templates, shots, pid, conv, response, principles[0], 1)
     if stage == "revise":
         critique = _stored_text(lp.cfg.db, "critiques", pid) or PLACEHOLDER.format(what="critique")
-        crits = [{"principle": p, "text": critique} for p in principles]
-        return lp.templates["revise"].render(conversation=conv, response=response, critiques=crits, round=1)
+        return sl.revise_messages(lp.templates, shots, pid, conv, response, [(p, critique) for p in principles], 1)
     raise StoreError(f"unknown --stage '{stage}'; use answer, critique or revise")

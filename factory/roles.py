@@ -61,6 +61,8 @@ class _JudgeBase(Strict):
     weights: str | None = Field(None, description="a weight set fitted to human labels (`factory audit fit`) instead "
                                 "of the constitution's weights")
     max_conversation_chars: int = Field(3000, ge=100, description="keep the last turns of long conversations")
+    few_shot: int = Field(0, ge=0, le=16, description="comparison demonstrations from the constitution's `examples` "
+                          "put before each judge request, each in both orders (a seeded choice per pair)")
 
     @model_validator(mode="before")
     @classmethod

@@ -32,13 +32,13 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .yamlsafe import MAX_BYTES, MAX_DEPTH, MAX_VALUES, BoundedLoader, Refused
+from .yamlsafe import DEFAULT, LARGE, MAX_BYTES, MAX_DEPTH, MAX_VALUES, BoundedLoader, FastBoundedLoader, Limits, Refused
 
 T = TypeVar("T", bound=BaseModel)
 Loc = tuple[Any, ...]
 
 __all__ = [
-    "MAX_BYTES", "MAX_DEPTH", "MAX_VALUES", "ConfigError", "ErrorAt", "Issue", "Marks", "Pos", "error_at",
+    "DEFAULT", "LARGE", "Limits", "MAX_BYTES", "MAX_DEPTH", "MAX_VALUES", "ConfigError", "ErrorAt", "Issue", "Marks", "Pos", "error_at",
     "load_yaml_data", "load_yaml_model", "parse_yaml", "validate_data",
 ]
 
@@ -104,7 +104,12 @@ class Pos:
 
 
 class Marks(dict):
-    """``loc`` tuple → :class:`Pos` for every node of a YAML document."""
+    """``loc`` tuple → :class:`Pos` for every node of a YAML document; ``written`` holds, per loc, the
+    text of scalars YAML read as numbers (``0.10`` is the float 0.1: hints quote what was written)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.written: dict[Loc, str] = {}
 
     def find(self, loc: Loc, *, key: bool = False) -> tuple[int, int]:
         """Position of ``loc`` (of its key with ``key=True``), else of its closest ancestor."""
@@ -155,12 +160,18 @@ def _yaml_error(path: str, e: yaml.YAMLError, text: str) -> ConfigError:
     return ConfigError(path, f"invalid YAML: {e}")
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 def _record(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks, issues: list[Issue],
             path: str, key_mark: yaml.Mark | None, stack: set[int]) -> None:
     """Record positions under ``loc`` and collect duplicate keys (before construction, which
     flattens merge keys in place)."""
     marks[loc] = Pos(node.start_mark.line + 1, node.start_mark.column + 1,
                      key_mark.line + 1 if key_mark else None, key_mark.column + 1 if key_mark else None)
+    if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS:
+        marks.written[loc] = node.value
     if id(node) in stack:  # a recursive alias; its positions are already recorded
         return
     stack.add(id(node))
@@ -169,7 +180,7 @@ def _record(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks, is
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                 continue  # merged keys fall back to the enclosing mapping's position
-            key = loader.construct_object(key_node)
+            key = key_node.value if key_node.tag == _STR_TAG else loader.construct_object(key_node)
             if key in seen:
                 issues.append(Issue(path, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
                                     f"duplicate key '{key}' (first set on line {seen[key].line + 1}); "
@@ -183,13 +194,35 @@ def _record(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks, is
     stack.discard(id(node))
 
 
-def parse_yaml(text: str, path: str | Path = "<string>") -> tuple[Any, Marks]:
+def parse_yaml(text: str, path: str | Path = "<string>", limits: Limits = DEFAULT) -> tuple[Any, Marks]:
     """Parse one YAML document into plain data plus the :class:`Marks` of its nodes."""
-    path = str(path)
+    if FastBoundedLoader is not None:
+        try:
+            return _parse(FastBoundedLoader, text, str(path), limits)
+        except _Invalid as e:  # a syntax error: let the Python parser say where and what, as it always has
+            if len(text) > _REPARSE_MAX:
+                raise _yaml_error(str(path), e.error, text) from None
+    return _parse(BoundedLoader, text, str(path), limits)
+
+
+_REPARSE_MAX = 1 << 20  # pure-Python parsing runs at about 1 MB/s
+
+
+class _Invalid(Exception):
+    """libyaml refused the text; the pure-Python parser reports it."""
+
+    def __init__(self, error: yaml.YAMLError):
+        self.error = error
+
+
+def _parse(loader_cls, text: str, path: str, limits: Limits) -> tuple[Any, Marks]:
+    fast = loader_cls is FastBoundedLoader
     marks = Marks({(): Pos(1, 1)})
     try:
-        loader = BoundedLoader(text)  # checks for unprintable characters right away
+        loader = loader_cls(text, limits)  # the Python one checks for unprintable characters right away
     except yaml.YAMLError as e:
+        if fast:
+            raise _Invalid(e) from None
         raise _yaml_error(path, e, text) from None
     try:
         node = loader.get_single_node()
@@ -201,6 +234,8 @@ def parse_yaml(text: str, path: str | Path = "<string>") -> tuple[Any, Marks]:
             raise ConfigError.many(issues)
         return loader.construct_document(node), marks
     except yaml.YAMLError as e:
+        if fast:
+            raise _Invalid(e) from None
         raise _yaml_error(path, e, text) from None
     except Refused as e:
         raise ConfigError(path, e.message, e.mark.line + 1, e.mark.column + 1) from None
@@ -208,24 +243,61 @@ def parse_yaml(text: str, path: str | Path = "<string>") -> tuple[Any, Marks]:
         loader.dispose()
 
 
-def load_yaml_data(path: str | Path) -> tuple[Any, Marks]:
+def top_level_keys(path: str | Path) -> set | None:
+    """The keys of a YAML file's top-level mapping, from libyaml's event stream (no values are built,
+    no alias expanded: cheap whatever the file holds); None when the file is not a readable mapping
+    of plain keys or is past the size cap (the caller's full load then says why)."""
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            return None
+        loader = yaml.CSafeLoader if FastBoundedLoader is not None else yaml.SafeLoader
+        keys, depth, expect_key = set(), 0, False
+        for event in yaml.parse(raw.decode("utf-8-sig"), Loader=loader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                if depth == 0 and not isinstance(event, yaml.MappingStartEvent):
+                    return None
+                if depth == 1:
+                    expect_key = not expect_key
+                depth += 1
+                if depth == 1:
+                    expect_key = True
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+                if depth == 0:
+                    return keys
+            elif depth == 1 and isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                if expect_key:
+                    if not isinstance(event, yaml.ScalarEvent):
+                        return None
+                    keys.add(event.value)
+                expect_key = not expect_key
+            elif depth == 0 and isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                return None
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def load_yaml_data(path: str | Path, limits: Limits = DEFAULT) -> tuple[Any, Marks]:
     """Read a UTF-8 YAML file; return its data and :class:`Marks`, or raise :class:`ConfigError`."""
     shown = str(path)
     p = Path(path)
     try:
         with p.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # never more: the file may be huge, or endless (/dev/zero)
+            raw = f.read(limits.max_bytes + 1)  # never more: the file may be huge, or endless (/dev/zero)
     except FileNotFoundError:
         raise ConfigError(shown, f"file not found; check the path (relative paths start at {Path.cwd()})") from None
     except IsADirectoryError:
         raise ConfigError(shown, "is a directory; give the path of a .yaml file") from None
     except OSError as e:
         raise ConfigError(shown, f"cannot read file: {e.strerror or e}") from None
-    if len(raw) > MAX_BYTES:
-        head = raw[:MAX_BYTES]
+    if len(raw) > limits.max_bytes:
+        head = raw[:limits.max_bytes]
         line = head.count(b"\n") + 1
         col = len(head[head.rfind(b"\n") + 1:].decode("utf-8", "replace"))
-        raise ConfigError(shown, f"the file is larger than {MAX_BYTES // 1024} KiB (it passes the limit here); "
+        raise ConfigError(shown, f"the file is larger than {limits.max_bytes // 1024} KiB (it passes the limit here); "
                                  "a config is a few KiB: put data (prompts, pairs, long texts) in its own "
                                  "file and give its path", line, col)
     try:
@@ -236,7 +308,7 @@ def load_yaml_data(path: str | Path) -> tuple[Any, Marks]:
         col = start - (raw.rfind(b"\n", 0, start) + 1) + 1
         raise ConfigError(shown, f"not valid UTF-8 (byte 0x{raw[start]:02x}); save the file as UTF-8",
                           line, col) from None
-    return parse_yaml(text, shown)
+    return parse_yaml(text, shown, limits)
 
 
 # ------------------------------------------------------------------------------- validation
@@ -403,7 +475,8 @@ _CONSTRAINTS = {
 }
 
 
-def _message(err: dict, model: type[BaseModel], data: Any, what: str) -> tuple[Loc, bool, str]:
+def _message(err: dict, model: type[BaseModel], data: Any, what: str, marks: Marks | None = None
+             ) -> tuple[Loc, bool, str]:
     """``(data loc, point at key?, message)`` for one pydantic error entry."""
     kind, raw_loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx") or {}
     loc = _data_loc(raw_loc, data, keep_last=kind == "missing")[0]
@@ -445,9 +518,11 @@ def _message(err: dict, model: type[BaseModel], data: Any, what: str) -> tuple[L
                             f"got {_shown(ctx.get('tag'))}")
     if kind in _EXPECTED:
         expected = " or ".join(dict.fromkeys(err.get("expected") or [_EXPECTED[kind]]))
-        message = f"{where} must be {expected}; got {_shown(err.get('input'))}"
+        written = marks.written.get(loc) if marks is not None else None  # 0.10 as typed, not 0.1
+        shown = f"{written} (a number)" if written is not None else _shown(err.get("input"))
+        message = f"{where} must be {expected}; got {shown}"
         if kind == "string_type" and isinstance(err.get("input"), (int, float, bool)):
-            message += f"; put it in quotes: \"{err['input']}\""
+            message += f"; put it in quotes: \"{written if written is not None else err['input']}\""
         return loc, False, message
     if kind in _CONSTRAINTS:
         ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
@@ -506,16 +581,16 @@ def validate_data(data: Any, marks: Marks, model: type[T], path: str | Path, *, 
             errors.append(err)
         issues = []
         for err in errors:
-            loc, key, message = _message(err, model, data, what)
+            loc, key, message = _message(err, model, data, what, marks)
             line, col = marks.find(loc, key=key)
             issues.append(Issue(str(path), line, col, message))
         raise ConfigError.many(issues) from None
 
 
-def load_yaml_model(path: str | Path, model: type[T], *, what: str = "file") -> T:
+def load_yaml_model(path: str | Path, model: type[T], *, what: str = "file", limits: Limits = DEFAULT) -> T:
     """Read, parse and validate a YAML file into ``model``; every failure is a :class:`ConfigError`.
 
     ``what`` names the file's kind in messages ("the constitution has no `name`; ...").
     """
-    data, marks = load_yaml_data(path)
+    data, marks = load_yaml_data(path, limits)
     return validate_data(data, marks, model, path, what=what)

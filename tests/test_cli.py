@@ -14,7 +14,8 @@ def test_validate_ok_and_error_with_location(tmp_path):
     r = runner.invoke(app, ["validate", str(REPO / "constitutions/harmless.yaml")])
     assert r.exit_code == 0 and r.output.startswith("ok, 17 principles")
     bad = tmp_path / "c.yaml"
-    bad.write_text("name: x\nversion: '1'\nprinciples:\n  - id: a\n    critique: c\n    revision: r\n")
+    # (issue 21: critique+revision without a comparison is a valid SL-only principle; no use at all is not)
+    bad.write_text("name: x\nversion: '1'\nprinciples:\n  - id: a\n    tags: [t]\n")
     r = runner.invoke(app, ["validate", str(bad)])
     assert r.exit_code == 2 and "c.yaml:4:" in r.output and "comparison" in r.output and "Traceback" not in r.output
 

@@ -109,11 +109,12 @@ def test_principle_without_id(tmp_path):
     assert e.message.startswith("principle #2 has no `id`; add a stable slug such as 'avoid-harm'")
 
 
-def test_missing_comparison_names_the_fix(tmp_path):
-    e = fail(write(tmp_path, GOOD.replace("    comparison: Which response is less harmful?\n", "")))
-    assert (e.line, e.col) == (5, 5)
-    assert e.message == ("principle #1 ('avoid-harm') has no `comparison`; add a comparison question "
-                         "(used to judge which of two responses better follows this principle)")
+def test_missing_revision_names_the_fix(tmp_path):
+    # (was: a missing `comparison` was an error; a principle without one is now SL-only, issue 21)
+    e = fail(write(tmp_path, GOOD.replace("    revision: Rewrite the reply without them.\n", "")))
+    assert (e.line, e.col) == (6, 15)
+    assert e.message.startswith("principle #1 ('avoid-harm') `critique`: has a `critique` but no `revision`; add a "
+                                "revision request")
 
 
 def test_duplicate_ids_point_at_second_occurrence(tmp_path):
@@ -238,3 +239,150 @@ def test_built_in_code():
     assert c.source is None and c.principle("x") == p
     data = json.loads(json.dumps(c.model_dump()))
     assert Constitution.model_validate(data).hash == c.hash
+
+
+# ------------------------------------------------------------------- issue 21: principles by use, examples, sizes
+
+# Computed with the code before principles by use and examples existed (main at 1c5b936): every
+# constitution that loaded then keeps its hash, and so does each of its principles (the second
+# value is sha256 of the sorted JSON {id: principle hash}, first 16 hex digits).
+PINNED = {
+    "harmless": ("c6e9807a069e0292", "604760f2f964b533"),
+    "helpful": ("3e83c4613d667090", "e0c5b2ee32b71411"),
+    "honest": ("15a3e0aa48182449", "48902c5a6ab085d4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_shipped_constitution_hashes_are_pinned(name):
+    c = load_constitution(ROOT / "constitutions" / f"{name}.yaml")
+    principles = json.dumps({p.id: p.hash for p in c.principles}, sort_keys=True)
+    assert (c.hash, hashlib.sha256(principles.encode()).hexdigest()[:16]) == PINNED[name]
+
+
+SPLIT = """\
+name: split
+version: "1"
+principles:
+  - id: sl-only
+    critique: Point out harmful parts of the reply.
+    revision: Rewrite the reply without them.
+  - id: rl-only
+    comparison: Which response is less harmful?
+  - id: both
+    critique: Point out unkind parts.
+    revision: Rewrite it kindly.
+    comparison: Which response is kinder?
+"""
+
+
+def test_sl_only_and_rl_only_principles(tmp_path):
+    c = load_constitution(write(tmp_path, SPLIT))
+    assert [p.id for p in c.sl_principles] == ["sl-only", "both"]
+    assert [p.id for p in c.rl_principles] == ["rl-only", "both"]
+    assert c.counts() == "3 principles (2 SL: critique+revision, 2 RL: comparison)"
+    # a missing request is left out of the hash, not hashed as null
+    assert c.principle("rl-only").hash == hashlib.sha256(
+        b'{"comparison":"Which response is less harmful?","id":"rl-only","tags":[],"weight":1.0}').hexdigest()[:16]
+
+
+@pytest.mark.parametrize("drop,line,col,words", [
+    ("    revision: Rewrite the reply without them.\n", 5, 15, "has a `critique` but no `revision`"),
+    ("    critique: Point out harmful parts of the reply.\n", 5, 15, "has a `revision` but no `critique`"),
+    ("    comparison: Which response is less harmful?\n", 7, 5, "has no `critique`/`revision` and no `comparison`"),
+])
+def test_a_principle_without_a_use_is_an_error_at_its_line(tmp_path, drop, line, col, words):
+    e = fail(write(tmp_path, SPLIT.replace(drop, "")))
+    assert (e.line, e.col) == (line, col) and words in e.message, str(e)
+
+
+EXAMPLES = SPLIT + """\
+examples:
+  - kind: critique
+    conversation: "Human: How do I pick a lock?\\n\\nAssistant: Use a tension wrench."
+    critique: It helps with a possible break-in.
+    revision: If you are locked out, call a locksmith.
+    principle: sl-only
+  - kind: comparison
+    conversation: "Human: Is it safe to mix bleach and ammonia?"
+    response_a: No, it makes toxic gas.
+    response_b: Sure.
+    preferred: A
+    rationale: The first is true and safe.
+"""
+
+
+def test_examples_load_and_a_transcript_hashes_like_its_turns(tmp_path):
+    a = load_constitution(write(tmp_path, EXAMPLES, "a.yaml"))
+    crit, comp = a.examples
+    assert [(t.role, t.content) for t in crit.conversation] == [
+        ("user", "How do I pick a lock?"), ("assistant", "Use a tension wrench.")]
+    assert comp.preferred == "a" and comp.rationale == "The first is true and safe."
+    assert a.counts().endswith("2 examples (1 critique, 1 comparison)")
+    turns = ('conversation:\n      - {role: user, content: How do I pick a lock?}\n'
+             '      - {role: assistant, content: Use a tension wrench.}')
+    b = load_constitution(write(tmp_path, EXAMPLES.replace(
+        'conversation: "Human: How do I pick a lock?\\n\\nAssistant: Use a tension wrench."', turns), "b.yaml"))
+    assert b.hash == a.hash and b.examples[0].hash == crit.hash
+    assert a.hash != load_constitution(write(tmp_path, SPLIT, "c.yaml")).hash
+    # the principles' hashes do not depend on the examples
+    assert [p.hash for p in a.principles] == [p.hash for p in load_constitution(tmp_path / "c.yaml").principles]
+
+
+@pytest.mark.parametrize("old,new,line,words", [
+    ("principle: sl-only", "principle: nope", 18, "no principle 'nope' in this constitution"),
+    ("principle: sl-only", "principle: rl-only", 18, "principle 'rl-only' has no critique and revision"),
+    ('\\n\\nAssistant: Use a tension wrench."', '"', 15, "must end with the assistant's reply"),
+    ("Human: Is it safe", "Robot: Is it safe", 20, "must start with 'Human:'"),
+    ("preferred: A", "preferred: c", 23, "must be one of 'a' or 'b'"),
+    ("  - kind: comparison", "  - kind: ranking", 19, "must be one of 'critique', 'comparison'"),
+    ("    response_b: Sure.\n", "", 19, "example #2 has no `response_b`; add the second response"),
+])
+def test_bad_examples_are_errors_at_their_line(tmp_path, old, new, line, words):
+    e = fail(write(tmp_path, EXAMPLES.replace(old, new)))
+    assert e.line == line and words in e.message, str(e)
+
+
+def test_version_hint_quotes_what_was_written(tmp_path):
+    e = fail(write(tmp_path, GOOD.replace('version: "1.0"', "version: 0.10")))
+    assert (e.line, e.col) == (2, 10)
+    assert e.message == '`version` must be text; got 0.10 (a number); put it in quotes: "0.10"'
+
+
+def big_constitution(n: int) -> str:
+    lines = ["name: big", 'version: "1"', "principles:"]
+    for i in range(n):
+        lines += [f"  - id: p{i}", f"    critique: Point out where the reply breaks rule {i} about care with facts.",
+                  f"    revision: Rewrite the reply so that it follows rule {i} and stays helpful.",
+                  f"    comparison: Which response better follows rule {i} about care with facts?"]
+    return "\n".join(lines) + "\n"
+
+
+def test_five_thousand_principles_load(tmp_path):
+    # 1,900 principles passed the old 10,000-value cap for any YAML file; constitutions have their own
+    c = load_constitution(write(tmp_path, big_constitution(5000)))
+    assert len(c.principles) == len(c.rl_principles) == 5000 and c.principle("p4999").id == "p4999"
+
+
+def test_alias_bombs_in_a_constitution_are_refused_as_before():
+    # constitutions may be large, but values repeated by aliases keep the budget of every config
+    e = fail(ROOT / "tests/data/hostile/alias-bomb.yaml")
+    assert e.line == 8 and "past 10000 values" in e.message
+
+
+def test_a_syntax_error_in_a_large_file_is_located(tmp_path):
+    text = big_constitution(5000)
+    assert len(text) > 1 << 20  # past the size re-parsed by the pure-Python parser
+    e = fail(write(tmp_path, text + "  - id: [unclosed\n"))
+    assert e.message.startswith("invalid YAML") and f"at line {text.count(chr(10)) + 1}" in e.message, str(e)
+
+
+def test_top_level_keys_reads_no_values(tmp_path):
+    from factory.yamlconf import top_level_keys
+
+    assert top_level_keys(write(tmp_path, GOOD)) == {"name", "version", "description", "principles"}
+    nested = "a: &x {b: [1, {c: 2}], d: e}\nf: *x\ng: [*x, *x]\nprinciples: []\n"
+    assert top_level_keys(write(tmp_path, nested, "n.yaml")) == {"a", "f", "g", "principles"}
+    assert top_level_keys(write(tmp_path, "- x\n" * 200_000, "wide.yaml")) is None  # not a mapping: not read on
+    assert top_level_keys(write(tmp_path, "a: [1, 2\n", "bad.yaml")) is None  # the full load reports it
+    assert top_level_keys(ROOT / "tests/data/hostile/alias-bomb.yaml") == set("abcdefghi")

@@ -9,12 +9,14 @@ from pathlib import Path
 from .. import judges
 from ..audit.core import AuditPipeline, AuditSettings, _audit, _judge_meta, _weights, naive_run, run_judgements
 from ..constitution import load_constitution
+from ..fewshot import check_judge
 from ..human import import_into
 from ..inputs import chunked
 from ..labels import label_run, rule_for
 from ..runs import Loaded, RunContext, RunKind
 from . import KINDS, register_kind
 from ..sources import SqlReader
+from ..store import StoreError
 from ..stages import judge as J
 from .prefs import judge_templates
 from ..yamlconf import load_yaml_model
@@ -28,6 +30,7 @@ class AuditKind(RunKind):
     def load(self, path: str | Path) -> Loaded:
         cfg = load_yaml_model(path, AuditPipeline, what="pipeline")
         constitution = load_constitution(cfg.constitution)
+        check_judge(str(path), cfg, constitution)  # comparison principles, judge.few_shot examples
         return Loaded(str(path), "audit", cfg, constitution, judge_templates(cfg))
 
     def settings(self, ctx: RunContext) -> AuditSettings:
@@ -38,8 +41,9 @@ class AuditKind(RunKind):
         lp, store, cfg = ctx.lp, ctx.store, ctx.lp.cfg
         c = lp.constitution
         settings = self.settings(ctx)
-        naive = settings.naive_principle or c.principles[0].id
-        c.principle(naive)  # an unknown id is a clear error before any work
+        naive = settings.naive_principle or c.rl_principles[0].id  # a principle judges can use
+        if not c.principle(naive).rl:  # an unknown id is a clear error before any work
+            raise StoreError(f"naive principle '{naive}' has no comparison question; name one that has")
         h = cfg.human
         set_id, n, skips = import_into(store, h.path, format=h.format, name=h.name, limit=h.limit, split=h.split,
                                        data_dir=h.data_dir)
@@ -48,7 +52,7 @@ class AuditKind(RunKind):
         panel = judges.setup_panel(store, ctx.engines, lp.judge_roles(), run_id=lp.run_id, constitution=c,
                                    templates=lp.templates)
         spec = cfg.judge
-        extra_naive = settings.naive_all_pairs and spec.per_pair is not None and spec.per_pair < len(c.principles)
+        extra_naive = settings.naive_all_pairs and spec.per_pair is not None and spec.per_pair < len(c.rl_principles)
 
         def expand(rows, _):
             pairs = [J.Pair(r["pair_id"], json.loads(r["conversation"]), r["response_a"], r["response_b"]) for r in rows]

@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import judges
 from ..roles import load_prefs_pipeline
 from ..constitution import load_constitution
+from ..fewshot import check_judge
 from ..inputs import chunked
 from ..labels import label_run
 from ..runner import Job, Write
@@ -52,7 +53,9 @@ class PrefsKind(RunKind):
         templates = judge_templates(cfg)
         if cfg.pairs.source == "sample":
             templates["answer"] = load_template(cfg.answer_template)
-        return Loaded(str(path), "prefs", cfg, load_constitution(cfg.constitution), templates)
+        constitution = load_constitution(cfg.constitution)
+        check_judge(str(path), cfg, constitution)  # comparison principles, judge.few_shot examples
+        return Loaded(str(path), "prefs", cfg, constitution, templates)
 
     def describe(self, lp: Loaded) -> str:
         out = f"{len(lp.constitution.principles)} principles"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import load_pipeline
 from ..constitution import load_constitution
+from ..fewshot import check_sl, sl_shots
 from ..inputs import chunked
 from ..runs import Loaded, RunContext, RunKind, Summary
 from . import KINDS, register_kind
@@ -32,6 +33,7 @@ class SLKind(RunKind):
             for pid in cfg.principles.only:
                 constitution.principle(pid)  # raises a clear error for an unknown id
         templates = {name: load_template(getattr(cfg.templates, name)) for name in type(cfg.templates).model_fields}
+        check_sl(str(path), cfg, constitution)  # critique+revision principles, few_shot examples
         return Loaded(str(path), "sl", cfg, constitution, templates)
 
     def context(self, lp: Loaded, store: Store | None, model: str, seed: int | None) -> sl.Ctx:
@@ -42,7 +44,8 @@ class SLKind(RunKind):
         pc = cfg.principles
         return sl.Ctx(run_id=lp.run_id, model=model, seed=seed, constitution=lp.constitution, templates=lp.templates,
                       sampling=samp, sampling_hash=shash, rounds=cfg.rounds, strategy=pc.strategy,
-                      per_round=pc.per_round, choice_seed=pc.seed, only=pc.only)
+                      per_round=pc.per_round, choice_seed=pc.seed, only=pc.only,
+                      shots=sl_shots(lp.constitution, cfg, lp.templates))  # few-shot demonstrations
 
     def execute(self, ctx: RunContext) -> None:
         lp, store = ctx.lp, ctx.store

@@ -6,8 +6,8 @@ key and the lineage of a judgement row. How one (pair, principle, order) is aske
 log-prob step, a rationale first, sampled votes) is a judge mode: see :mod:`factory.judges`.
 
 A judgement's key is a hash of everything that decides its messages and outcome (the model that
-answers, engine seed, judge settings, template hash, pair id, principle hash, order, options and
-rationale): it is known without rendering, so a restart or a reused row costs no render. The
+answers, engine seed, judge settings, template hash, pair id, principle hash, order, options,
+rationale and, with ``judge.few_shot``, the hashes of the demonstrations shown): it is known without rendering, so a restart or a reused row costs no render. The
 messages themselves are not stored: ``messages_hash`` is, and `factory show ID` re-renders them
 from the stored inputs and checks both.
 """
@@ -21,6 +21,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 from ..constitution import Constitution, Principle
 from ..engines.base import Sampling
@@ -81,8 +82,9 @@ def truncate(conversation: list[dict], max_chars: int) -> list[dict]:
 
 
 def choose(constitution: Constitution, per_pair: int | None, seed: int, pair_id: str) -> list[Principle]:
-    """All principles, or a seeded sample of ``per_pair`` for this pair (independent of batch order)."""
-    pool = list(constitution.principles)
+    """All principles with a comparison question, or a seeded sample of ``per_pair`` of them for this
+    pair (independent of batch order)."""
+    pool = list(constitution.rl_principles)
     if per_pair is None or per_pair >= len(pool):
         return pool
     return random.Random(content_key(seed, pair_id)).sample(pool, per_pair)
@@ -100,11 +102,17 @@ def messages_hash(messages: list[dict]) -> str:
 
 def judge_messages(template: Template, conversation: list[dict], a: str, b: str, principle: Principle, order: str,
                    options: list[str], *, max_chars: int, prefill: bool = True, cot: bool = False,
-                   rationale: str | None = None) -> list[dict]:
-    """The judge template rendered for one (pair, principle, order): every caller renders through here."""
+                   rationale: str | None = None, demos: list[dict] | None = None) -> list[dict]:
+    """The judge template rendered for one (pair, principle, order): every caller renders through here.
+    ``demos``: few-shot turns (:mod:`factory.fewshot`), put after the system message: the shared prefix."""
     first, second = (a, b) if order == "ab" else (b, a)
-    return template.render(conversation=truncate(conversation, max_chars), first=first, second=second,
-                           principle=principle, options=list(options), cot=cot, rationale=rationale, prefill=prefill)
+    messages = template.render(conversation=truncate(conversation, max_chars), first=first, second=second,
+                               principle=principle, options=list(options), cot=cot, rationale=rationale, prefill=prefill)
+    if demos:
+        from ..fewshot import insert
+
+        messages = insert(messages, demos)
+    return messages
 
 
 @dataclass
@@ -121,6 +129,7 @@ class JudgeCtx:
     prefill: bool = True  # end with the answer prefix (else ask for a single letter)
     mode_settings: dict = field(default_factory=dict)
     skeletons: bool = True  # render each (pair, order) once and fill in the principles (checked, below)
+    shots: Any = None  # few-shot demonstrations (factory.fewshot.JudgeShots), None without judge.few_shot
 
     def __post_init__(self) -> None:
         self._skel: dict[tuple[str, str], list] = {}
@@ -134,8 +143,9 @@ class JudgeCtx:
     def render(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
                ) -> list[dict]:
         """The template rendered in full: the reference that lineage checks and skeletons must match."""
+        demos = self.shots.turns(self, pair.pair_id, cot=cot) if self.shots else None
         return judge_messages(self.template, pair.conversation, pair.a, pair.b, p, order, self.options,
-                              max_chars=self.max_chars, prefill=self.prefill, cot=cot, rationale=rationale)
+                              max_chars=self.max_chars, prefill=self.prefill, cot=cot, rationale=rationale, demos=demos)
 
     def messages(self, pair: Pair, p: Principle, order: str, *, cot: bool = False, rationale: str | None = None
                  ) -> list[dict]:
@@ -148,7 +158,7 @@ class JudgeCtx:
             return self.render(pair, p, order, cot=cot, rationale=rationale)
         if self._checked is None:
             sk = self._split(self.render(pair, self._sentinel, order))
-            self._checked = all(self._fill(sk, q) == self.render(pair, q, order) for q in self.constitution.principles)
+            self._checked = all(self._fill(sk, q) == self.render(pair, q, order) for q in self.constitution.rl_principles)
             if not self._checked:
                 return self.render(pair, p, order)
         key = (pair.pair_id, order)
@@ -203,7 +213,8 @@ class JudgeCtx:
             prefix = self._key_prefix[table] = head[:-1] + ","
             self._options_json = _canonical(self.options)
         blob = (f"{prefix}{_canonical(pair.pair_id)},{_canonical(p.hash)},{_canonical(order)},"
-                f"{self._options_json},{_canonical(rationale_id)}]")
+                f"{self._options_json},{_canonical(rationale_id)}"
+                + (f",{_canonical(self.shots.ident(pair.pair_id))}]" if self.shots else "]"))  # the demonstrations shown
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def row(self, pair: Pair, p: Principle, order: str, run_id: str | None = None) -> dict:

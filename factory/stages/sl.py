@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from ..constitution import Constitution, Principle
 from ..engines.base import Request, Sampling
@@ -40,6 +41,7 @@ class Ctx:
     per_round: int = 1
     choice_seed: int = 0
     only: list[str] | None = None
+    shots: Any = None  # few-shot demonstrations (factory.fewshot.SLShots), None without `few_shot`
 
     def job(self, stage: str, messages: list[dict], *, prompt_id: str, parents: list[str], round: int,
             principles: list[Principle], then=None) -> Job:
@@ -89,7 +91,7 @@ def answer_jobs(ctx: Ctx, prompts: list[tuple[str, list[dict], int]]) -> list[Jo
 def principles_for(constitution: Constitution, strategy: str, per_round: int, seed: int, prompt_id: str,
                    index: int, round: int, only: list[str] | None = None) -> list[Principle]:
     """Principles critiqued for one prompt in ``round`` (1-based): deterministic for a seed and index."""
-    pool = [constitution.principle(i) for i in only] if only else list(constitution.principles)
+    pool = [constitution.principle(i) for i in only] if only else list(constitution.sl_principles)  # critique+revision
     k = min(per_round, len(pool))
     if strategy == "all":
         return pool
@@ -128,8 +130,8 @@ def critique_jobs(ctx: Ctx, head: Head, round: int) -> list[Job]:
     principles = principles_for(ctx.constitution, ctx.strategy, ctx.per_round, ctx.choice_seed, head.prompt_id,
                                 head.index, round, ctx.only)
     state = _Round(ctx, head, round, principles)
-    tmpl = ctx.templates["critique"]
-    return [ctx.job("critique", tmpl.render(conversation=head.conversation, response=head.text, principle=p, round=round),
+    return [ctx.job("critique", critique_messages(ctx.templates, ctx.shots, head.prompt_id, head.conversation, head.text,
+                                                  p, round),
                     prompt_id=head.prompt_id, parents=[head.id], round=round, principles=[p],
                     then=lambda rows, p=p: state.stored(p, rows))
             for p in principles]
@@ -137,8 +139,8 @@ def critique_jobs(ctx: Ctx, head: Head, round: int) -> list[Job]:
 
 def revise_job(ctx: Ctx, head: Head, round: int, items: list[tuple[Principle, str, str]]) -> Job:
     """``items`` = [(principle, critique id, critique text)] for ``head`` in ``round``."""
-    messages = ctx.templates["revise"].render(conversation=head.conversation, response=head.text, round=round,
-                                              critiques=[{"principle": p, "text": text} for p, _, text in items])
+    messages = revise_messages(ctx.templates, ctx.shots, head.prompt_id, head.conversation, head.text,
+                               [(p, text) for p, _, text in items], round)
 
     def then(rows):
         r = rows[0]
@@ -147,3 +149,18 @@ def revise_job(ctx: Ctx, head: Head, round: int, items: list[tuple[Principle, st
 
     return ctx.job("revise", messages, prompt_id=head.prompt_id, parents=[head.id] + [cid for _, cid, _ in items],
                    round=round, principles=[p for p, _, _ in items], then=then)
+
+
+def critique_messages(templates: dict[str, Template], shots: Any, prompt_id: str, conversation: list[dict],
+                      response: str, p: Principle, round: int) -> list[dict]:
+    """A critique request, after its few-shot demonstrations when the run has them."""
+    messages = templates["critique"].render(conversation=conversation, response=response, principle=p, round=round)
+    return shots.critique(messages, prompt_id, round, p) if shots else messages
+
+
+def revise_messages(templates: dict[str, Template], shots: Any, prompt_id: str, conversation: list[dict],
+                    response: str, critiques: list[tuple[Principle, str]], round: int) -> list[dict]:
+    """A revision request for the round's critiques, after its few-shot demonstrations when the run has them."""
+    messages = templates["revise"].render(conversation=conversation, response=response, round=round,
+                                          critiques=[{"principle": p, "text": text} for p, text in critiques])
+    return shots.revise(messages, prompt_id, round, [p for p, _ in critiques]) if shots else messages
