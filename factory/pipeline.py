@@ -14,7 +14,7 @@ from .constitution import load_constitution
 from .inputs import chunked
 from .runs import Loaded, RunContext, RunKind, Summary
 from .runs import run as run_any
-from .sources import open_source, prompt_row
+from .sources import open_source, prompt_row, text_limit
 from .stages import sl
 from .store import Store, StoreError
 from .templates import load_template
@@ -58,7 +58,8 @@ class SLKind(RunKind):
                                          for i, r in enumerate(rows)])
 
         inputs = chunked(store, lp.run_id, "prompts", reader, lambda row, rec: prompt_row(row, rec, src.field),
-                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit)
+                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit,
+                         max_chars=text_limit(engine.max_model_len))
         ctx.stream("prompts", inputs, progress=lambda: reader.progress, full_probe=changed)
         ctx.summary.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
 

@@ -20,7 +20,7 @@ from .labels import label_run
 from .runner import Job, Write
 from .runs import Loaded, RunContext, RunKind, Summary
 from .runs import run as run_any
-from .sources import SqlReader, open_source, pair_parser, prompt_row
+from .sources import SqlReader, open_source, pair_parser, prompt_row, text_limit
 from .stages import judge as J
 from .stages import sl
 from .store import Store, StoreError, content_key
@@ -84,7 +84,8 @@ class PrefsKind(RunKind):
                 to_pair = None
             done, changed = ctx.done_chunks("pairs", reader.fingerprint)
             inputs = chunked(store, lp.run_id, "pairs", reader, parse, entity="pairs", expand=lambda rows, _: judge(rows),
-                             done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit, to_entity=to_pair)
+                             done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit, to_entity=to_pair,
+                             max_chars=text_limit(engine.max_model_len))
             ctx.stream("pairs", inputs, progress=lambda: reader.progress, full_probe=changed)
             if src.source == "sl" and not store.count("run_pairs", "run_id = ?", [lp.run_id]):
                 raise StoreError(f"{lp.cfg.db}: no completed SL revisions to pair" + (f" for run '{src.run}'" if src.run else "")
@@ -115,7 +116,8 @@ class PrefsKind(RunKind):
         reader = open_source(p.path, p.split, p.data_dir, "prompts")
         done, changed = ctx.done_chunks("prompts", reader.fingerprint)
         inputs = chunked(store, lp.run_id, "prompts", reader, lambda row, rec: prompt_row(row, rec, p.field),
-                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=p.limit)
+                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=p.limit,
+                         max_chars=text_limit(engine.max_model_len))
         ctx.stream("prompts", inputs, progress=lambda: reader.progress, full_probe=changed)
         ctx.summary.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
 
