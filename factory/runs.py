@@ -257,7 +257,9 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
     start = time.perf_counter()
     # the writer lock first (a second process learns at once that the database is busy), then the
     # engine (its identity completes the run id), then the run's row
-    store = Store(lp.cfg.db, writer_run=lp.run_id, run_memory=True)
+    lp.engine_model = lp.expected_engine_model()  # the lock names the real run id wherever it is known before the engine
+    store = Store(lp.cfg.db, writer_run=lp.run_id if lp.engine_model else f"{lp.cfg.name} (id pending: its engine is starting)",
+                  run_memory=True)
     owned: list[Engine] = []
     try:
         engine = ensure_engine(engine, lp.cfg.engine, lp.cfg.model, owned)

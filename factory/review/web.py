@@ -149,6 +149,8 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
         jid = request.path_params["judgement_id"]
         try:
             return JSONResponse({"messages": review.messages(jid)})
+        except KeyError as e:  # an id that is not one of this audit's judgements
+            return JSONResponse({"error": str(e.args[0]) if e.args else f"no judgement {jid}"}, status_code=404)
         except maindb.Busy as b:
             return JSONResponse({"error": f"{b}: the judge's messages are read from the database, so they can be "
                                           "shown when it is free (messages shown once are kept in the workspace)"},
