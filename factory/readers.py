@@ -48,10 +48,29 @@ class _Long(int):
     """A line longer than the cap: only its size in bytes (ending included) is kept."""
 
 
-def bounded_lines(fh, cap: int, block: int = BLOCK):
-    """The lines of a binary stream, each with its ending (``\\n``, ``\\r\\n`` or a lone ``\\r``), read in blocks of
-    ``block`` bytes: a line longer than ``cap`` bytes is yielded as :class:`_Long` (its size) and never held
-    past ``cap + block`` bytes, so a decompressed stream costs at most that much however long its lines are."""
+def _split_nl(data: bytes) -> list[bytes]:
+    parts = data.split(b"\n")
+    last = parts.pop()
+    out = [p + b"\n" for p in parts]
+    if last:
+        out.append(last)
+    return out
+
+
+def line_ends(head: bytes) -> str:
+    """``"cr"`` when the first line of ``head`` ends with a lone ``\\r`` (old Mac files: every ``\\r``, ``\\n`` and
+    ``\\r\\n`` then ends a line), else ``"nl"`` (lines end at ``\\n``; a ``\\r`` before it is stripped, one
+    elsewhere is part of the line)."""
+    r, n = head.find(b"\r"), head.find(b"\n")
+    return "cr" if r != -1 and (n == -1 or r < n) and head[r + 1:r + 2] != b"\n" else "nl"
+
+
+def bounded_lines(fh, cap: int, block: int = BLOCK, ends: str = "cr"):
+    """The lines of a binary stream, each with its ending, read in blocks of ``block`` bytes (``ends``: see
+    :func:`line_ends`): a line longer than ``cap`` bytes is yielded as :class:`_Long` (its size) and never
+    held past ``cap + block`` bytes, so a decompressed stream costs at most that much however long its
+    lines are."""
+    split = _split_nl if ends == "nl" else (lambda data: data.splitlines(True))
     carry, dropped = b"", 0  # carry: the start of a line not yet ended; dropped: bytes of an over-long line read past
     while True:
         new = fh.read(block)
@@ -61,7 +80,7 @@ def bounded_lines(fh, cap: int, block: int = BLOCK):
             elif carry:
                 yield carry
             return
-        parts = (carry + new if carry else new).splitlines(True)
+        parts = split(carry + new if carry else new)
         # the last part is unfinished unless it ends with \n (a final \r may be half of \r\n)
         carry = b"" if parts[-1].endswith(b"\n") else parts.pop()
         if parts and dropped:
@@ -165,6 +184,11 @@ class _JsonlReader(Reader):
             return None
         return obj
 
+    def _damaged(self, lineno: int, e: BaseException) -> SourceError:
+        return SourceError(f"{self.path}: cannot read past line {lineno} ({type(e).__name__}: {e}); the file is "
+                           "truncated or corrupted: repair or re-download it (everything read before this point is "
+                           "kept; rerun to resume)")
+
     def chunks(self, chunk_size: int, done: dict[int, dict] | None = None) -> Iterator[InputChunk]:
         done = done or {}
         gz = self.path.suffix == ".gz"
@@ -173,9 +197,12 @@ class _JsonlReader(Reader):
             offset, lineno = done[index]["end"], done[index]["last"]
             index += 1
         with (gzip.open if gz else open)(self.path, "rb") as fh:
-            if offset:
+            try:
+                ends = line_ends(fh.read(BLOCK))  # the file's convention, from its first line
                 fh.seek(offset)
-            stream = bounded_lines(fh, self.cap)
+            except (EOFError, OSError, zlib.error) as e:
+                raise self._damaged(lineno, e) from None
+            stream = bounded_lines(fh, self.cap, ends=ends)
             raw_size = self.size
             while True:
                 start, first = offset, lineno + 1
@@ -188,9 +215,7 @@ class _JsonlReader(Reader):
                         if len(lines) == chunk_size:
                             break
                 except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
-                    raise SourceError(f"{self.path}: cannot read past line {lineno} ({type(e).__name__}: {e}); the "
-                                      "file is truncated or corrupted: repair or re-download it (everything read "
-                                      "before this point is kept; rerun to resume)") from None
+                    raise self._damaged(lineno, e) from None
                 if not lines:
                     self.progress = 1.0
                     return
