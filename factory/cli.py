@@ -47,8 +47,24 @@ def user_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]: everything written so far is kept; rerun the same command to continue")
             raise typer.Exit(130)
+        except Exception as e:  # a database damaged where only a query reads it (issue 22): named, no traceback
+            damage = _as_damage(e, kwargs.get("db"))
+            if damage is None:
+                raise
+            err.print(f"[red]error:[/red] {damage}", highlight=False, markup=True)
+            raise typer.Exit(2)
 
     return wrapper
+
+
+def _as_damage(e: BaseException, db) -> Exception | None:
+    import sys
+
+    if "duckdb" not in sys.modules:  # nothing read a database
+        return None
+    from .store import as_damage
+
+    return as_damage(e, db)
 
 
 @app.command()
@@ -431,6 +447,9 @@ audit_app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
                         help="AI labels vs human labels: `factory audit PIPELINE`, `--run R --human S`, `compare A B`.")
 app.add_typer(human_app, name="human")
 app.add_typer(audit_app, name="audit")
+from .dbtools import db_app  # noqa: E402  (issue 22: factory db check / backup)
+
+app.add_typer(db_app, name="db")
 
 
 @human_app.command("import")
