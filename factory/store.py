@@ -379,16 +379,16 @@ class Store:
         query needs them. Its header says how many blocks it has; a shorter file is damaged."""
         if not self.path.exists():
             return
-        row = self.con.execute("SELECT block_size, total_blocks FROM pragma_database_size() "
+        row = self.con.execute("SELECT block_size, used_blocks FROM pragma_database_size() "
                                "WHERE database_name = current_database()").fetchall()
-        if row:
+        if row:  # used blocks need at least that many blocks of file (free ones at the end may be cut off)
             block, blocks = row[0]
             need = HEADER_BYTES + int(block) * int(blocks)
             have = self.path.stat().st_size
             if have < need:
                 self.con.close()
-                raise damaged_error(self.path, f"the file holds {have} bytes where its header counts {need}: it was "
-                                               "cut short")
+                raise damaged_error(self.path, f"the file holds {have} bytes where the blocks its header counts need "
+                                               f"{need}: it was cut short")
 
     # -- locking -------------------------------------------------------------------------------
     @property
