@@ -188,12 +188,16 @@ def print_summary(s) -> None:
 def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB file"),
            run_id: Optional[str] = typer.Option(None, "--run", help="one run (default: all)")):
     """Progress of runs from the database: rows per table and status, finished chunks, skips."""
-    from .store import Store
+    from .store import Store, StoreError
 
     with Store(db, read_only=True) as store:
         runs = store.con.execute(
             "SELECT run_id, kind, status, model, constitution_name, constitution_version, started_at, error FROM runs "
             + ("WHERE run_id = ? " if run_id else "") + "ORDER BY started_at", [run_id] if run_id else []).fetchall()
+        if run_id and not runs:  # issue 22: an unknown run is an error, not an empty answer
+            known = [r[0] for r in store.con.execute("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5").fetchall()]
+            raise StoreError(f"{db}: no run {run_id!r}; " + (f"recent runs: {', '.join(known)}" if known else
+                                                               "the database holds no runs yet"))
         for rid, kind, st, model, cname, cver, started, error in runs:
             t = Table(title=f"{rid} ({kind}, {st}) model={model} constitution={cname} v{cver}", show_edge=False)
             for col in ("table", "ok", "failed", "skipped"):
@@ -217,6 +221,10 @@ def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB fi
                 n, ties, margin, agree, a = prefs
                 console.print(f"  preferences: {n} pairs, {ties} ties, chose a {a}× / b {n - ties - a}×, "
                               f"mean margin {margin or 0:.3f}, orders agree {agree or 0:.2f}")
+                from .coverage import coverage, describe
+
+                if line := describe(coverage(store, rid)):  # issue 22
+                    console.print(f"  [yellow]{line}[/yellow]", highlight=False)
             for stage, reason, n in store.con.execute(
                 "SELECT stage, reason, count(*) FROM skips WHERE run_id = ? GROUP BY 1, 2 ORDER BY 3 DESC", [rid]).fetchall():
                 console.print(f"  skipped input ({stage}): {n}× {reason}", markup=False)
@@ -270,12 +278,14 @@ def export_prefs_cmd(db: Path = typer.Option(...), run_id: str = typer.Option(..
                      consistent_only: bool = typer.Option(False, help="only pairs whose two orders agree"),
                      principle: Optional[list[str]] = typer.Option(None, help="re-aggregate over these principles"),
                      soft: str = typer.Option("none", help="none | bernoulli (sample the label from p_a)"),
-                     seed: int = typer.Option(0)):
+                     seed: int = typer.Option(0),
+                     complete_only: bool = typer.Option(False, help="leave out labels pooled from fewer principles "
+                                                        "than were asked (a failed judgement or rationale)")):
     """AI preferences → `prompt`/`chosen`/`rejected` (+ p_chosen)."""
     from .export import export_prefs
 
     console.print(export_prefs(db, run_id, out, min_confidence=min_confidence, position_consistent_only=consistent_only,
-                               principles=principle or None, soft=soft, seed=seed).summary())
+                               principles=principle or None, soft=soft, seed=seed, complete_only=complete_only).summary())
 
 
 @export_app.command("human")
@@ -459,11 +469,13 @@ def human_import_cmd(spec: str = typer.Argument(..., help="an hh-rlhf / JSONL(.g
                      format: str = typer.Option("auto", help="auto | hh-rlhf | jsonl"),
                      name: Optional[str] = typer.Option(None, help="set id (default: file stem + content hash)"),
                      limit: Optional[int] = typer.Option(None, help="the first N usable pairs"),
+                     offset: int = typer.Option(0, help="skip the first N usable pairs (as `export human --offset`)"),
                      split: str = typer.Option("test"), data_dir: Optional[str] = typer.Option(None)):
     """Import human-labelled pairs; skipped rows are counted by reason (idempotent)."""
     from .human import import_human, skip_counts
 
-    set_id, n, skips = import_human(db, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir)
+    set_id, n, skips = import_human(db, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir,
+                                    offset=offset)
     console.print(f"human set [bold]{set_id}[/bold]: {n} pairs, {len(skips)} rows skipped ({db})")
     for s in skip_counts(skips, max_rows=5):
         console.print(f"  {s['count']}× {s['reason']} (rows {', '.join(map(str, s['rows']))}…)", markup=False)

@@ -44,21 +44,32 @@ _NUMBERED = re.compile(r"\b(row|line|turn|offset) \d+")
 
 
 def import_human(db: str | Path, spec: str | Path, *, format: str = "auto", name: str | None = None,
-                 limit: int | None = None, split: str = "test", data_dir: str | None = None
+                 limit: int | None = None, split: str = "test", data_dir: str | None = None, offset: int = 0
                  ) -> tuple[str, int, list[Skip]]:
     """Import a human-labelled pair set into ``db``; returns (set_id, pairs imported, skips)."""
     with Store(db, writer_run=IMPORT_STAGE) as store:
-        return import_into(store, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir)
+        return import_into(store, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir,
+                           offset=offset)
 
 
 def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: str | None = None,
-                limit: int | None = None, split: str = "test", data_dir: str | None = None
+                limit: int | None = None, split: str = "test", data_dir: str | None = None, offset: int = 0
                 ) -> tuple[str, int, list[Skip]]:
-    """:func:`import_human` on an open (locked) store, for callers that already hold the lock."""
+    """:func:`import_human` on an open (locked) store, for callers that already hold the lock. ``offset``
+    skips the source's first usable pairs (the same slice as ``export human --offset``: a set for audits
+    can be kept apart from one for training); skipped rows before the slice are not the set's."""
     if name is not None and not _SET_ID.match(name):
         raise StoreError(f"human set name {name!r}: use letters, digits, '_', '-' or '.' "
                          "(starting with a letter or digit)")
-    table, skips = read_pairs(spec, format=format, split=split, data_dir=data_dir, limit=limit)
+    if offset < 0 or (limit is not None and limit < 1):
+        raise StoreError(f"offset must be >= 0 and limit >= 1; got offset={offset}, limit={limit}")
+    table, skips = read_pairs(spec, format=format, split=split, data_dir=data_dir,
+                              limit=None if limit is None else offset + limit)
+    if offset:
+        if offset >= table.num_rows:
+            raise SourceError(f"{spec}: --offset {offset} is past its {table.num_rows} usable pairs; use a smaller offset")
+        before = table["source_row"][offset - 1].as_py()
+        table, skips = table.slice(offset), [s for s in skips if (s.row or 0) > before]
     pairs, labels, skips = _rows(table, skips, str(spec))
     if not labels:
         why = "; ".join(f"{g['count']}× {g['reason']}" for g in skip_counts(skips)[:3]) or "the source is empty"
@@ -81,7 +92,7 @@ def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: s
         store.con.execute(
             "INSERT OR IGNORE INTO human_sets VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [set_id, name or _stem(spec), str(spec), format, len(labels), len(skips),
-             json.dumps({"fingerprint": fingerprint, "limit": limit, "split": split, "data_dir": data_dir,
+             json.dumps({"fingerprint": fingerprint, "limit": limit, "offset": offset, "split": split, "data_dir": data_dir,
                          "by_reason": skip_counts(skips)}), now()])
         store.con.execute("COMMIT")
     except BaseException:

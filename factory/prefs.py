@@ -15,6 +15,7 @@ from pathlib import Path
 from . import judges
 from .config import load_prefs_pipeline
 from .constitution import load_constitution
+from .coverage import flag_coverage
 from .inputs import chunked
 from .labels import label_run
 from .runner import Job, Write
@@ -129,6 +130,7 @@ class PrefsKind(RunKind):
                 [ctx.run_id]).fetchall():
             s.failures[f"pairs skipped: {err}"] = n
         s.labels = label_run(store, ctx.run_id, ctx.lp.constitution, ctx.lp.cfg.judge, changed=s.written > 0 or s.reused > s.skipped_jobs)
+        flag_coverage(store, ctx.run_id, s)  # issue 22: labels pooled from fewer principles than asked
 
     def render(self, lp: Loaded, stage: str, example: int) -> list[dict]:
         from .render import render_judge

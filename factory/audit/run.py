@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from .. import judges
 from ..config import JudgeSpec, RunConfig, Strict, local_source
 from ..constitution import Constitution, load_constitution
+from ..coverage import flag_coverage
 from ..engines import Engine
 from ..human import human_table, import_into, set_info
 from ..inputs import chunked
@@ -50,8 +51,16 @@ class HumanSpec(Strict):
     format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
     name: str | None = Field(None, description="the set id (default: file stem + content hash)")
     limit: int | None = Field(None, ge=1, description="the first N usable pairs")
+    offset: int = Field(0, ge=0, description="skip the first N usable pairs (as `export human --offset`)")
     split: str = "test"
     data_dir: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _snapshot(self, handler):
+        data = handler(self)
+        if not self.offset:  # issue 22: a file without `offset` keeps its run id
+            data.pop("offset", None)
+        return data
 
 
 class AuditSettings(Strict):
@@ -101,7 +110,7 @@ class AuditKind(RunKind):
         c.principle(naive)  # an unknown id is a clear error before any work
         h = cfg.human
         set_id, n, skips = import_into(store, h.path, format=h.format, name=h.name, limit=h.limit, split=h.split,
-                                       data_dir=h.data_dir)
+                                       data_dir=h.data_dir, offset=h.offset)
         ctx.summary.extra["set_id"] = set_id
         store.record_skips(lp.run_id, "human", skips)
         engine = ctx.engine()
@@ -135,6 +144,7 @@ class AuditKind(RunKind):
         s = ctx.summary
         s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
         s.labels = label_run(store, lp.run_id, lp.constitution, cfg.judge, changed=s.written > 0 or s.reused > s.skipped_jobs)
+        flag_coverage(store, lp.run_id, s)
         settings = self.settings(ctx).model_copy(update={"naive_principle": s.extra["naive"]})
         naive_j = run_judgements(store, naive_run(lp.run_id), cfg.judge.clamp)
         c = lp.constitution
