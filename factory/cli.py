@@ -469,7 +469,7 @@ def human_import_cmd(spec: str = typer.Argument(..., help="an hh-rlhf / JSONL(.g
                      format: str = typer.Option("auto", help="auto | hh-rlhf | jsonl"),
                      name: Optional[str] = typer.Option(None, help="set id (default: file stem + content hash)"),
                      limit: Optional[int] = typer.Option(None, help="the first N usable pairs"),
-                     offset: int = typer.Option(0, help="skip the first N usable pairs (as `export human --offset`)"),
+                     offset: int = typer.Option(0, help="skip the first N pairs (counted as `export human --offset`)"),
                      split: str = typer.Option("test"), data_dir: Optional[str] = typer.Option(None)):
     """Import human-labelled pairs; skipped rows are counted by reason (idempotent)."""
     from .human import import_human, skip_counts

@@ -56,8 +56,9 @@ def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: s
                 limit: int | None = None, split: str = "test", data_dir: str | None = None, offset: int = 0
                 ) -> tuple[str, int, list[Skip]]:
     """:func:`import_human` on an open (locked) store, for callers that already hold the lock. ``offset``
-    skips the source's first usable pairs (the same slice as ``export human --offset``: a set for audits
-    can be kept apart from one for training); skipped rows before the slice are not the set's."""
+    skips the source's first pairs and ``limit`` takes that many after them, counted as ``export human
+    --offset/--limit`` count them (pairs as read, one without a human choice included): a set for audits
+    can be kept apart from one for training. Rows skipped before the slice are not the set's."""
     if name is not None and not _SET_ID.match(name):
         raise StoreError(f"human set name {name!r}: use letters, digits, '_', '-' or '.' "
                          "(starting with a letter or digit)")
@@ -67,7 +68,7 @@ def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: s
                               limit=None if limit is None else offset + limit)
     if offset:
         if offset >= table.num_rows:
-            raise SourceError(f"{spec}: --offset {offset} is past its {table.num_rows} usable pairs; use a smaller offset")
+            raise SourceError(f"{spec}: --offset {offset} is past its {table.num_rows} pairs; use a smaller offset")
         before = table["source_row"][offset - 1].as_py()
         table, skips = table.slice(offset), [s for s in skips if (s.row or 0) > before]
     pairs, labels, skips = _rows(table, skips, str(spec))

@@ -51,7 +51,7 @@ class HumanSpec(Strict):
     format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
     name: str | None = Field(None, description="the set id (default: file stem + content hash)")
     limit: int | None = Field(None, ge=1, description="the first N usable pairs")
-    offset: int = Field(0, ge=0, description="skip the first N usable pairs (as `export human --offset`)")
+    offset: int = Field(0, ge=0, description="skip the first N pairs (counted as `export human --offset`)")
     split: str = "test"
     data_dir: str | None = None
 
