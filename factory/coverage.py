@@ -4,7 +4,7 @@ A pair's label pools the principles with a valid judgement (``preferences.n_prin
 principles *asked* are those with any row for the pair in the run: a judgement (ok or failed) or a
 chain-of-thought rationale (ok or failed: a rationale that failed leaves no judgement behind). A
 label whose valid principles are fewer than those asked is pooled from incomplete coverage: it is
-counted in the run summary and in `factory status`, and `factory export prefs --complete-only`
+counted in the run summary (its label figures) and in `factory status`, and `factory export prefs --complete-only`
 leaves it out ("incomplete principle coverage").
 """
 
@@ -38,11 +38,13 @@ def coverage(store: Store, run_id: str) -> dict[str, Any]:
 
 
 def flag_coverage(store: Store, run_id: str, summary: Any) -> None:
-    """Count the run's incompletely covered labels among its summary's failures (printed after a run)."""
+    """Count the run's incompletely covered labels among its summary's label figures (printed after a run)."""
     cov = coverage(store, run_id)
     if cov["incomplete"]:
-        summary.failures["labels pooled from incomplete principle coverage (`export prefs --complete-only` "
-                         "leaves them out)"] = cov["incomplete"]
+        summary.labels[COVERAGE_KEY] = cov["incomplete"]
+
+
+COVERAGE_KEY = "labels from incomplete principle coverage (export prefs --complete-only leaves them out)"
 
 
 def describe(cov: dict[str, Any]) -> str | None:
