@@ -52,6 +52,7 @@ def child(args: list, limit: int = LIMIT_AS, env: dict | None = None) -> tuple[f
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
+    child.cpu_s = usage.ru_utime + usage.ru_stime  # CPU seconds: what a loaded machine does not stretch
     return dt, usage.ru_maxrss / 1024, proc.returncode, out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pytest
 
 from factory import prefs
 from factory.audit.metrics import compute_audit

@@ -106,3 +106,37 @@ def test_the_queue_shows_prompts_and_selects_nothing(review):
         prompt = " ".join(conv[-1]["content"].split())
         shown = html.unescape(re.search(r'<td class="prompt">(.*?)</td>', cells, re.S).group(1))
         assert shown and shown.rstrip("…") == prompt[:len(shown.rstrip("…"))], (prompt, shown)
+
+
+@pytest.mark.browser
+def test_j_then_enter_opens_the_first_pair_in_a_browser(review_audit, tmp_path):
+    """Nothing is selected when the queue loads: the first j selects the first row (issue 22: it used to be
+    preselected, so j then Enter opened the second pair)."""
+    from playwright.sync_api import sync_playwright
+
+    from test_review_browser import CHROMIUM, CHROMIUM_ARGS, Server, press, shown_pair
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: the browser tests drive Debian's chromium")
+    db = tmp_path / "hh.duckdb"
+    shutil.copy(review_audit[0], db)
+    server = Server(db)
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            page = b.new_page()
+            page.goto(server.base + "queue")
+            order = [tr.get_attribute("data-href").split("/pair/")[1] for tr in page.locator("#queue tbody tr").all()]
+            assert page.locator("#queue tbody tr.selected").count() == 0
+            page.keyboard.press("j")
+            assert page.locator("#queue tbody tr.selected").count() == 1
+            press(page, "Enter")
+            assert shown_pair(page) == order[0]
+            page.goto(server.base + "queue")
+            page.keyboard.press("j")
+            page.keyboard.press("j")
+            press(page, "Enter")
+            assert shown_pair(page) == order[1]
+            b.close()
+    finally:
+        server.stop()
