@@ -145,3 +145,16 @@ def test_labels_from_incomplete_principle_coverage_are_flagged_and_filtered(tmp_
 
 def _decided(db):
     return {pid for (pid,) in query(db, "SELECT pair_id FROM preferences WHERE NOT is_tie AND p_a IS NOT NULL")}
+
+
+def test_a_human_pair_that_could_never_fit_is_skipped_before_it_is_stored(tmp_path):
+    from factory.human import import_into
+    from factory.store import Store
+
+    rows = [{"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}", "human_choice": "a"} for i in range(4)]
+    rows[2]["response_a"] = "x" * 5000
+    f = write_jsonl(tmp_path / "h.jsonl", rows)
+    with Store(tmp_path / "h.duckdb", writer_run="t") as store:
+        _, n, skips = import_into(store, f, format="jsonl", max_chars=1000)
+        stored = store.one("SELECT max(length(response_a)) FROM pairs")[0]
+    assert n == 3 and [s.row for s in skips] == [3] and "could never fit" in skips[0].reason and stored < 1000

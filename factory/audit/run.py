@@ -38,7 +38,7 @@ from ..inputs import chunked
 from ..labels import label_run, rule_for, run_rule
 from ..runs import Loaded, RunContext, RunKind
 from ..runs import run as run_any
-from ..sources import SqlReader
+from ..sources import SqlReader, text_limit
 from ..stages import judge as J
 from ..store import Store, StoreError, content_key, now
 from ..templates import load_template
@@ -110,7 +110,8 @@ class AuditKind(RunKind):
         c.principle(naive)  # an unknown id is a clear error before any work
         h = cfg.human
         set_id, n, skips = import_into(store, h.path, format=h.format, name=h.name, limit=h.limit, split=h.split,
-                                       data_dir=h.data_dir, offset=h.offset)
+                                       data_dir=h.data_dir, offset=h.offset,
+                                       max_chars=text_limit(cfg.engine.max_model_len))
         ctx.summary.extra["set_id"] = set_id
         store.record_skips(lp.run_id, "human", skips)
         engine = ctx.engine()
