@@ -73,10 +73,18 @@ def table(quick: bool = False) -> list[tuple[str, str]]:
                      f"{real['stage_seconds']} s, engine start excluded)"))
     if r := latest(quick, "audit"):
         rows.append(("audit over AI labels (s)", f"{r['seconds']} s for {r['labels']:,} labels"))
-    if r := latest(quick, "hostile"):
+    if r := latest(quick, "hostile", "worst_loader_ms"):
         rows.append(("hostile config files: worst `factory validate` time / peak RSS",
                      f"{r['worst_seconds']:.2f} s / {r['worst_peak_rss_mb']:.0f} MB over {r['files']} files "
                      f"(loader alone ≤ {r['worst_loader_ms']:.0f} ms; all refused: {r['all_refused']})"))
+    if r := latest(quick, "hostile", "data_files"):
+        rows.append(("hostile data files: worst `factory run` time / peak RSS (every good row judged)",
+                     f"{r['worst_seconds']:.2f} s / {r['worst_peak_rss_mb']:.0f} MB over {r['data_files']} files "
+                     f"(as expected: {r['all_as_expected']})"))
+    if r := latest(quick, "hostile", "damaged_named_s"):
+        rows.append(("damaged database named / stale lock taken over",
+                     f"{r.get('damaged_named_ms', 0):.0f} ms ({r['damaged_named_s']:.2f} s whole CLI) / "
+                     f"{r['stale_lock_takeover_ms']:.0f} ms"))
     if r := latest(quick, "review"):
         rows.append(("review app: slowest page median (ms)",
                      f"{r['worst_ms']} ms over {r['labels']:,} judgements; workspace build {r['build_s']} s"))

@@ -1,12 +1,22 @@
-"""Hostile config files: time and peak RSS of `factory validate` refusing each one (target: < 1 s and
-< 200 MB each), beside a valid constitution for scale.
+"""Hostile inputs, timed and measured (peak RSS) each in a fresh process:
 
-    python bench/bench_hostile.py            # best of 3 per file
+- config files: `factory validate` refusing each hostile YAML file (target: < 1 s and < 200 MB each),
+  beside a valid constitution for scale;
+- data files (issue 22): `factory run` of a fake-engine prefs pipeline over each file of the hostile data
+  corpus (tests/hostile_data.py: lone surrogates, 10,000-level nesting, NUL bytes, invalid UTF-8, wrong
+  types, duplicates, BOM, CR-only line ends, a 24 MiB line, a gzip bomb whose last line expands to
+  1.5 GB, a 6 MiB field, a parquet folder with a wrong schema, …): every good row judged, every bad row
+  a skip with its row and reason, target < 500 MB peak RSS and < 10 s each;
+- databases (issue 22): a damaged file named as damaged by `factory status` (target < 1 s), and a lock
+  left by a killed writer taken over (target < 1 s).
+
+    python bench/bench_hostile.py            # everything; config files best of 3
     python bench/bench_hostile.py --quick    # one pass
+    python bench/bench_hostile.py --only data
 
-Each file runs in a fresh `python -m factory.cli validate FILE` under a 1 GiB address-space limit;
-its wall time and peak RSS (``wait4``'s ``ru_maxrss``) include the interpreter and the CLI's
-imports. ``loader_ms`` is the loader alone (``load_yaml_data``), timed in this process.
+Each child runs `python -m factory.cli …` under a 1 GiB (config files) or 4 GiB (data, databases)
+address-space limit; its wall time and peak RSS (``wait4``'s ``ru_maxrss``) include the interpreter and
+the CLI's imports. ``loader_ms`` is the YAML loader alone (``load_yaml_data``), timed in this process.
 """
 
 from __future__ import annotations
@@ -28,21 +38,27 @@ from hostile_corpus import all_files  # noqa: E402
 LIMIT_AS = 1 << 30
 
 
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+def _limit(limit: int = LIMIT_AS):
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def validate(path: Path) -> tuple[float, float, int, str]:
-    """(seconds, peak RSS in MB, exit code, stderr) of one `factory validate` child."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "1000", "NO_COLOR": "1"}
+def child(args: list, limit: int = LIMIT_AS, env: dict | None = None) -> tuple[float, float, int, str]:
+    """(seconds, peak RSS in MB, exit code, stdout + stderr) of one `python -m factory.cli ARGS` child."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "1000", "NO_COLOR": "1", **(env or {})}
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "factory.cli", "validate", str(path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_limit)
-    err = proc.stderr.read().decode()
+    proc = subprocess.Popen([sys.executable, "-m", "factory.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_limit(limit))
+    out = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
-    return dt, usage.ru_maxrss / 1024, proc.returncode, err
+    child.cpu_s = usage.ru_utime + usage.ru_stime  # CPU seconds: what a loaded machine does not stretch
+    return dt, usage.ru_maxrss / 1024, proc.returncode, out
+
+
+def validate(path: Path) -> tuple[float, float, int, str]:
+    """(seconds, peak RSS in MB, exit code, output) of one `factory validate` child."""
+    return child(["validate", path])
 
 
 def loader_ms(path: Path) -> float:
@@ -56,11 +72,7 @@ def loader_ms(path: Path) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    reps = 1 if a.quick else 3
+def yaml_part(reps: int, quick: bool) -> bool:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {"(valid) constitutions/harmless.yaml": (REPO / "constitutions/harmless.yaml", None, None),
@@ -82,9 +94,22 @@ def main() -> None:
           f"(loader alone ≤ {worst_ms:.0f} ms); target < 1 s and < 200 MB")
     record("hostile", {"files": len(hostile), "worst_seconds": worst_s, "worst_peak_rss_mb": worst_mb,
                        "worst_loader_ms": worst_ms, "all_refused": all(r["as_expected"] for r in rows),
-                       "per_file": rows, "quick": a.quick})
-    if not all(r["as_expected"] for r in rows):
-        sys.exit("a hostile file was not refused as expected")
+                       "per_file": rows, "quick": quick})
+    return all(r["as_expected"] for r in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=("yaml", "data", "db"))
+    a = ap.parse_args()
+    from hostile_runs import data_part, db_part
+
+    parts = {"yaml": lambda: yaml_part(1 if a.quick else 3, a.quick), "data": lambda: data_part(child, a.quick),
+             "db": lambda: db_part(child, a.quick)}
+    failed = [name for name, part in parts.items() if (a.only in (None, name)) and not part()]
+    if failed:
+        sys.exit(f"hostile inputs not handled as expected: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,24 @@ def user_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]: everything written so far is kept; rerun the same command to continue")
             raise typer.Exit(130)
+        except Exception as e:  # a database damaged where only a query reads it (issue 22): named, no traceback
+            damage = _as_damage(e, kwargs.get("db"))
+            if damage is None:
+                raise
+            err.print(f"[red]error:[/red] {damage}", highlight=False, markup=True)
+            raise typer.Exit(2)
 
     return wrapper
+
+
+def _as_damage(e: BaseException, db) -> Exception | None:
+    import sys
+
+    if "duckdb" not in sys.modules:  # nothing read a database
+        return None
+    from .store import as_damage
+
+    return as_damage(e, db)
 
 
 @app.command()
@@ -178,7 +194,7 @@ def print_summary(s) -> None:
 def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB file"),
            run_id: Optional[str] = typer.Option(None, "--run", help="one run (default: all)")):
     """Progress of runs from the database: rows per table and status, finished chunks, skips."""
-    from .store import Store
+    from .store import Store, StoreError
 
     with Store(db, read_only=True) as store:
         report = store.status_report(run_id)
@@ -205,6 +221,8 @@ def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB fi
             console.print(f"  preferences: {n} pairs, {ties} ties, chose a {a}× / b {n - ties - a}×, "
                           f"mean margin {margin or 0:.3f}, orders agree {agree or 0:.2f}"
                           + (f", judges agree {jagree or 0:.2f} of {nj}" if (nj or 0) > 1 else ""))
+        if r.get("coverage"):
+            console.print(f"  [yellow]{r['coverage']}[/yellow]", highlight=False)
         for stage, reason, n in r["skips"]:
             console.print(f"  skipped input ({stage}): {n}× {reason}", markup=False)
 
@@ -257,12 +275,14 @@ def export_prefs_cmd(db: Path = typer.Option(...), run_id: str = typer.Option(..
                      consistent_only: bool = typer.Option(False, help="only pairs whose two orders agree"),
                      principle: Optional[list[str]] = typer.Option(None, help="re-aggregate over these principles"),
                      soft: str = typer.Option("none", help="none | bernoulli (sample the label from p_a)"),
-                     seed: int = typer.Option(0)):
+                     seed: int = typer.Option(0),
+                     complete_only: bool = typer.Option(False, help="leave out labels pooled from fewer principles "
+                                                        "than were asked (a failed judgement or rationale)")):
     """AI preferences → `prompt`/`chosen`/`rejected` (+ p_chosen)."""
     from .export import export_prefs
 
     console.print(export_prefs(db, run_id, out, min_confidence=min_confidence, position_consistent_only=consistent_only,
-                               principles=principle or None, soft=soft, seed=seed).summary())
+                               principles=principle or None, soft=soft, seed=seed, complete_only=complete_only).summary())
 
 
 @export_app.command("human")
@@ -434,6 +454,9 @@ audit_app = typer.Typer(cls=_DefaultRun, no_args_is_help=True,
                         help="AI labels vs human labels: `factory audit PIPELINE`, `--run R --human S`, `compare A B`.")
 app.add_typer(human_app, name="human")
 app.add_typer(audit_app, name="audit")
+from .dbtools import db_app  # noqa: E402  (issue 22: factory db check / backup)
+
+app.add_typer(db_app, name="db")
 
 
 @human_app.command("import")
@@ -443,11 +466,13 @@ def human_import_cmd(spec: str = typer.Argument(..., help="an hh-rlhf / JSONL(.g
                      format: str = typer.Option("auto", help="auto | hh-rlhf | jsonl"),
                      name: Optional[str] = typer.Option(None, help="set id (default: file stem + content hash)"),
                      limit: Optional[int] = typer.Option(None, help="the first N usable pairs"),
+                     offset: int = typer.Option(0, help="skip the first N pairs (counted as `export human --offset`)"),
                      split: str = typer.Option("test"), data_dir: Optional[str] = typer.Option(None)):
     """Import human-labelled pairs; skipped rows are counted by reason (idempotent)."""
     from .human import import_human, skip_counts
 
-    set_id, n, skips = import_human(db, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir)
+    set_id, n, skips = import_human(db, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir,
+                                    offset=offset)
     console.print(f"human set [bold]{set_id}[/bold]: {n} pairs, {len(skips)} rows skipped ({db})")
     for s in skip_counts(skips, max_rows=5):
         console.print(f"  {s['count']}× {s['reason']} (rows {', '.join(map(str, s['rows']))}…)", markup=False)

@@ -134,6 +134,11 @@ class OpenAIEngineSpec(EngineBase):
     prefill: Literal["auto", True, False] = Field(
         "auto", description="whether the endpoint continues a final assistant message (auto: detected at start-up)")
     tokenizer: str | None = Field(None, description="a local tokenizer folder for the served model (token ids without /tokenize)")
+    # issue 22: what the rows are keyed by when the server's id says nothing of its weights (a hosted model, a
+    # folder elsewhere). Left out of the snapshot: it reaches the run id through the engine's identity.
+    model_id: str | None = Field(None, exclude=True, min_length=1, max_length=200,
+                                 description="the served model's identity for row keys, e.g. my-rm@2026-12-01 "
+                                 "(default: the server's id, with a weights fingerprint when it is a local folder)")
 
 
 def _default_kind(value):

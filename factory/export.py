@@ -228,12 +228,12 @@ def _labels_for_principles(store: Store, run_id: str, principles: Sequence[str])
                       {"p": list(principles)})
     sub = f"(SELECT * FROM {rel} j SEMI JOIN _subset USING (principle_id))"
     return labels_table(store, sub, rule, {"run": run_id}).select(
-        ["pair_id", "p_a", "chosen", "margin", "is_tie", "orders_agree", "orders_complete"])
+        ["pair_id", "p_a", "chosen", "margin", "is_tie", "orders_agree", "orders_complete", "n_principles"])
 
 
 def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence: float = 0.0,
                  position_consistent_only: bool = False, principles: Sequence[str] | None = None,
-                 soft: Literal["none", "bernoulli"] = "none", seed: int = 0) -> ExportResult:
+                 soft: Literal["none", "bernoulli"] = "none", seed: int = 0, complete_only: bool = False) -> ExportResult:
     """AI preference labels of ``run_id`` → ``prompt``/``chosen``/``rejected`` (+ ``p_chosen``, ``pair_id``).
 
     ``min_confidence`` applies to the stored ``margin = |p_a - 0.5| * 2`` (in [0, 1]; 0.2 keeps
@@ -241,6 +241,8 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
     principle, both presentation orders pick the same response. ``principles`` re-makes the labels
     from the run's judgements of that subset by the run's own label rule (factory.labels). Ties (and pairs
     whose judgements all failed) are left out and counted. ``soft``: see the module docstring.
+    ``complete_only`` leaves out labels pooled from fewer principles than were asked of their pair
+    (:mod:`factory.coverage`: a failed judgement or rationale), counted as "incomplete principle coverage".
     """
     if not 0.0 <= min_confidence <= 1.0:
         raise ExportError(f"min_confidence is on the margin |p_a - 0.5| * 2 and must be in [0, 1]; got {min_confidence}")
@@ -255,9 +257,13 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
             store.con.register("_labels", _labels_for_principles(store, run_id, principles))
             labels = "SELECT * FROM _labels"
         else:
-            labels = "SELECT pair_id, p_a, chosen, margin, is_tie, orders_agree, orders_complete FROM preferences WHERE run_id = $run"
+            labels = ("SELECT pair_id, p_a, chosen, margin, is_tie, orders_agree, orders_complete, n_principles "
+                      "FROM preferences WHERE run_id = $run")
         params = {"min_conf": float(min_confidence), "consistent": position_consistent_only,
-                  "bernoulli": soft == "bernoulli", "seed": str(int(seed)), **({} if principles else {"run": run_id})}
+                  "bernoulli": soft == "bernoulli", "seed": str(int(seed)), "complete": complete_only, "run": run_id}
+        from .coverage import planned_sql
+
+        asked = planned_sql(store, "$run", "_subset" if principles else None)
         tagged = f"""
             SELECT l.*, pr.conversation, pr.response_a, pr.response_b, CASE
                 WHEN pr.pair_id IS NULL THEN 'pair missing from the pairs table'
@@ -267,19 +273,21 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
                 WHEN l.margin < $min_conf THEN 'below min_confidence'
                 WHEN $consistent AND NOT (coalesce(l.orders_complete, false) AND coalesce(l.orders_agree, 0) = 1)
                     THEN 'orders disagree or incomplete'
+                WHEN $complete AND l.n_principles < coalesce(asked.n_asked, 0) THEN 'incomplete principle coverage'
                 END AS reason,
                 CASE WHEN $bernoulli
                     THEN CASE WHEN (md5_number_upper(l.pair_id || ':' || $seed) >> 11)::DOUBLE / 9007199254740992.0 < l.p_a
                               THEN 'a' ELSE 'b' END
                     ELSE l.chosen END AS side
-            FROM ({labels}) l LEFT JOIN pairs pr ON pr.pair_id = l.pair_id"""
+            FROM ({labels}) l LEFT JOIN pairs pr ON pr.pair_id = l.pair_id
+            LEFT JOIN ({asked}) asked ON asked.pair_id = l.pair_id"""
         dropped, kept = _counts(store, tagged, params)
         if kept == 0:
             raise ExportError(f"every pair of run '{run_id}' is a tie or filtered out (left out: {dropped}); "
                               "lower --min-confidence, drop --consistent-only, or label more pairs")
         source = {"db": str(db), "run_id": run_id, "min_confidence": min_confidence, "confidence_scale": "|p_a-0.5|*2",
                   "position_consistent_only": position_consistent_only, "principles": list(principles or []) or None,
-                  "soft": soft, "seed": seed}
+                  "soft": soft, "seed": seed, **({"complete_only": True} if complete_only else {})}
         return _finish("prefs", _stream(store, f"SELECT {_PAIR_COLUMNS} FROM ({tagged}) WHERE reason IS NULL ORDER BY pair_id",
                                         params), out, dropped, source)
 

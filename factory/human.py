@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .sources import Skip, SourceError, read_pairs
+from .sources import Skip, SourceError, read_pairs, row_chars
 from .stages.judge import pair_row
 from .store import PAIR_SCHEMA, Store, StoreError, content_key, now
 
@@ -44,22 +44,35 @@ _NUMBERED = re.compile(r"\b(row|line|turn|offset) \d+")
 
 
 def import_human(db: str | Path, spec: str | Path, *, format: str = "auto", name: str | None = None,
-                 limit: int | None = None, split: str = "test", data_dir: str | None = None
+                 limit: int | None = None, split: str = "test", data_dir: str | None = None, offset: int = 0
                  ) -> tuple[str, int, list[Skip]]:
     """Import a human-labelled pair set into ``db``; returns (set_id, pairs imported, skips)."""
     with Store(db, writer_run=IMPORT_STAGE) as store:
-        return import_into(store, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir)
+        return import_into(store, spec, format=format, name=name, limit=limit, split=split, data_dir=data_dir,
+                           offset=offset)
 
 
 def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: str | None = None,
-                limit: int | None = None, split: str = "test", data_dir: str | None = None
-                ) -> tuple[str, int, list[Skip]]:
-    """:func:`import_human` on an open (locked) store, for callers that already hold the lock."""
+                limit: int | None = None, split: str = "test", data_dir: str | None = None, offset: int = 0,
+                max_chars: int | None = None) -> tuple[str, int, list[Skip]]:
+    """:func:`import_human` on an open (locked) store, for callers that already hold the lock. ``offset``
+    skips the source's first pairs and ``limit`` takes that many after them, counted as ``export human
+    --offset/--limit`` count them (pairs as read, one without a human choice included): a set for audits
+    can be kept apart from one for training. Rows skipped before the slice are not the set's. A pair whose
+    texts pass ``max_chars`` (an audit's :func:`factory.sources.text_limit`) is skipped before it is stored."""
     if name is not None and not _SET_ID.match(name):
         raise StoreError(f"human set name {name!r}: use letters, digits, '_', '-' or '.' "
                          "(starting with a letter or digit)")
-    table, skips = read_pairs(spec, format=format, split=split, data_dir=data_dir, limit=limit)
-    pairs, labels, skips = _rows(table, skips, str(spec))
+    if offset < 0 or (limit is not None and limit < 1):
+        raise StoreError(f"offset must be >= 0 and limit >= 1; got offset={offset}, limit={limit}")
+    table, skips = read_pairs(spec, format=format, split=split, data_dir=data_dir,
+                              limit=None if limit is None else offset + limit)
+    if offset:
+        if offset >= table.num_rows:
+            raise SourceError(f"{spec}: --offset {offset} is past its {table.num_rows} pairs; use a smaller offset")
+        before = table["source_row"][offset - 1].as_py()
+        table, skips = table.slice(offset), [s for s in skips if (s.row or 0) > before]
+    pairs, labels, skips = _rows(table, skips, str(spec), max_chars)
     if not labels:
         why = "; ".join(f"{g['count']}× {g['reason']}" for g in skip_counts(skips)[:3]) or "the source is empty"
         raise SourceError(f"{spec}: no usable human-labelled pairs ({len(skips)} rows skipped: {why})")
@@ -81,7 +94,7 @@ def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: s
         store.con.execute(
             "INSERT OR IGNORE INTO human_sets VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [set_id, name or _stem(spec), str(spec), format, len(labels), len(skips),
-             json.dumps({"fingerprint": fingerprint, "limit": limit, "split": split, "data_dir": data_dir,
+             json.dumps({"fingerprint": fingerprint, "limit": limit, "offset": offset, "split": split, "data_dir": data_dir,
                          "by_reason": skip_counts(skips)}), now()])
         store.con.execute("COMMIT")
     except BaseException:
@@ -90,11 +103,16 @@ def import_into(store: Store, spec: str | Path, *, format: str = "auto", name: s
     return set_id, len(labels), skips
 
 
-def _rows(table: pa.Table, skips: list[Skip], source: str) -> tuple[list[dict], list[dict], list[Skip]]:
+def _rows(table: pa.Table, skips: list[Skip], source: str, max_chars: int | None = None
+          ) -> tuple[list[dict], list[dict], list[Skip]]:
     """pairs rows and human_labels rows of the usable pairs; the rest become skips."""
     pairs, labels, skips = [], [], list(skips)
     for r in table.to_pylist():
         row = r["source_row"]
+        if max_chars is not None and (n := row_chars(r)) > max_chars:
+            skips.append(Skip(row, f"row {row}: {n} characters could never fit the engine's context (at most "
+                                   f"{max_chars}); shorten it or raise engine.max_model_len", source))
+            continue
         if r["human_choice"] not in ("a", "b"):
             skips.append(Skip(row, f"row {row}: no human choice (`human_choice` or `choice`: a or b); "
                                    "an audit set needs one", source))

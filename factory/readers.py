@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,78 @@ import pyarrow.parquet as pq
 from .store import content_key
 
 FILE_SUFFIXES = {".jsonl", ".json", ".gz", ".parquet", ".ndjson"}
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+BLOCK = 1 << 20  # bytes read (after decompression) at a time
+
+
+def parse_size(text: str, what: str = "FACTORY_MAX_LINE_BYTES") -> int:
+    """``"8MiB"``, ``"16MB"``, ``"65536"`` → bytes (binary units: MB = MiB)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or int(m.group(1)) < 1:
+        raise SourceError(f"{what}={text!r} is not a size; write e.g. 8MiB, 512KiB or a number of bytes")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def max_line_bytes() -> int:
+    """The longest JSONL line read (its ending included): 8 MiB, or ``FACTORY_MAX_LINE_BYTES``. A longer line
+    is never held in memory whole: it is counted while it is read past and becomes a skip."""
+    return parse_size(os.environ.get("FACTORY_MAX_LINE_BYTES", "8MiB"))
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+class _Long(int):
+    """A line longer than the cap: only its size in bytes (ending included) is kept."""
+
+
+def _split_nl(data: bytes) -> list[bytes]:
+    parts = data.split(b"\n")
+    last = parts.pop()
+    out = [p + b"\n" for p in parts]
+    if last:
+        out.append(last)
+    return out
+
+
+def line_ends(head: bytes) -> str:
+    """``"cr"`` when the first line of ``head`` ends with a lone ``\\r`` (old Mac files: every ``\\r``, ``\\n`` and
+    ``\\r\\n`` then ends a line), else ``"nl"`` (lines end at ``\\n``; a ``\\r`` before it is stripped, one
+    elsewhere is part of the line)."""
+    r, n = head.find(b"\r"), head.find(b"\n")
+    return "cr" if r != -1 and (n == -1 or r < n) and head[r + 1:r + 2] != b"\n" else "nl"
+
+
+def bounded_lines(fh, cap: int, block: int = BLOCK, ends: str = "cr"):
+    """The lines of a binary stream, each with its ending, read in blocks of ``block`` bytes (``ends``: see
+    :func:`line_ends`): a line longer than ``cap`` bytes is yielded as :class:`_Long` (its size) and never
+    held past ``cap + block`` bytes, so a decompressed stream costs at most that much however long its
+    lines are."""
+    split = _split_nl if ends == "nl" else (lambda data: data.splitlines(True))
+    carry, dropped = b"", 0  # carry: the start of a line not yet ended; dropped: bytes of an over-long line read past
+    while True:
+        new = fh.read(block)
+        if not new:
+            if dropped or len(carry) > cap:
+                yield _Long(dropped + len(carry))
+            elif carry:
+                yield carry
+            return
+        parts = split(carry + new if carry else new)
+        # the last part is unfinished unless it ends with \n (a final \r may be half of \r\n)
+        carry = b"" if parts[-1].endswith(b"\n") else parts.pop()
+        if parts and dropped:
+            yield _Long(dropped + len(parts[0]))
+            dropped = 0
+            parts = parts[1:]
+        for line in parts:
+            yield line if len(line) <= cap else _Long(len(line))
+        if len(carry) > cap or (dropped and carry):
+            cr = carry.endswith(b"\r")  # keep a final \r: it may end the line, or start its \r\n
+            dropped += len(carry) - cr
+            carry = b"\r" if cr else b""
 
 
 class SourceError(Exception):
@@ -77,8 +151,15 @@ class _JsonlReader(Reader):
         super().__init__(f"{path} (row = 1-based line number)", _fingerprint(path))
         self.path = path
         self.size = path.stat().st_size
+        self.cap = max_line_bytes()
 
     def _decode(self, lineno: int, raw: bytes, skips: list[Skip]) -> Any:
+        if isinstance(raw, _Long):
+            skips.append(Skip(lineno, f"line {lineno}: longer than the {_mib(self.cap)} line cap ({_mib(raw)}); "
+                                      "split the record, or raise FACTORY_MAX_LINE_BYTES (e.g. 64MiB)", self.source))
+            return None
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not part of the first row
+            raw = raw[3:]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -92,10 +173,21 @@ class _JsonlReader(Reader):
         except json.JSONDecodeError as e:
             skips.append(Skip(lineno, f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})", self.source))
             return None
+        except RecursionError:  # Python's own limit bounds the nesting json.loads follows (about 1,000 levels)
+            skips.append(Skip(lineno, f"line {lineno}: JSON nested too deeply to read; flatten the record", self.source))
+            return None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            skips.append(Skip(lineno, f"line {lineno}: invalid JSON: {str(e)[:200]}", self.source))
+            return None
         if not isinstance(obj, dict):
             skips.append(Skip(lineno, f"line {lineno}: expected a JSON object, got {type(obj).__name__}", self.source))
             return None
         return obj
+
+    def _damaged(self, lineno: int, e: BaseException) -> SourceError:
+        return SourceError(f"{self.path}: cannot read past line {lineno} ({type(e).__name__}: {e}); the file is "
+                           "truncated or corrupted: repair or re-download it (everything read before this point is "
+                           "kept; rerun to resume)")
 
     def chunks(self, chunk_size: int, done: dict[int, dict] | None = None) -> Iterator[InputChunk]:
         done = done or {}
@@ -105,23 +197,25 @@ class _JsonlReader(Reader):
             offset, lineno = done[index]["end"], done[index]["last"]
             index += 1
         with (gzip.open if gz else open)(self.path, "rb") as fh:
-            if offset:
+            try:
+                ends = line_ends(fh.read(BLOCK))  # the file's convention, from its first line
                 fh.seek(offset)
+            except (EOFError, OSError, zlib.error) as e:
+                raise self._damaged(lineno, e) from None
+            stream = bounded_lines(fh, self.cap, ends=ends)
             raw_size = self.size
             while True:
                 start, first = offset, lineno + 1
                 lines = []
                 try:
-                    for raw in fh:
+                    for raw in stream:
                         lineno += 1
-                        offset += len(raw)
+                        offset += raw if isinstance(raw, _Long) else len(raw)
                         lines.append(raw)
                         if len(lines) == chunk_size:
                             break
                 except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
-                    raise SourceError(f"{self.path}: cannot read past line {lineno} ({type(e).__name__}: {e}); the "
-                                      "file is truncated or corrupted: repair or re-download it (everything read "
-                                      "before this point is kept; rerun to resume)") from None
+                    raise self._damaged(lineno, e) from None
                 if not lines:
                     self.progress = 1.0
                     return

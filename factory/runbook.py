@@ -112,6 +112,12 @@ class RunBook:
         runs = self.con.execute(
             "SELECT run_id, kind, status, model, constitution_name, constitution_version, started_at, error FROM runs "
             + ("WHERE run_id = ? " if run_id else "") + "ORDER BY started_at", [run_id] if run_id else []).fetchall()
+        if run_id and not runs:  # an unknown run is an error, not an empty answer
+            from .store import StoreError
+
+            known = [r[0] for r in self.con.execute("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5").fetchall()]
+            raise StoreError(f"{getattr(self, 'path', 'the database')}: no run {run_id!r}; "
+                             + (f"recent runs: {', '.join(known)}" if known else "the database holds no runs yet"))
         for rid, kind, st, model, cname, cver, started, error in runs:
             r = {"run_id": rid, "kind": kind, "status": st, "model": model, "constitution": f"{cname} v{cver}",
                  "error": error, "tables": {}}
@@ -126,6 +132,9 @@ class RunBook:
                    count(*) FILTER (WHERE chosen = 'a'), avg(judges_agree), max(n_judges)
                    FROM preferences WHERE run_id = ?""", [rid])
             r["judges"] = self.run_judges(rid)
+            from .coverage import coverage, describe
+
+            r["coverage"] = describe(coverage(self, rid)) if r["preferences"] and r["preferences"][0] else None
             r["skips"] = self.con.execute("SELECT stage, reason, count(*) FROM skips WHERE run_id = ? GROUP BY 1, 2 "
                                           "ORDER BY 3 DESC", [rid]).fetchall()
             out.append(r)

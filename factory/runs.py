@@ -282,7 +282,9 @@ def execute(kind: RunKind, lp: Loaded, *, engine: Engine | None = None, engines:
     start = time.perf_counter()
     # the writer lock first (a second process learns at once that the database is busy), then the
     # engines (their identities complete the run id), then the run's row
-    store = Store(lp.cfg.db, writer_run=lp.run_id, run_memory=True)
+    lp.engine_model = lp.expected_engine_model()  # the lock names the real run id wherever it is known before the engines
+    store = Store(lp.cfg.db, writer_run=lp.run_id if lp.engine_model else f"{lp.cfg.name} (id pending: its engine is starting)",
+                  run_memory=True)
     owned: list[Engine] = []
     try:
         if engine is None and not engines and not retry_failed and _finished_already(store, kind, lp):

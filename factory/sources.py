@@ -98,6 +98,36 @@ def prompt_row(row: int, rec: Any, field: str | None) -> dict:
             "messages": json.dumps(msgs, ensure_ascii=False)}
 
 
+def row_problem(e: BaseException) -> str:
+    """What was wrong with one row, from whatever its parsing or checking raised."""
+    if isinstance(e, _Bad):
+        return str(e)
+    if isinstance(e, UnicodeError) and "surrogate" in str(e):
+        bad = getattr(e, "object", "")[getattr(e, "start", 0):getattr(e, "end", 0)]
+        return (f"holds a lone surrogate {bad.encode('unicode_escape').decode()!s} (half of a UTF-16 pair, not a character); "
+                "the row is skipped: fix or remove that \\u escape")
+    if isinstance(e, RecursionError):
+        return "nested too deeply to check; flatten the record"
+    return f"could not be read ({type(e).__name__}: {str(e)[:200]})"
+
+
+def text_limit(max_model_len: int) -> int:
+    """The most characters a row's texts may hold and still fit ``max_model_len`` tokens. The longest token
+    of the embedded model's vocabulary is 81 characters (a newline and 80 spaces); CHARS_PER_TOKEN leaves
+    room for others, so a longer row could never fit and is skipped before it is stored."""
+    return max_model_len * CHARS_PER_TOKEN
+
+
+CHARS_PER_TOKEN = 128
+
+
+def row_chars(r: dict) -> int:
+    """Characters of a parsed prompt or pair row's texts (a pair's conversation counted as its JSON)."""
+    if "n_chars" in r:
+        return r["n_chars"]
+    return sum(len(r.get(k) or "") for k in ("conversation", "response_a", "response_b"))
+
+
 def parse_chunk(chunk: InputChunk, parse, source: str, key: str) -> tuple[list[dict], list[Skip]]:
     """Validate a chunk's records with ``parse(row, record)``; bad ones become skips (with the
     chunk's undecodable rows), duplicates inside the chunk too (across chunks the store finds them)."""
@@ -107,8 +137,8 @@ def parse_chunk(chunk: InputChunk, parse, source: str, key: str) -> tuple[list[d
             r = parse(row, rec)
             if r[key] in seen:
                 raise _Bad(f"duplicate of row {seen[r[key]]}")
-        except _Bad as e:
-            skips.append(Skip(row, f"row {row}: {e}", source))
+        except Exception as e:  # noqa: BLE001 - whatever one row does, it is that row's skip
+            skips.append(Skip(row, f"row {row}: {row_problem(e)}", source))
             continue
         seen[r[key]] = row
         rows.append(r)

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -298,6 +299,35 @@ class StoreError(Exception):
     """A user-facing store problem (database in use, newer schema, …)."""
 
 
+class DamagedError(StoreError):
+    """A database file that DuckDB cannot read: named as damaged, with what to do."""
+
+
+HEADER_BYTES = 3 * 4096  # DuckDB's file header and its two database headers, before the first block
+_DAMAGE = ("corrupt", "checksum", "could not read enough bytes", "not a valid duckdb", "serialization",
+           "failed to read", "invalid block", "metadata")
+
+
+def damaged_error(path: str | Path, e: BaseException | str) -> DamagedError:
+    detail = e if isinstance(e, str) else (str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+    return DamagedError(f"{path}: the database is damaged and cannot be read ({detail}); nothing was changed. "
+                        f"`factory db check {path}` lists what still reads; restore it from a backup (`factory db "
+                        "backup` makes one), or move it aside and rerun the pipelines to rebuild it from their inputs")
+
+
+def as_damage(e: BaseException, path: str | Path | None) -> DamagedError | None:
+    """A DuckDB error met while reading (after the file opened) that means the file is damaged."""
+    if isinstance(e, DamagedError):
+        return e
+    if not isinstance(e, duckdb.Error) or isinstance(e, (duckdb.CatalogException, duckdb.BinderException,
+                                                         duckdb.ParserException)):
+        return None
+    text = str(e).lower()
+    if any(w in text for w in _DAMAGE):
+        return damaged_error(path or "the database", e)
+    return None
+
+
 def content_key(*parts: Any) -> str:
     """sha256 of the canonical JSON of ``parts`` (first 24 hex chars)."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -319,25 +349,61 @@ class Store(RunBook):
         self._keyed: dict[str, bool] = {}
         self._read_only, self._counted = read_only, False  # _counted: a view still counted in _cursors
         self._cursors = [0]  # connections of this store open beside `con` (views, readers' cursors): shared with views
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a database file; point `db:` (or --db) at a file "
+                             f"such as {self.path / 'factory.duckdb'}")
+        if writer_run is not None or not read_only:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot create the folder {self.path.parent} ({e.strerror or e}); "
+                                 "choose a `db:` path in a folder you can write") from None
         if writer_run is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._take_lock(writer_run)
-        elif not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         if read_only and not self.path.exists():
             raise StoreError(f"{self.path}: no such database; run a pipeline first (`factory run …`)")
         try:
             self.con = self._connect()
-        except duckdb.Error as e:
+            self._check_size()
+        except (duckdb.Error, StoreError) as e:
             self._release_lock()  # a refused open must not keep the writer lock for the rest of the process
-            if "lock" in str(e).lower():
-                raise StoreError(f"{self.path}: database is in use by {self._holder()}; wait for it to finish") from None
-            if _is_io_error(e):
-                raise StoreError(f"{self.path}: cannot open the database ({str(e).splitlines()[0][:300]}); check "
-                                 f"that {self.path.parent} is writable and has free space") from None
-            raise
+            if isinstance(e, StoreError):
+                raise
+            raise self._open_error(e) from None
         if not read_only:
             self.migrate()
+
+    def _open_error(self, e: duckdb.Error) -> BaseException:
+        """Why the database did not open, as three different things: in use, unwritable, damaged."""
+        text = str(e).lower()
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if "could not set lock" in text or "conflicting lock" in text:
+            return StoreError(f"{self.path}: database is in use by {self._holder()}; wait for it to finish")
+        if _is_io_error(e):
+            return StoreError(f"{self.path}: cannot open the database ({first}); check that {self.path.parent} "
+                              "is writable and has free space")
+        if "version" in text and ("newer" in text or "older" in text or "storage" in text):
+            return StoreError(f"{self.path}: written by another DuckDB version ({first}); open it with that "
+                              "version, or export and re-import it")
+        if "different configuration" in text:  # this process has it open already: a bug, not the file
+            return e
+        return damaged_error(self.path, e)
+
+    def _check_size(self) -> None:
+        """A file cut short (a copy interrupted, a full disk) still opens: DuckDB reads blocks only when a
+        query needs them. Its header says how many blocks it has; a shorter file is damaged."""
+        if not self.path.exists():
+            return
+        row = self.con.execute("SELECT block_size, used_blocks FROM pragma_database_size() "
+                               "WHERE database_name = current_database()").fetchall()
+        if row:  # used blocks need at least that many blocks of file (free ones at the end may be cut off)
+            block, blocks = row[0]
+            need = HEADER_BYTES + int(block) * int(blocks)
+            have = self.path.stat().st_size
+            if have < need:
+                self.con.close()
+                raise damaged_error(self.path, f"the file holds {have} bytes where the blocks its header counts need "
+                                               f"{need}: it was cut short")
 
     # -- locking -------------------------------------------------------------------------------
     @property
@@ -362,6 +428,10 @@ class Store(RunBook):
         except BlockingIOError:
             os.close(fd)
             raise StoreError(f"{self.path}: database is in use by {self._holder()}; wait for it or use another `db:`") from None
+        holder = self._holder() if os.fstat(fd).st_size else None  # a clean release empties the file
+        if holder:  # its process died holding it (the OS freed the lock): say so once and go on
+            sys.stderr.write(f"notice: {self.path}: took over the lock left by {holder}, which ended without "
+                             "releasing it; everything it committed is kept\n")
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode())
         self._lock_fd = fd  # released by the OS when the process dies, even on kill -9
@@ -422,6 +492,7 @@ class Store(RunBook):
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)  # empty: the next writer knows this one ended cleanly
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

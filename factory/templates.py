@@ -6,7 +6,8 @@ structure, never from parsing text (a model output containing "assistant:" canno
     {% call message("system") %}You are a careful reviewer.{% endcall %}
     {% call message("user") %}{{ response | fence("response") }}{% endcall %}
 
-The environment is sandboxed (templates cannot reach Python internals) and strict (an undefined
+The environment is sandboxed (templates cannot reach Python internals), bounded (output, loops and
+numbers: :mod:`factory.jinjabounds`) and strict (an undefined
 variable is an error naming the template and line). Untrusted text (user prompts, model outputs)
 goes through ``fence``, which wraps it in <tag>…</tag> and neutralises any closing tag inside it.
 """
@@ -14,13 +15,16 @@ goes through ``fence``, which wraps it in <tag>…</tag> and neutralises any clo
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .jinjabounds import BoundedEnvironment, Bounded, _budget, budget
+MAX_TEMPLATE_BYTES = 1 << 20  # 1 MiB: a template is a few KiB; past this it is data, not a prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -30,9 +34,16 @@ class TemplateError(Exception):
 
 
 def fence(text: Any, tag: str = "text") -> str:
-    """Delimit untrusted text: ``<tag>`` … ``</tag>``, with inner closing tags neutralised."""
-    body = str(text).replace(f"</{tag}>", f"<\\/{tag}>")
+    """Delimit untrusted text: ``<tag>`` … ``</tag>``, with inner closing tags neutralised, in any case
+    and spacing (``</OPTION>``, ``</option >``, ``< /option>`` become ``<\\/OPTION>``, ``<\\/option >``,
+    ``< \\/option>``)."""
+    body = _closing(tag).sub(lambda m: m.group(0).replace("/", "\\/", 1), str(text))
     return f"<{tag}>\n{body}\n</{tag}>"
+
+
+@lru_cache(maxsize=64)
+def _closing(tag: str) -> re.Pattern:
+    return re.compile(rf"<\s*/\s*{re.escape(tag)}\s*>", re.IGNORECASE)
 
 
 def transcript(messages: list[dict]) -> str:
@@ -58,12 +69,20 @@ class Template:
             out.append({"role": role, "content": caller().strip()})
             return ""
 
+        token = budget()
         try:
             self.jinja.render(message=message, **variables)
         except jinja2.UndefinedError as e:
             raise TemplateError(f"{self.path}:{_line(e)}: {e.message}; pass it or remove it from the template") from None
+        except Bounded as e:
+            raise TemplateError(f"{self.path}:{_line(e)}: {e}") from None
         except jinja2.TemplateError as e:
             raise TemplateError(f"{self.path}:{_line(e)}: {e}") from None
+        except (OverflowError, RecursionError, MemoryError, ValueError) as e:  # range too big, a macro calling itself…
+            what = "templates call each other too deeply" if isinstance(e, RecursionError) else str(e)[:300]
+            raise TemplateError(f"{self.path}:{_line(e)}: {what}; the template cannot be rendered") from None
+        finally:
+            _budget.reset(token)
         if not out:
             raise TemplateError(f"{self.path}: rendered no messages; wrap text in {{% call message('user') %}}…{{% endcall %}}")
         return out
@@ -83,8 +102,8 @@ def _line(exc: BaseException) -> int | str:
 
 
 @lru_cache(maxsize=1)
-def _env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _env() -> BoundedEnvironment:
+    env = BoundedEnvironment(
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False, autoescape=False
     )
     env.filters["fence"] = fence
@@ -96,15 +115,27 @@ def _env() -> ImmutableSandboxedEnvironment:
 def _load(path: str, mtime: float) -> Template:
     p = Path(path)
     try:
-        source = p.read_text(encoding="utf-8")
+        if p.is_dir():
+            raise TemplateError(f"{path}: is a folder; point the pipeline's `templates` at a .j2 file")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_TEMPLATE_BYTES + 1)  # never more: the file may be huge, or endless (/dev/zero)
+        if len(raw) > MAX_TEMPLATE_BYTES:
+            line = raw[:MAX_TEMPLATE_BYTES].count(b"\n") + 1
+            raise TemplateError(f"{path}:{line}: larger than {MAX_TEMPLATE_BYTES // 1024} KiB (the cap on a template "
+                                "file); a template holds instructions, put data in the pipeline's inputs")
+        source = raw.decode("utf-8")
     except FileNotFoundError:
         raise TemplateError(f"{path}: template not found; check the path in the pipeline's `templates`") from None
+    except OSError as e:
+        raise TemplateError(f"{path}: cannot read the template ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise TemplateError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
     try:
         compiled = _env().from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"{path}:{e.lineno}: {e.message}") from None
+    except RecursionError:
+        raise TemplateError(f"{path}: nested too deeply to compile; simplify the template") from None
     compiled.filename = str(p)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     return Template(path=str(path), source=source, hash=digest, jinja=compiled)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from ..config import RunConfig, Strict, local_source
 from ..roles import JudgeSpec, RolesMixin
@@ -27,8 +27,16 @@ class HumanSpec(Strict):
     format: Literal["auto", "hh-rlhf", "jsonl"] = "auto"
     name: str | None = Field(None, description="the set id (default: file stem + content hash)")
     limit: int | None = Field(None, ge=1, description="the first N usable pairs")
+    offset: int = Field(0, ge=0, description="skip the first N pairs (counted as `export human --offset`)")
     split: str = "test"
     data_dir: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _snapshot(self, handler):
+        data = handler(self)
+        if not self.offset:  # a file without `offset` keeps its run id
+            data.pop("offset", None)
+        return data
 
 
 class AuditSettings(Strict):

@@ -31,6 +31,22 @@ from ..store import Store, StoreError, content_key, now
 from .metrics import Block, compute_audit
 
 MIN_TRAIN = 20
+MAX_NAME = 100
+
+
+def check_name(name: str) -> None:
+    """A weight-set name is a name like a run's (letters, digits, ``_ . -``; no spaces or newlines), and short."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ..config import RunName
+
+    try:
+        TypeAdapter(RunName).validate_python(name)
+    except ValidationError:
+        raise StoreError(f"weight-set name {name[:40]!r}{'…' if len(name) > 40 else ''} is not a name: use letters, "
+                         "digits and _ . - (starting with a letter or digit), e.g. fitted-v1") from None
+    if len(name) > MAX_NAME:
+        raise StoreError(f"weight-set name is {len(name)} characters long; keep it under {MAX_NAME}")
 
 
 @dataclass
@@ -56,6 +72,7 @@ def fit(db: str | Path, run_id: str, human_set: str, name: str, *, train_frac: f
 
     if not 0.1 <= train_frac <= 0.9:
         raise StoreError(f"--train-frac must be in [0.1, 0.9]; got {train_frac}")
+    check_name(name)
     with Store(db, writer_run=f"fit:{name}") as store:
         set_info(store, human_set)  # a clear error for an unknown set
         rule = run_rule(store, run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,9 @@ def verdict(result: Any) -> str:
         line = f"{_decided(o)}, includes 0.5: this judge is not distinguishable from chance on these {n:,} pairs"
     elif call == "below":
         line = f"{_decided(o)}, is below 0.5: the judge disagrees with humans (check the option/order mapping)"
+        if o["n_decided"] < MIN_DECIDED:  # flagged although too few pairs for any other verdict
+            return (line + f"; only {o['n_decided']:,} decided pairs, but even their exact interval excludes 0.5, "
+                    "so this is not a draw")
     else:
         line = f"{_decided(o)}, is above chance on {n:,} pairs"
     a, (lo, hi) = o["agreement"], o["agreement_ci"]
@@ -308,14 +312,26 @@ def _clip(text: str | None) -> str:
     return text if len(text) <= TEXT_LIMIT else f"{text[:TEXT_LIMIT]}… [{len(text) - TEXT_LIMIT:,} more characters]"
 
 
+def _last_user(conversation: str | None, limit: int = 160) -> str:
+    """The last user turn of a conversation (JSON), on one line and shortened: what the pair is about."""
+    try:
+        turns = json.loads(conversation) if conversation else []
+        text = next((t["content"] for t in reversed(turns) if t.get("role") == "user"), "")
+    except (ValueError, TypeError, AttributeError, KeyError):
+        text = conversation or ""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _divergence_html(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>no confident disagreements</p>"
     out = []
     for r in rows:
         drivers = ", ".join(f"{x['principle_id']} (p_a={x['p_a']:.3f})" for x in r["drivers"]) or "—"
-        head = (f"{r['pair_id']}: AI chose {r['ai_choice']} (p_a={r['p_a']:.3f}), human chose {r['human_choice']}; "
-                f"driven by {drivers}")
+        prompt = _last_user(r.get("conversation"))
+        head = (f"{r['pair_id']}{f' “{prompt}”' if prompt else ''}: AI chose {r['ai_choice']} (p_a={r['p_a']:.3f}), "
+                f"human chose {r['human_choice']}; driven by {drivers}")
         texts = "".join(f"<h4>{_e(c)}</h4><div class='text'>{_e(_clip(r[c]))}</div>"
                         for c in ("conversation", "response_a", "response_b") if c in r)
         out.append(f"<details><summary>{_e(head)}</summary>{texts or '<p>no texts in the human table</p>'}</details>")
@@ -397,9 +413,18 @@ def _position_bars(plt: Any, d: dict[str, Any]) -> Any:
     x = range(len(blocks))
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ((-0.2, "p_prefers_first", "P(first preferred)"), (0.2, "consistency", "order consistency"))
+    values = []
     for shift, key, label in bars:
-        ax.bar([i + shift for i in x], [_nan(b["position"][key]) for _, b in blocks], 0.4, label=label)
+        vals = [_nan(b["position"][key]) for _, b in blocks]
+        values += vals
+        ax.bar([i + shift for i in x], vals, 0.4, label=label)
     ax.axhline(0.5, color="grey", ls="--", lw=1)
+    if all(v == 0 or v != v for v in values):  # bars of height 0 (or none) draw nothing: say so (issue 22)
+        what = "no value to plot" if all(v != v for v in values) else "every value is 0"
+        ax.text(0.5, 0.6, f"{what}: no pair was judged in both orders with a valid answer" if what[0] == "n" else
+                f"{what}: the first-shown option never won and no principle kept its pick across orders",
+                transform=ax.transAxes, ha="center", va="center", wrap=True, fontsize=8,
+                bbox={"facecolor": "#fff3cd", "edgecolor": "#c9a227"})
     ax.set_xticks(list(x), [n for n, _ in blocks], rotation=30, ha="right")
     ax.set(ylim=(0, 1))
     ax.legend()

@@ -5,7 +5,9 @@
   they cannot move agreement away from chance, and agreement with ties is above 0.5 exactly when
   agreement on decided pairs is. Its interval is the exact (Clopper–Pearson) 95% binomial
   interval of ``n_agree`` of ``n_decided`` (:func:`exact_ci`, scipy), valid at any n. Below
-  :data:`MIN_DECIDED` decided pairs no verdict is given ("too few"): the interval is still shown,
+  :data:`MIN_DECIDED` decided pairs no verdict is given ("too few"), except that an interval wholly
+  below 0.5 is flagged "below" at any n (2 of 18, [0.014, 0.347], is a judge that disagrees with
+  humans, not a draw): the interval is still shown,
   but one pair then moves the estimate by more than 3 points, and the comparisons made beside the
   verdict (naive baseline, length heuristics) are noise. With no decided pair the verdict is "all
   ties", never an interval such as [0.500, 0.500].
@@ -27,7 +29,8 @@ import numpy as np
 MIN_DECIDED = 30  # decided pairs below which no above/below-chance verdict is given
 CI_LEVEL = 0.95
 CHANCE_RULE = (f"above/below chance is judged on decided (non-tie) pairs with an exact Clopper-Pearson "
-               f"{CI_LEVEL:.0%} interval of their agreement; no verdict below {MIN_DECIDED} decided pairs")
+               f"{CI_LEVEL:.0%} interval of their agreement; no verdict below {MIN_DECIDED} decided pairs, except "
+               "'below chance' when the interval excludes 0.5 on that side")
 AGREEMENT_CI_RULE = ("agreement CI: percentile bootstrap over pairs; where that would be degenerate (fewer than "
                      f"{MIN_DECIDED} decided pairs, or all pairs score the same) the exact decided-pair interval "
                      "mapped onto agreement given the ties; none when no pair is decided")
@@ -46,15 +49,16 @@ def exact_ci(k: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
 
 def versus_chance(n_pairs: int, n_decided: int, decided_ci: tuple[float, float]) -> str:
     """One of :data:`CHANCE_CALLS`: ``no_pairs``, ``all_ties`` (nothing decided), ``too_few``
-    (fewer than MIN_DECIDED decided pairs), else ``above``/``below``/``chance`` by whether the
+    (fewer than MIN_DECIDED decided pairs, unless the interval lies wholly below 0.5: a judge that
+    disagrees with humans is flagged at any n), else ``above``/``below``/``chance`` by whether the
     exact decided-pair interval lies above, below or around 0.5."""
     if n_pairs == 0:
         return "no_pairs"
     if n_decided == 0:
         return "all_ties"
-    if n_decided < MIN_DECIDED:
-        return "too_few"
     lo, hi = decided_ci
+    if n_decided < MIN_DECIDED:  # too few to call it good; a judge the exact interval puts below chance is flagged
+        return "below" if hi < 0.5 else "too_few"
     return "above" if lo > 0.5 else "below" if hi < 0.5 else "chance"
 
 

@@ -86,7 +86,7 @@ def _openai(spec, model: str) -> Engine:
         spec.base_url, model, api_key=api_key_from_env(spec.api_key_env), seed=spec.seed,
         max_model_len=spec.max_model_len, max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
         max_retries=spec.max_retries, seed_per_request=spec.seed_per_request, scoring=spec.scoring,
-        top_logprobs=spec.top_logprobs, prefill=spec.prefill, tokenizer=spec.tokenizer,
+        top_logprobs=spec.top_logprobs, prefill=spec.prefill, tokenizer=spec.tokenizer, model_id=spec.model_id,
     )
 
 

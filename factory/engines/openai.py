@@ -27,7 +27,9 @@ Why it looks like this:
   request the endpoint cannot serve (options with no log-probs, a prefill it cannot continue) is
   an ``EngineError`` before anything is sent: the caller picks a mode that fits ``capabilities``.
 - ``self.model`` is the id the endpoint reports for the model it serves (the pipeline's name is
-  matched to it), so row keys and the ``model`` column name what really answered.
+  matched to it), so row keys and the ``model`` column name what really answered; when that id (or
+  the ``root`` vLLM lists) is a folder on this machine, its weights fingerprint is added
+  (``<id>@<fingerprint>``), and ``engine.model_id`` replaces it all (:func:`served_identity`).
 - Token ids: the model's tokenizer when it is on disk here (or ``tokenizer=``), else the server's
   ``/tokenize``. Hosted endpoints have neither: ``token_ids`` raises ``EngineError`` saying so, and
   option scoring goes by token text (top-k).
@@ -131,6 +133,21 @@ def _announce(message: str) -> None:
 _END = object()  # the end of the request stream (None means "nothing right now")
 
 
+def served_identity(served: str, info: dict, model_id: str | None = None) -> str:
+    """What a served model's rows are keyed by: ``model_id`` when the pipeline gives one; else the server's
+    id, with the weights fingerprint of the local folder it serves (its id, or the ``root`` vLLM lists)
+    when there is one, so a checkpoint retrained into the same folder and served again gets new keys
+    (as offline engines do, :func:`factory.models.identity`)."""
+    if model_id:
+        return model_id
+    from .. import models
+
+    for folder in (served, info.get("root")):
+        if isinstance(folder, str) and folder and os.path.isdir(os.path.expanduser(folder)):
+            return f"{served}@{models.fingerprint(os.path.expanduser(folder))}"
+    return served
+
+
 class OpenAIEngine:
     def __init__(
         self,
@@ -150,6 +167,7 @@ class OpenAIEngine:
         top_logprobs: int = 20,
         prefill: bool | str = "auto",
         tokenizer: str | None = None,
+        model_id: str | None = None,
     ):
         """``model`` is the pipeline's model name; the endpoint must serve it under that name or
         under the local path it resolves to. ``scoring`` (auto | token_ids | top_k | none) and
@@ -167,7 +185,7 @@ class OpenAIEngine:
         try:
             served = self._models()
             self.served_model, info = ep.match_served(model, served) if served is not None else (model, {})
-            self.model = self.served_model  # what answers: the endpoint's own id for it
+            self.model = served_identity(self.served_model, info, model_id)  # what answers, in row keys
             self.max_model_len = int(info.get("max_model_len") or max_model_len)
             self._tokenizer_path = tokenizer or ep.local_tokenizer(model, self.served_model)
             self._tokenizer: Any = None

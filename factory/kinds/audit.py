@@ -15,7 +15,8 @@ from ..inputs import chunked
 from ..labels import label_run, rule_for
 from ..runs import Loaded, RunContext, RunKind
 from . import KINDS, register_kind
-from ..sources import SqlReader
+from ..sources import SqlReader, text_limit
+from ..coverage import flag_coverage
 from ..store import StoreError
 from ..stages import judge as J
 from .prefs import judge_templates
@@ -46,7 +47,8 @@ class AuditKind(RunKind):
             raise StoreError(f"naive principle '{naive}' has no comparison question; name one that has")
         h = cfg.human
         set_id, n, skips = import_into(store, h.path, format=h.format, name=h.name, limit=h.limit, split=h.split,
-                                       data_dir=h.data_dir)
+                                       data_dir=h.data_dir, offset=h.offset,
+                                       max_chars=text_limit(cfg.engine.max_model_len))
         ctx.summary.extra["set_id"] = set_id
         store.record_skips(lp.run_id, "human", skips)
         panel = judges.setup_panel(store, ctx.engines, lp.judge_roles(), run_id=lp.run_id, constitution=c,
@@ -79,6 +81,7 @@ class AuditKind(RunKind):
         s = ctx.summary
         s.pairs = store.count("run_pairs", "run_id = ?", [lp.run_id])
         s.labels = label_run(store, lp.run_id, lp.constitution, cfg.judge, changed=s.written > 0 or s.reused > s.skipped_jobs)
+        flag_coverage(store, lp.run_id, s)
         settings = self.settings(ctx).model_copy(update={"naive_principle": s.extra["naive"]})
         naive_j = run_judgements(store, naive_run(lp.run_id), cfg.judge.clamp)
         c = lp.constitution

@@ -21,7 +21,8 @@ from ..labels import label_run
 from ..runner import Job, Write
 from ..runs import Loaded, RunContext, RunKind, Summary
 from . import KINDS, register_kind
-from ..sources import SqlReader, open_source, pair_parser, prompt_row
+from ..sources import SqlReader, open_source, pair_parser, prompt_row, text_limit
+from ..coverage import flag_coverage
 from ..stages import judge as J
 from ..stages import sl
 from ..store import Store, StoreError, content_key
@@ -92,7 +93,8 @@ class PrefsKind(RunKind):
                 to_pair = None
             done, changed = ctx.done_chunks("pairs", reader.fingerprint)
             inputs = chunked(store, lp.run_id, "pairs", reader, parse, entity="pairs", expand=lambda rows, _: judge(rows),
-                             done=done, chunk_size=chunk_size(lp, panel), limit=src.limit, to_entity=to_pair)
+                             done=done, chunk_size=chunk_size(lp, panel), limit=src.limit, to_entity=to_pair,
+                             max_chars=text_limit(min(e.max_model_len for e in ctx.engines.values())))
             ctx.stream("pairs", inputs, progress=lambda: reader.progress, full_probe=changed)
             if src.source == "sl" and not store.count("run_pairs", "run_id = ?", [lp.run_id]):
                 raise StoreError(f"{lp.cfg.db}: no completed SL revisions to pair" + (f" for run '{src.run}'" if src.run else "")
@@ -123,7 +125,8 @@ class PrefsKind(RunKind):
         reader = open_source(p.path, p.split, p.data_dir, "prompts")
         done, changed = ctx.done_chunks("prompts", reader.fingerprint)
         inputs = chunked(store, lp.run_id, "prompts", reader, lambda row, rec: prompt_row(row, rec, p.field),
-                         entity="prompts", expand=expand, done=done, chunk_size=chunk_size(lp, panel), limit=p.limit)
+                         entity="prompts", expand=expand, done=done, chunk_size=chunk_size(lp, panel), limit=p.limit,
+                         max_chars=text_limit(engine.max_model_len))
         ctx.stream("prompts", inputs, progress=lambda: reader.progress, full_probe=changed)
         ctx.summary.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
 
@@ -136,6 +139,7 @@ class PrefsKind(RunKind):
             s.failures[f"pairs skipped: {err}"] = n
         s.labels = label_run(store, ctx.run_id, ctx.lp.constitution, ctx.lp.cfg.judge,
                              changed=s.written > 0 or s.reused > s.skipped_jobs)
+        flag_coverage(store, ctx.run_id, s)  # labels pooled from fewer principles than asked
 
     def input_fingerprints(self, lp: Loaded) -> dict[str, str | None] | None:
         src = lp.cfg.pairs

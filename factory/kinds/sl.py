@@ -15,7 +15,7 @@ from ..fewshot import check_sl, sl_shots
 from ..inputs import chunked
 from ..runs import Loaded, RunContext, RunKind, Summary
 from . import KINDS, register_kind
-from ..sources import open_source, prompt_row
+from ..sources import open_source, prompt_row, text_limit
 from ..stages import sl
 from ..store import Store, StoreError
 from ..templates import load_template
@@ -62,7 +62,8 @@ class SLKind(RunKind):
                                          for i, r in enumerate(rows)])
 
         inputs = chunked(store, lp.run_id, "prompts", reader, lambda row, rec: prompt_row(row, rec, src.field),
-                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit)
+                         entity="prompts", expand=expand, done=done, chunk_size=lp.cfg.chunk_inputs, limit=src.limit,
+                         max_chars=text_limit(engine.max_model_len))
         ctx.stream("prompts", inputs, progress=lambda: reader.progress, full_probe=changed)
         ctx.summary.prompts = store.count("run_prompts", "run_id = ?", [lp.run_id])
 

@@ -47,7 +47,7 @@ def side_by_side_table(original: dict[str, Any], adjudicated: dict[str, Any], la
         t.add_column(col, justify="left" if col == "scope" else "right")
     blocks_a = {**{s: original[s] for s in SCOPES}, **{b["name"]: b for b in original["per_principle"]}}
     blocks_b = {**{s: adjudicated[s] for s in SCOPES}, **{b["name"]: b for b in adjudicated["per_principle"]}}
-    for scope in [*SCOPES, *sorted(set(blocks_a) | set(blocks_b) - set(SCOPES))]:
+    for scope in [*SCOPES, *sorted((set(blocks_a) | set(blocks_b)) - set(SCOPES))]:  # each scope once
         a, b = blocks_a.get(scope), blocks_b.get(scope)
         delta = None if not a or not b or a["agreement"] is None or b["agreement"] is None \
             else b["agreement"] - a["agreement"]

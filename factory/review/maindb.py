@@ -127,6 +127,8 @@ def writing(db: str | Path, who: str) -> Iterator[Store]:
         raise
     try:
         store.con.execute(VERDICTS_DDL)
+        for col in ("session", "base"):  # issue 22: columns added to the events after the table's first version
+            store.con.execute(f"ALTER TABLE review_verdicts ADD COLUMN IF NOT EXISTS {col} VARCHAR")
         yield store
     finally:
         store.close()
@@ -221,7 +223,10 @@ def verdict_events(store: Store, audit_id: str) -> pa.Table:
     exists = store.one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'review_verdicts'")[0]
     if not exists:
         return EVENT_SCHEMA.empty_table()
-    return store.con.sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM review_verdicts WHERE audit_id = ? "
+    have = {r[0] for r in store.con.execute("SELECT column_name FROM information_schema.columns "
+                                            "WHERE table_name = 'review_verdicts'").fetchall()}
+    cols = ", ".join(c if c in have else f"NULL AS {c}" for c in EVENT_COLUMNS)  # a table from before a column
+    return store.con.sql(f"SELECT {cols} FROM review_verdicts WHERE audit_id = ? "
                          "ORDER BY given_at, seq", params=[audit_id]).to_arrow_table().cast(EVENT_SCHEMA)
 
 

@@ -25,6 +25,7 @@ CHOICES = {
     "state": ("all", "todo", "done"),
 }
 PAGE_SIZE = 50
+PROMPT_CHARS = 120  # of the prompt shown in a queue row
 
 
 class FilterError(ValueError):
@@ -103,8 +104,15 @@ def page(ws: Workspace, audit_id: str, f: Filters, number: int = 1, size: int = 
     the human, most strongly first."""
     frm, params, key = _from(audit_id, f)
     offset = (max(number, 1) - 1) * size
-    return ws.rows(f"SELECT {ROW_COLUMNS}, {key} AS sort_key {frm} ORDER BY sort_key LIMIT ? OFFSET ?",
+    rows = ws.rows(f"SELECT {ROW_COLUMNS}, {key} AS sort_key {frm} ORDER BY sort_key LIMIT ? OFFSET ?",
                    [*params, size, offset])
+    prompts = dict((r["pair_id"], r["prompt"]) for r in ws.rows(  # the last user turn, shortened, per listed pair
+        f"""SELECT pair_id, left(json_extract_string(conversation, '$[#-1].content'), {PROMPT_CHARS + 1}) AS prompt
+            FROM texts WHERE audit_id = ? AND list_contains(?, pair_id)""", [audit_id, [r["pair_id"] for r in rows]]))
+    for r in rows:
+        text = " ".join((prompts.get(r["pair_id"]) or "").split())
+        r["prompt"] = text if len(text) <= PROMPT_CHARS else text[:PROMPT_CHARS - 1] + "…"
+    return rows
 
 
 def count(ws: Workspace, audit_id: str, f: Filters) -> int:
@@ -188,7 +196,7 @@ def pair_detail(ws: Workspace, audit_id: str, pair_id: str) -> dict[str, Any] | 
     """One queued pair with its texts, current verdict, per-principle cells (most against the human first),
     judgements and verdict history; None when the pair is not in the audit's queue."""
     item = ws.one("""SELECT i.*, t.conversation, t.response_a, t.response_b, v.verdict, v.note, v.annotator,
-                            v.given_at
+                            v.given_at, v.session AS verdict_session
                      FROM items i JOIN texts t ON t.audit_id = i.audit_id AND t.pair_id = i.pair_id
                      LEFT JOIN current v ON v.audit_id = i.audit_id AND v.pair_id = i.pair_id
                      WHERE i.audit_id = ? AND i.pair_id = ?""", [audit_id, pair_id])
@@ -199,6 +207,7 @@ def pair_detail(ws: Workspace, audit_id: str, pair_id: str) -> dict[str, Any] | 
                                AND pair_id = ? ORDER BY toward_wrong DESC, principle_id""", args)
     item["judgements"] = ws.rows("""SELECT id, principle_id, "order", p_first, p_a, status, error, model FROM judgements
                                     WHERE audit_id = ? AND pair_id = ? ORDER BY principle_id, "order" """, args)
-    item["history"] = ws.rows("""SELECT action, verdict, label, note, annotator, given_at, synced_at FROM events
-                                 WHERE audit_id = ? AND pair_id = ? ORDER BY given_at, seq""", args)
+    item["history"] = ws.rows("""SELECT event_id, action, verdict, label, note, annotator, session, given_at, synced_at
+                                 FROM events WHERE audit_id = ? AND pair_id = ? ORDER BY given_at, seq""", args)
+    item["version"] = item["history"][-1]["event_id"] if item["history"] else ""  # what a verdict is made against
     return item

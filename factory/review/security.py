@@ -145,3 +145,10 @@ def _cookie(name: str, value: str) -> str:
 def session_of(request: Request) -> str:
     """The browser's session id (set by :class:`Guard` on its first response)."""
     return request.cookies.get(SESSION_COOKIE) or request.scope.get("review_session", "")
+
+
+def session_label(request: Request) -> str | None:
+    """A short, stable name for the browser session, stored beside the annotator with its verdicts (a hash:
+    the cookie itself never reaches the database)."""
+    session = session_of(request)
+    return hashlib.sha256(f"review-session:{session}".encode()).hexdigest()[:10] if session else None

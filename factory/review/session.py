@@ -161,17 +161,20 @@ class Review:
         return msgs
 
     # -- verdicts --------------------------------------------------------------------------------
-    def record(self, pair_id: str, verdict: str, note: str | None) -> dict[str, Any]:
+    def record(self, pair_id: str, verdict: str, note: str | None, *, session: str | None = None,
+               base: str | None = None) -> dict[str, Any]:
+        """``session``: the browser session giving it; ``base``: the pair's version it was made against
+        (a :class:`~.workspace.Conflict` when another session changed the pair since)."""
         if self.read_only:
             raise PermissionError("read-only review: verdicts cannot be given")
-        event = self.ws.record(self.audit_id, pair_id, verdict, note, self.annotator)
+        event = self.ws.record(self.audit_id, pair_id, verdict, note, self.annotator, session=session, base=base)
         self._wake.set()
         return event
 
-    def undo(self) -> dict[str, Any] | None:
+    def undo(self, *, session: str | None = None) -> dict[str, Any] | None:
         if self.read_only:
             raise PermissionError("read-only review: verdicts cannot be undone")
-        event = self.ws.undo(self.audit_id, self.annotator)
+        event = self.ws.undo(self.audit_id, self.annotator, session=session)
         self._wake.set()
         return event
 

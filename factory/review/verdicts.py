@@ -40,6 +40,8 @@ EVENT_SCHEMA = pa.schema([
     ("annotator", pa.string()),
     ("given_at", pa.timestamp("us", tz="UTC")),
     ("undoes", pa.string()),  # undo: the event_id it reverts
+    ("session", pa.string()),  # the browser session that gave it (a hash of its cookie): sessions told apart
+    ("base", pa.string()),  # the pair's latest event when the verdict was made ('' none): its version
 ])
 
 

@@ -26,9 +26,10 @@ from starlette.templating import Jinja2Templates
 
 from . import maindb, plots
 from . import queue as Q
-from .security import SVG_CSP, Guard, csrf_ok, csrf_token, session_of
+from .security import SVG_CSP, Guard, csrf_ok, csrf_token, session_label, session_of
 from .session import Review
 from .verdicts import VERDICTS
+from .workspace import Conflict
 
 HERE = Path(__file__).resolve().parent
 SVG_CACHE = 256  # plots kept in memory
@@ -122,8 +123,10 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
                       principles=principles, choices=Q.CHOICES)
 
     def pair_page(request: Request) -> Response:
-        f = Q.Filters.parse(request.query_params)
-        pair_id = request.path_params["pair_id"]
+        return pair_response(request, request.path_params["pair_id"], Q.Filters.parse(request.query_params))
+
+    def pair_response(request: Request, pair_id: str, f: Q.Filters, status_code: int = 200,
+                      conflict: str | None = None) -> Response:
         item = Q.pair_detail(ws, aid, pair_id)
         if item is None:
             raise HTTPException(404, f"pair {pair_id} is not in the review queue of audit {aid}")
@@ -132,8 +135,9 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
         place = Q.place(ws, aid, f, pair_id)
         ws.remember(aid, "last_url", _here(request))
         link = lambda pid: f"/pair/{pid}" + (f"?{urlencode(f.params())}" if f.params() else "")  # noqa: E731
-        return render(request, "pair.html", f=f, item=item, weights=weights, place=place,
-                      next_url=link(place.next) if place.next else "", prev_url=link(place.prev) if place.prev else "")
+        return render(request, "pair.html", status_code=status_code, f=f, item=item, weights=weights, place=place,
+                      next_url=link(place.next) if place.next else "", prev_url=link(place.prev) if place.prev else "",
+                      conflict=conflict, session=session_label(request))
 
     def principles_page(request: Request) -> Response:
         result = review.audit["result"]
@@ -149,6 +153,8 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
         jid = request.path_params["judgement_id"]
         try:
             return JSONResponse({"messages": review.messages(jid)})
+        except KeyError as e:  # an id that is not one of this audit's judgements
+            return JSONResponse({"error": str(e.args[0]) if e.args else f"no judgement {jid}"}, status_code=404)
         except maindb.Busy as b:
             return JSONResponse({"error": f"{b}: the judge's messages are read from the database, so they can be "
                                           "shown when it is free (messages shown once are kept in the workspace)"},
@@ -182,10 +188,11 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
             raise HTTPException(403, "403: this review app runs with --read-only: verdicts cannot be given")
         return data
 
-    def give(pair_id: str, verdict: str, note: str | None, f: Q.Filters) -> str | None:
+    def give(pair_id: str, verdict: str, note: str | None, f: Q.Filters, session: str | None,
+             base: str | None) -> str | None:
         """Record the verdict; the next pair under the filter (None at the end)."""
         try:
-            review.record(pair_id, verdict, note)
+            review.record(pair_id, verdict, note, session=session, base=base)
         except KeyError as e:
             raise HTTPException(404, str(e.args[0])) from None
         return Q.place(ws, aid, f, pair_id).next
@@ -195,7 +202,11 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
         pair_id, f = data.get("pair_id", ""), Q.Filters.parse(dict(parse_qsl(data.get("q", ""))))
         if data.get("verdict") not in VERDICTS:
             raise HTTPException(400, f"verdict must be one of {', '.join(VERDICTS)}")
-        nxt = await run_in_threadpool(give, pair_id, data["verdict"], data.get("note"), f)
+        try:
+            nxt = await run_in_threadpool(give, pair_id, data["verdict"], data.get("note"), f, session_label(request),
+                                          data.get("base"))
+        except Conflict as c:  # another session changed the pair after this one opened it: show theirs
+            return pair_response(request, pair_id, f, status_code=409, conflict=str(c))
         q = f"?{urlencode(f.params())}" if f.params() else ""
         return RedirectResponse(f"/pair/{nxt}{q}" if nxt else f"/queue?{urlencode({**f.params(), 'done': 'end'})}",
                                 status_code=303)
@@ -203,7 +214,10 @@ def create_app(review: Review, *, token: str | None = None) -> Guard:
     async def undo(request: Request) -> Response:
         data = await form(request)
         f = Q.Filters.parse(dict(parse_qsl(data.get("q", ""))))
-        event = await run_in_threadpool(review.undo)
+        try:
+            event = await run_in_threadpool(lambda: review.undo(session=session_label(request)))
+        except Conflict as c:
+            return pair_response(request, c.other["pair_id"], f, status_code=409, conflict=str(c))
         if event is None:
             return RedirectResponse(_back(data, "nothing"), status_code=303)
         return RedirectResponse(f"/pair/{event['pair_id']}?{urlencode({**f.params(), 'done': 'undo'})}",

@@ -48,10 +48,26 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS current (audit_id VARCHAR, pair_id VARCHAR, verdict VARCHAR, label VARCHAR,
         note VARCHAR, annotator VARCHAR, given_at TIMESTAMPTZ, event_id VARCHAR, PRIMARY KEY (audit_id, pair_id))""",
     "CREATE TABLE IF NOT EXISTS ui (audit_id VARCHAR, key VARCHAR, value VARCHAR, PRIMARY KEY (audit_id, key))",
+    # issue 22: which browser session gave a verdict, and the pair's version it was given against
+    "ALTER TABLE events ADD COLUMN IF NOT EXISTS session VARCHAR",
+    "ALTER TABLE events ADD COLUMN IF NOT EXISTS base VARCHAR",
+    "ALTER TABLE current ADD COLUMN IF NOT EXISTS session VARCHAR",
     # point lookups of one pair (the pair view) without scanning the copied tables
     *(f"CREATE INDEX IF NOT EXISTS {t}_pair ON {t} (pair_id)" for t in ("items", "cells", "texts", "judgements")),
 ]
 DERIVED = ("items", "cells", "texts", "judgements")
+
+
+class Conflict(Exception):
+    """Another browser session changed the pair after this one opened it: nothing was written."""
+
+    def __init__(self, other: dict[str, Any], undo: bool = False):
+        self.other, self.undo = other, undo
+        who = f"{other['annotator']} (session {other['session'] or '?'})"
+        did = (f"gave it “{VERDICTS[other['verdict']].title}”" if other["verdict"] else "cleared its verdict")
+        super().__init__(f"Another session, {who}, {did} at {other['given_at'].astimezone().strftime('%H:%M:%S')} "
+                         f"after you opened this pair, so your {'undo' if undo else 'verdict'} was not saved. "
+                         "Its verdict is shown here; give yours again to replace it.")
 
 
 def workspace_path(db: str | Path) -> Path:
@@ -142,13 +158,24 @@ class Workspace:
             self.con.execute(f"INSERT OR IGNORE INTO events ({cols}, synced_at) SELECT {cols}, now() FROM _events")
             self.con.unregister("_events")
         self.con.execute("DELETE FROM current WHERE audit_id = ?", [audit_id])
-        self.con.execute("""INSERT INTO current SELECT audit_id, pair_id, verdict, label, note, annotator, given_at, event_id
+        self.con.execute("""INSERT INTO current (audit_id, pair_id, verdict, label, note, annotator, given_at, event_id,
+                                                 session)
+                            SELECT audit_id, pair_id, verdict, label, note, annotator, given_at, event_id, session
                             FROM (SELECT *, row_number() OVER (PARTITION BY pair_id ORDER BY given_at DESC, seq DESC) AS k
                                   FROM events WHERE audit_id = ?) WHERE k = 1 AND verdict IS NOT NULL""", [audit_id])
 
     # -- verdicts --------------------------------------------------------------------------------
-    def record(self, audit_id: str, pair_id: str, verdict: str, note: str | None, annotator: str) -> dict[str, Any]:
-        """Give a pair a verdict (replacing any earlier one); committed before returning."""
+    def latest(self, audit_id: str, pair_id: str) -> dict[str, Any] | None:
+        """The pair's latest verdict event (set or undo): its ``event_id`` is the pair's version."""
+        return self.one("""SELECT event_id, pair_id, action, verdict, note, annotator, session, given_at FROM events
+                           WHERE audit_id = ? AND pair_id = ? ORDER BY given_at DESC, seq DESC LIMIT 1""",
+                        [audit_id, pair_id])
+
+    def record(self, audit_id: str, pair_id: str, verdict: str, note: str | None, annotator: str, *,
+               session: str | None = None, base: str | None = None) -> dict[str, Any]:
+        """Give a pair a verdict (replacing any earlier one); committed before returning. ``base``: the
+        pair's version (:meth:`latest` event id, '' for none) the verdict was made against; when another
+        session has changed the pair since, :class:`Conflict` (nothing is written)."""
         if verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {verdict!r}; use one of {list(VERDICTS)}")
         with self.lock:
@@ -156,29 +183,40 @@ class Workspace:
                             [audit_id, pair_id])
             if item is None:
                 raise KeyError(f"pair {pair_id} is not in the review queue of audit {audit_id}")
+            if base is not None:
+                now_at = self.latest(audit_id, pair_id)
+                if now_at and now_at["event_id"] != base and now_at["session"] != session:
+                    raise Conflict(now_at)
             event = {"action": "set", "verdict": verdict, "label": label(verdict, item["human_choice"], item["ai_choice"]),
-                     "note": (note or "").strip() or None, "annotator": annotator, "undoes": None}
+                     "note": (note or "").strip() or None, "annotator": annotator, "undoes": None,
+                     "session": session, "base": base}
             return self._append(audit_id, pair_id, event)
 
-    def undo(self, audit_id: str, annotator: str) -> dict[str, Any] | None:
-        """Revert the annotator's latest verdict not yet undone: the pair gets back the state that verdict
-        replaced. Returns the undo event, or None when there is nothing to undo."""
+    def undo(self, audit_id: str, annotator: str, *, session: str | None = None) -> dict[str, Any] | None:
+        """Revert the annotator's (with ``session``: that browser session's) latest verdict not yet undone:
+        the pair gets back the state that verdict replaced. Returns the undo event, or None when there is
+        nothing to undo; :class:`Conflict` when another session has changed that pair since."""
         with self.lock:
             last = self.one("""SELECT e.event_id, e.pair_id, e.given_at, e.seq FROM events e WHERE e.audit_id = ?
-                               AND e.action = 'set' AND e.annotator = ?
+                               AND e.action = 'set' AND e.annotator = ? AND (CAST(? AS VARCHAR) IS NULL OR e.session = ?)
                                AND NOT EXISTS (SELECT 1 FROM events u WHERE u.undoes = e.event_id)
-                               ORDER BY e.given_at DESC, e.seq DESC LIMIT 1""", [audit_id, annotator])
+                               ORDER BY e.given_at DESC, e.seq DESC LIMIT 1""", [audit_id, annotator, session, session])
             if last is None:
                 return None
+            now_at = self.latest(audit_id, last["pair_id"])
+            if now_at and now_at["event_id"] != last["event_id"] and now_at["session"] != session:
+                raise Conflict(now_at, undo=True)
             before = self.one("""SELECT verdict, label, note FROM events WHERE audit_id = ? AND pair_id = ?
                                  AND (given_at < ? OR (given_at = ? AND seq < ?)) ORDER BY given_at DESC, seq DESC LIMIT 1""",
                               [audit_id, last["pair_id"], last["given_at"], last["given_at"], last["seq"]]) or {}
             event = {"action": "undo", "verdict": before.get("verdict"), "label": before.get("label"),
-                     "note": before.get("note"), "annotator": annotator, "undoes": last["event_id"]}
+                     "note": before.get("note"), "annotator": annotator, "undoes": last["event_id"],
+                     "session": session, "base": last["event_id"]}
             return self._append(audit_id, last["pair_id"], event)
 
     def _append(self, audit_id: str, pair_id: str, event: dict[str, Any]) -> dict[str, Any]:
-        event = {"event_id": uuid.uuid4().hex, "audit_id": audit_id, "pair_id": pair_id, "given_at": now(), **event}
+        event = {"event_id": uuid.uuid4().hex, "audit_id": audit_id, "pair_id": pair_id, "given_at": now(),
+                 "session": None, "base": None, **event}
         self.con.execute("BEGIN")
         try:
             event["seq"] = self.con.execute("SELECT nextval('event_seq')").fetchone()[0]
@@ -188,9 +226,10 @@ class Workspace:
             if event["verdict"] is None:
                 self.con.execute("DELETE FROM current WHERE audit_id = ? AND pair_id = ?", [audit_id, pair_id])
             else:
-                self.con.execute("INSERT OR REPLACE INTO current VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self.con.execute("""INSERT OR REPLACE INTO current (audit_id, pair_id, verdict, label, note, annotator,
+                                    given_at, event_id, session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                                  [audit_id, pair_id, event["verdict"], event["label"], event["note"],
-                                  event["annotator"], event["given_at"], event["event_id"]])
+                                  event["annotator"], event["given_at"], event["event_id"], event["session"]])
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")

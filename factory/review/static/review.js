@@ -12,7 +12,8 @@
   }
   function go(url) { if (url) window.location.href = url; }
 
-  // -- queue: a selected row moved with j/k, opened with Enter
+  // -- queue: a selected row moved with j/k, opened with Enter. Nothing is selected at first: the first
+  // j selects the first row, and Enter before any j opens the first row.
   const rows = Array.from(document.querySelectorAll("#queue tbody tr"));
   let sel = rows.findIndex(r => r.classList.contains("selected"));
   function select(i) {
@@ -39,7 +40,7 @@
     if (page === "queue") {
       if (k === "j" || k === "ArrowDown" || k === "ArrowRight") { select(sel + 1); e.preventDefault(); }
       else if (k === "k" || k === "ArrowUp" || k === "ArrowLeft") { select(sel - 1); e.preventDefault(); }
-      else if ((k === "Enter" || k === "o") && rows[sel]) { go(rows[sel].dataset.href); }
+      else if ((k === "Enter" || k === "o") && rows.length) { go(rows[Math.max(sel, 0)].dataset.href); }
       return;
     }
     if (page !== "pair") return;
