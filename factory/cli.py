@@ -21,6 +21,9 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constitutional AI / RLAIF data factory.")
 model_app = typer.Typer(no_args_is_help=True, help="The embedded model and model names.")
 app.add_typer(model_app, name="model")
+from .cli_serve import serve_app  # noqa: E402  (issue 24: `factory serve …`)
+
+app.add_typer(serve_app, name="serve")
 console = Console()
 err = Console(stderr=True)
 
