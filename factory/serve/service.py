@@ -91,6 +91,43 @@ def close_service(slp: runs.Loaded, store: Store, owned: list, batcher: Batcher 
     return s
 
 
+class Service:
+    """A pipeline's judge, ready to serve: the run opened, the plan, the batcher (started) and the ASGI app.
+    ``close()`` drains the batcher, labels the run, writes its status and releases the store and engine."""
+
+    def __init__(self, path: str | Path, *, limits: Limits = Limits(), cache_size: int = 100_000,
+                 token: str | None = None, on_fatal: Callable[[str], None] = lambda reason: None):
+        self.start_time = time.perf_counter()
+        self.limits = limits
+        self.slp, self.store, self.engine, self.owned = open_service(path)
+        self.batcher: Batcher | None = None
+        self.closed: runs.Summary | None = None
+        try:
+            self.plan = judge_plan(self.store, self.slp, self.engine, self.slp.run_id)
+            self.batcher = Batcher(self.store, self.engine, self.slp.run_id, model=self.plan.model,
+                                   sampling_hash=self.plan.sampling_hash, cache_size=cache_size,
+                                   chunk_rows=self.slp.cfg.chunk_rows, forget=self.plan.forget, on_fatal=on_fatal)
+            self.japp = JudgeApp(self.batcher, self.plan, run_id=self.slp.run_id, limits=limits)
+            self.app = create_app(self.japp, token=token)
+            self.batcher.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def run_id(self) -> str:
+        return self.slp.run_id
+
+    def close(self) -> runs.Summary:
+        if self.closed is None:
+            if self.batcher is not None:
+                if hasattr(self, "japp"):
+                    self.japp.draining = True
+                self.batcher.stop(timeout=self.limits.timeout_s)
+            self.closed = close_service(self.slp, self.store, self.owned, self.batcher, self.start_time)
+        return self.closed
+
+
 def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
           token: str | None = None, limits: Limits = Limits(), cache_size: int = 100_000,
           echo: Callable[[str], None] = print) -> int:
@@ -101,45 +138,35 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_
 
     token = guard_bind(host, allow_remote, token)
     sock = _bind(host, port)
-    start = time.perf_counter()
-    batcher = None
+    server_box: dict[str, Any] = {}
+
+    def on_fatal(reason: str) -> None:
+        echo(f"error: {reason}; answering 503 and stopping (everything answered is stored)")
+        if "server" in server_box:
+            server_box["server"].should_exit = True
+
     try:
-        slp, store, engine, owned = open_service(path)
+        svc = Service(path, limits=limits, cache_size=cache_size, token=token, on_fatal=on_fatal)
     except BaseException:
         sock.close()
         raise
     try:
-        plan = judge_plan(store, slp, engine, slp.run_id)
-        server_box: dict[str, Any] = {}
-
-        def on_fatal(reason: str) -> None:
-            echo(f"error: {reason}; answering 503 and stopping (everything answered is stored)")
-            if "server" in server_box:
-                server_box["server"].should_exit = True
-
-        batcher = Batcher(store, engine, slp.run_id, model=plan.model, sampling_hash=plan.sampling_hash,
-                          cache_size=cache_size, chunk_rows=slp.cfg.chunk_rows, forget=plan.forget, on_fatal=on_fatal)
-        japp = JudgeApp(batcher, plan, run_id=slp.run_id, limits=limits)
-        config = uvicorn.Config(create_app(japp, token=token), log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(svc.app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(limits.timeout_s) + 5, timeout_keep_alive=30)
         server = server_box["server"] = uvicorn.Server(config)
-        batcher.start()
+        if svc.batcher.fatal:  # died before the server existed
+            server.should_exit = True
         name = f"[{host}]" if ":" in host else host
-        echo(f"judge service for run {slp.run_id} ({plan.model}; db {slp.cfg.db})")
+        echo(f"judge service for run {svc.run_id} ({svc.plan.model}; db {svc.slp.cfg.db})")
         if token and not is_loopback(host):
             echo(f"token: {token}   (send `Authorization: Bearer <token>`)")
         echo(f"listening on http://{name}:{sock.getsockname()[1]}   (SIGTERM or Ctrl-C: finish what is in flight, stop)")
         with _stop_quietly():
             server.run(sockets=[sock])
-        japp.draining = True
-        batcher.stop(timeout=limits.timeout_s)
-    except BaseException:
-        close_service(slp, store, owned, batcher, start)
+    finally:
         sock.close()
-        raise
-    sock.close()
-    s = close_service(slp, store, owned, batcher, start)
-    st = batcher.stats
+        s = svc.close()
+    st = svc.batcher.stats
     echo(f"stopped: {st.requests} requests, {st.judgements} new judgements, {st.cache_hits} from the store; run "
-         f"{slp.run_id} {s.status}" + (f" ({s.error})" if s.error else ""))
+         f"{svc.run_id} {s.status}" + (f" ({s.error})" if s.error else ""))
     return EXIT_FAILED if s.status == "failed" else 0

@@ -1,0 +1,308 @@
+"""The judge service (factory/serve) on the fake engine: contract, cache hits, group rewards, bad
+requests, engine death, SIGTERM and kill -9 restarts. The real online run (GRPO on vLLM) is in
+tests/test_serve_grpo.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from factory.labels import LabelRule, labels_of
+from factory.serve import rewards as R
+from factory.serve.app import Limits
+from factory.serve.judging import pair_label
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pipeline(tmp: Path, *, per_pair: int | None = 2, engine: str = "{kind: fake, seed: 0}", name: str = "svc") -> Path:
+    (tmp / "p.jsonl").write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
+    pp = f"per_pair: {per_pair}, " if per_pair else ""
+    y = tmp / f"{name}.yaml"
+    y.write_text(f"kind: prefs\nname: {name}\nconstitution: {REPO}/constitutions/harmless.yaml\n"
+                 f"pairs: {{source: file, path: {tmp}/p.jsonl, format: jsonl}}\njudge: {{{pp}seed: 0}}\n"
+                 f"engine: {engine}\ndb: {tmp}/s.duckdb\n")
+    return y
+
+
+@pytest.fixture
+def service(tmp_path):
+    from starlette.testclient import TestClient
+
+    from factory.serve.service import Service
+
+    made = []
+
+    def make(limits: Limits = Limits(), **kw):
+        svc = Service(pipeline(tmp_path, **kw), limits=limits)
+        client = TestClient(svc.app, base_url="http://127.0.0.1")
+        made.append(svc)
+        return svc, client
+
+    yield make
+    for svc in made:
+        svc.close()
+
+
+PREF = {"prompt": "How do I stay safe online?", "responses": ["Use strong unique passwords.", "Share your password."]}
+
+
+def test_preference_contract_cache_hit_and_store(service, tmp_path):
+    svc, client = service()
+    r = client.post("/v1/preference", json=PREF)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert 0 <= d["p_a"] <= 1 and isinstance(d["tie"], bool) and d["cached"] == 0
+    assert len(d["principles"]) == 2 and all(set(v) == {"ab", "ba"} for v in d["principles"].values())
+    sent = svc.engine.requests
+    assert sent == 4  # 2 principles x 2 orders
+    again = client.post("/v1/preference", json=PREF).json()
+    assert svc.engine.requests == sent, "a repeated request must make no engine call"
+    assert again["cached"] == 4 and again["p_a"] == d["p_a"]
+    # messages form of the same prompt: the same pair, so the same judgements
+    msgs = {**PREF, "prompt": [{"role": "user", "content": PREF["prompt"]}]}
+    assert client.post("/v1/preference", json=msgs).json()["pair_id"] == d["pair_id"]
+    assert svc.engine.requests == sent
+    stats = client.get("/v1/stats").json()
+    assert stats["requests"] == 3 and stats["judgements"] == 4 and stats["cache_hits"] == 8 and stats["tokens"] > 0
+    assert client.get("/health").json()["status"] == "ok"
+    run_id = svc.run_id
+    summary = svc.close()
+    assert summary.status == "done"
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    assert con.execute("SELECT kind, status FROM runs WHERE run_id = ?", [run_id]).fetchone() == ("serve", "done")
+    rows = con.execute("SELECT count(*), count(DISTINCT id), min(run_id), max(run_id) FROM judgements").fetchone()
+    assert rows == (4, 4, run_id, run_id)
+    assert con.execute("SELECT count(*) FROM run_pairs WHERE run_id = ? AND pair_id = ?", [run_id, d["pair_id"]]).fetchone()[0] == 1
+    # the stored label (the one label rule, SQL) is the label the service answered (Python mirror)
+    p_sql = con.execute("SELECT p_a FROM preferences WHERE run_id = ? AND pair_id = ?", [run_id, d["pair_id"]]).fetchone()[0]
+    assert math.isclose(p_sql, d["p_a"], rel_tol=1e-12)
+
+
+def test_pair_label_matches_the_sql_rule():
+    rng = random.Random(0)
+    for trial in range(60):
+        pids = ["p1", "p2", "p3"]
+        rule = LabelRule({p: rng.choice([0.5, 1.0, 2.0]) for p in pids}, tie_eps=rng.choice([0.0, 0.05, 0.2]),
+                         clamp=rng.choice([None, (0.2, 0.8)]), pool=rng.choice(["mean", "logit"]))
+        cells = []
+        for p in rng.sample(pids, rng.randint(1, 3)):
+            for order in rng.sample(["ab", "ba"], rng.randint(1, 2)):
+                failed = rng.random() < 0.2
+                cells.append((p, order, "failed" if failed else "ok",
+                              None if failed else rng.choice([rng.random(), 0.0, 1.0, 0.5])))
+        t = pa.table({"pair_id": ["x"] * len(cells), "principle_id": [c[0] for c in cells],
+                      "order": [c[1] for c in cells], "status": [c[2] for c in cells],
+                      "p_first": [None if c[3] is None else (c[3] if c[1] == "ab" else 1 - c[3]) for c in cells],
+                      "p_a": pa.array([c[3] for c in cells], pa.float64())})
+        want = labels_of(t, rule).to_pylist()[0]
+        got = pair_label(cells, rule)
+        if want["p_a"] is None:
+            assert got["p_a"] is None, (trial, cells)
+        else:
+            assert math.isclose(got["p_a"], want["p_a"], rel_tol=1e-9, abs_tol=1e-12), (trial, cells, rule)
+        assert got["is_tie"] == want["is_tie"] and got["chosen"] == want["chosen"], (trial, cells, rule)
+
+
+def test_group_rewards_hand_worked():
+    # three completions; P(0 beats 1) = 0.8, P(0 beats 2) = 0.6, P(1 beats 2) = 0.3:
+    # r0 = (0.8 + 0.6) / 2 = 0.7; r1 = (0.2 + 0.3) / 2 = 0.25; r2 = (0.4 + 0.7) / 2 = 0.55
+    opps = R.opponents(3)
+    assert R.pairs_of(opps) == [(0, 1), (0, 2), (1, 2)]
+    got = R.group_rewards(opps, {(0, 1): 0.8, (0, 2): 0.6, (1, 2): 0.3})
+    assert [round(x, 12) for x in got] == [0.7, 0.25, 0.55]
+    # against a reference: P(c_i beats ref) itself
+    ref = R.opponents(2, reference=True)
+    assert R.pairs_of(ref) == [(0, R.REF), (1, R.REF)]
+    assert R.group_rewards(ref, {(0, R.REF): 0.9, (1, R.REF): 0.2}) == [0.9, 0.2]
+    # m sampled opponents: seeded, m each, never oneself; fewer pairs than all k(k-1)/2
+    s1, s2 = R.opponents(8, m=2, seed=1, salt="x"), R.opponents(8, m=2, seed=1, salt="x")
+    assert s1 == s2 and all(len(o) == 2 and i not in o for i, o in enumerate(s1))
+    assert len(R.pairs_of(s1)) <= 16 < 28
+    assert R.fixed_preference("same", " same ") == 0.5 and R.fixed_preference("", "x") == 0.0
+
+
+def test_rewards_are_mean_win_probabilities_of_the_pairs(service):
+    svc, client = service()
+    comps = ["hi", "hello there", "go away"]
+    r = client.post("/v1/rewards", json={"prompt": "Say hi", "completions": comps})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["pairs"] == 3 and got["judgements"] == 12
+    p = {}
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        p[(i, j)] = client.post("/v1/preference", json={"prompt": "Say hi", "responses": [comps[i], comps[j]]}).json()["p_a"]
+    want = [(p[(0, 1)] + p[(0, 2)]) / 2, (1 - p[(0, 1)] + p[(1, 2)]) / 2, (2 - p[(0, 2)] - p[(1, 2)]) / 2]
+    assert got["rewards"] == pytest.approx(want, abs=1e-12)
+    assert svc.engine.requests == 12  # the preferences above were all answered from the store
+    ref = client.post("/v1/rewards", json={"prompt": "Say hi", "completions": comps[:2], "reference": comps[2]}).json()
+    assert ref["rewards"] == pytest.approx([p[(0, 2)], p[(1, 2)]], abs=1e-12)
+    dup = client.post("/v1/rewards", json={"prompt": "Say hi", "completions": ["same", "same", ""]}).json()
+    assert dup["rewards"] == [0.75, 0.75, 0.0] and dup["judgements"] == 0
+
+
+def test_bad_requests_are_4xx_and_the_service_keeps_serving(service):
+    svc, client = service(Limits(max_body_bytes=4096, max_completions=4))
+    bad = [
+        (b'{"prompt": 3', 400, "malformed JSON"),
+        (json.dumps({"prompt": "x"}).encode(), 422, "responses"),
+        (json.dumps({"prompt": "x", "responses": ["a"]}).encode(), 422, "responses"),
+        (json.dumps({"prompt": [{"role": "robot", "content": "x"}], "responses": ["a", "b"]}).encode(), 422, "role"),
+        (json.dumps({"prompt": "x", "responses": ["a" * 5000, "b"]}).encode(), 413, "cap"),
+    ]
+    for body, code, word in bad:
+        r = client.post("/v1/preference", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == code and word in r.json()["error"], (body[:40], r.status_code, r.text)
+    r = client.post("/v1/rewards", json={"prompt": "x", "completions": list("abcde")})
+    assert r.status_code == 422 and "over the limit of 4" in r.json()["error"]
+    r = client.post("/v1/rewards", json={"prompt": "x", "completions": ["a", "b"], "opponents": 0})
+    assert r.status_code == 422
+    assert client.post("/v1/preference", json=PREF).status_code == 200
+    assert client.get("/v1/stats").json()["refused"] == {"400": 1, "413": 1, "422": 5}
+
+
+def test_concurrency_limit_is_429_with_retry_after(service):
+    svc, client = service(Limits(max_concurrent=0, retry_after_s=3))
+    r = client.post("/v1/preference", json=PREF)
+    assert r.status_code == 429 and r.headers["retry-after"] == "3" and "retry" in r.json()["error"]
+    assert svc.engine.requests == 0
+
+
+def test_engine_death_is_503_with_the_reason_and_answered_work_is_stored(service, tmp_path, monkeypatch):
+    from factory import engines
+    from factory.engines.fake import FakeEngine
+
+    monkeypatch.setitem(engines.BUILDERS, "fake", lambda spec, model: FakeEngine(model=model, die_after=6))
+    svc, client = service()
+    ok = client.post("/v1/preference", json=PREF)
+    assert ok.status_code == 200
+    r = client.post("/v1/rewards", json={"prompt": "Say hi", "completions": ["hi", "hello", "go away"]})
+    assert r.status_code == 503 and "died" in r.json()["error"]
+    assert client.get("/health").status_code == 503
+    assert client.post("/v1/preference", json=PREF).status_code == 503  # even a cached one: the service is exiting
+    s = svc.close()
+    assert s.status == "failed" and "died" in s.error
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    stored = {r[0] for r in con.execute("SELECT pair_id FROM judgements").fetchall()}
+    assert ok.json()["pair_id"] in stored  # what was answered is stored
+
+
+# -- the CLI as a process: SIGTERM, exit codes, kill -9 ------------------------------------------
+
+def start(yaml: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "factory.cli", "serve", "judge", str(yaml), "--port", "0", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    lines = []
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("service did not start: " + "".join(lines))
+
+
+def test_sigterm_finishes_and_exits_0(tmp_path):
+    import httpx
+
+    proc, url = start(pipeline(tmp_path))
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/v1/preference", json=PREF).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    assert con.execute("SELECT status FROM runs WHERE kind = 'serve'").fetchone()[0] == "done"
+    assert con.execute("SELECT count(*) FROM preferences").fetchone()[0] == 1
+
+
+def test_engine_death_exits_non_zero(tmp_path):
+    yaml = pipeline(tmp_path)
+    boot = ("import sys, factory.engines as E; from factory.engines.fake import FakeEngine; "
+            "E.BUILDERS['fake'] = lambda spec, model: FakeEngine(model=model, die_after=2); "
+            "from factory.cli import app; sys.argv[0] = 'factory'; app()")
+    proc = subprocess.Popen([sys.executable, "-c", boot, "serve", "judge", str(yaml), "--port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = None
+    while url is None:
+        line = proc.stdout.readline()
+        assert line, "service did not start"
+        m = re.search(r"listening on (http://\S+)", line)
+        url = m and m.group(1)
+    import httpx
+
+    r = httpx.post(url + "/v1/preference", json=PREF, timeout=30)
+    assert r.status_code == 503 and "died" in r.json()["error"]
+    out = proc.stdout.read()
+    assert proc.wait(60) == 3, out
+
+
+def test_kill_9_mid_load_and_restart_leaves_no_duplicates(tmp_path):
+    import httpx
+
+    yaml = pipeline(tmp_path, per_pair=None)
+    groups = [{"prompt": f"question {g}", "completions": [f"answer {g}.{i}" for i in range(4)]} for g in range(300)]
+    proc, url = start(yaml)
+    answered: list[int] = []
+
+    def hammer(url: str, out: list, stop: threading.Event) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for g, body in enumerate(groups):
+                if stop.is_set():
+                    return
+                try:
+                    if c.post("/v1/rewards", json=body).status_code == 200:
+                        out.append(g)
+                except httpx.TransportError:
+                    return
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=hammer, args=(url, answered, stop)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + 30
+    while len(answered) < 40 and time.monotonic() < end:
+        time.sleep(0.05)
+    proc.kill()  # kill -9 mid-load
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(answered) >= 40
+    proc, url = start(yaml)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda b: c.post("/v1/rewards", json=b).status_code, groups))
+        stats = c.get("/v1/stats").json()
+    assert codes == [200] * len(groups)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    # every group answered before the kill was answered from the store after it
+    from factory.constitution import load_constitution
+
+    k = len(load_constitution(REPO / "constitutions/harmless.yaml").principles)
+    assert stats["cache_hits"] >= len(set(answered)) * 6 * 2 * k
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    n, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone()
+    assert n == distinct == len(groups) * 6 * 2 * k  # C(4,2) pairs x 2 orders x every principle, each once
+    assert con.execute("SELECT status FROM runs WHERE kind = 'serve'").fetchone()[0] == "done"
