@@ -29,12 +29,13 @@ from factory.serve.judging import pair_label
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pipeline(tmp: Path, *, per_pair: int | None = 2, engine: str = "{kind: fake, seed: 0}", name: str = "svc") -> Path:
+def pipeline(tmp: Path, *, per_pair: int | None = 2, engine: str = "{kind: fake, seed: 0}", name: str = "svc",
+             judge: str = "") -> Path:
     (tmp / "p.jsonl").write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
     pp = f"per_pair: {per_pair}, " if per_pair else ""
     y = tmp / f"{name}.yaml"
     y.write_text(f"kind: prefs\nname: {name}\nconstitution: {REPO}/constitutions/harmless.yaml\n"
-                 f"pairs: {{source: file, path: {tmp}/p.jsonl, format: jsonl}}\njudge: {{{pp}seed: 0}}\n"
+                 f"pairs: {{source: file, path: {tmp}/p.jsonl, format: jsonl}}\njudge: {{{pp}{judge}seed: 0}}\n"
                  f"engine: {engine}\ndb: {tmp}/s.duckdb\n")
     return y
 
@@ -203,12 +204,12 @@ def test_engine_death_is_503_with_the_reason_and_answered_work_is_stored(service
 
 # -- the CLI as a process: SIGTERM, exit codes, kill -9 ------------------------------------------
 
-def start(yaml: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start(yaml: Path, *args: str, env: dict | None = None, timeout: float = 60) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "factory.cli", "serve", "judge", str(yaml), "--port", "0", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     lines = []
-    end = time.monotonic() + 60
+    end = time.monotonic() + timeout
     while time.monotonic() < end:
         line = proc.stdout.readline()
         if not line:
@@ -219,7 +220,7 @@ def start(yaml: Path, *args: str, env: dict | None = None) -> tuple[subprocess.P
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             return proc, m.group(1)
     proc.kill()
-    raise AssertionError("service did not start: " + "".join(lines))
+    raise AssertionError(f"service did not start within {timeout} s (exit {proc.wait()}): " + "".join(lines[-20:]))
 
 
 def test_sigterm_finishes_and_exits_0(tmp_path):
