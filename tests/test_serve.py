@@ -307,3 +307,85 @@ def test_kill_9_mid_load_and_restart_leaves_no_duplicates(tmp_path):
     n, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone()
     assert n == distinct == len(groups) * 6 * 2 * k  # C(4,2) pairs x 2 orders x every principle, each once
     assert con.execute("SELECT status FROM runs WHERE kind = 'serve'").fetchone()[0] == "done"
+
+
+def test_timeout_is_504_and_the_work_is_kept(service, monkeypatch):
+    from factory import engines
+    from factory.engines.fake import FakeEngine
+
+    class Slow(FakeEngine):
+        def _one(self, req):
+            time.sleep(0.1)
+            return super()._one(req)
+
+    monkeypatch.setitem(engines.BUILDERS, "fake", lambda spec, model: Slow(model=model))
+    svc, client = service(Limits(timeout_s=0.05))
+    r = client.post("/v1/preference", json=PREF)
+    assert r.status_code == 504 and "send the same request again" in r.json()["error"]
+    end = time.monotonic() + 10
+    while svc.batcher.pending() and time.monotonic() < end:
+        time.sleep(0.05)
+    sent = svc.engine.requests
+    again = client.post("/v1/preference", json=PREF)
+    assert again.status_code == 200 and again.json()["cached"] == 4 and svc.engine.requests == sent == 4
+
+
+def test_client_adapters_and_openrlhf_endpoint(tmp_path):
+    from factory.serve.clients import JudgeClient, pairwise_judge, reward_function
+
+    done = subprocess.run([sys.executable, "-c", "import sys, factory.serve.clients; "
+                           "print(sorted(m for m in ('trl', 'torch', 'transformers') if m in sys.modules))"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip() == "[]", done.stderr  # no trainer pulled in at import time
+    proc, url = start(pipeline(tmp_path))
+    try:
+        c = JudgeClient(url)
+        # GRPO: prompts repeated per generation (conversational form), groups found by prompt
+        p1, p2 = [{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Name a colour"}]
+        comps = [[{"role": "assistant", "content": t}] for t in ("hi", "hello there", "blue", "red", "go away", "green")]
+        prompts = [p1, p1, p2, p2, p1, p2]
+        got = reward_function(url)(prompts, comps, completion_ids=None, trainer_state=None)
+        want1 = c.rewards(p1, ["hi", "hello there", "go away"])
+        want2 = c.rewards(p2, ["blue", "red", "green"])
+        assert got == pytest.approx([want1[0], want1[1], want2[0], want2[1], want1[2], want2[2]], abs=1e-12)
+        # the pairwise judge (TRL's BasePairwiseJudge interface): index of the better completion
+        judge = pairwise_judge(url)
+        pairs = [["hi", "go away"], ["go away", "hi"]]
+        picks = judge.judge(["Say hi", "Say hi"], pairs)
+        p_a = c.preference("Say hi", "hi", "go away")["p_a"]
+        assert picks == ([0, 1] if p_a >= 0.5 else [1, 0]) or p_a == 0.5
+        assert judge.judge(["Say hi"], [pairs[0]], return_scores=True) == [pytest.approx(p_a)]
+        # OpenRLHF --remote_rm_url: query = prompt + response, grouped by prompt
+        tp1, tp2 = "<user>Say hi</user>", "<user>Name a colour</user>"
+        body = {"query": [tp1 + "hi", tp2 + "blue", tp1 + "go away", tp2 + "red"], "prompts": [tp1, tp2, tp1, tp2],
+                "labels": ["hello there", "green", "hello there", "green"]}
+        r = c._http.post(url + "/v1/openrlhf", json=body).json()["rewards"]
+        g1, g2 = c.rewards(tp1, ["hi", "go away"]), c.rewards(tp2, ["blue", "red"])
+        assert r == pytest.approx([g1[0], g2[0], g1[1], g2[1]], abs=1e-12)
+        ref = c._http.post(url + "/v1/openrlhf?reference=labels", json=body).json()["rewards"]
+        assert ref[0] == pytest.approx(c.rewards(tp1, ["hi"], reference="hello there")[0], abs=1e-12)
+        bad = c._http.post(url + "/v1/openrlhf", json={**body, "prompts": ["nope"] * 4})
+        assert bad.status_code == 422 and "does not start with" in bad.json()["error"]
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+def test_remote_bind_needs_the_flag_and_a_token(tmp_path):
+    import httpx
+
+    yaml = pipeline(tmp_path)
+    refused = subprocess.run([sys.executable, "-m", "factory.cli", "serve", "judge", str(yaml), "--host", "0.0.0.0",
+                              "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert refused.returncode == 2 and "--allow-remote" in refused.stderr + refused.stdout
+    proc, url = start(yaml, "--host", "0.0.0.0", "--allow-remote", "--token", "s3cret")
+    try:
+        url = url.replace("0.0.0.0", "127.0.0.1")
+        assert httpx.post(url + "/v1/preference", json=PREF).status_code == 401
+        ok = httpx.post(url + "/v1/preference", json=PREF, headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

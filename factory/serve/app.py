@@ -155,7 +155,10 @@ class JudgeApp:
         fut = loop.create_future()
 
         def done(_t: Ticket) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            except RuntimeError:  # the request's event loop is gone (its client left): nothing to tell
+                pass
 
         ticket = Ticket(jobs=jobs, pairs=rows, done=done)
         self.batcher.submit(ticket)

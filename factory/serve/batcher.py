@@ -72,7 +72,10 @@ class Ticket:
     def finish(self) -> None:
         if not self._closed:
             self._closed = True
-            self.done(self)
+            try:
+                self.done(self)
+            except Exception:  # noqa: BLE001 - a caller's callback must never stop the engine loop
+                pass
 
 
 @dataclass
