@@ -389,3 +389,31 @@ def test_remote_bind_needs_the_flag_and_a_token(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def test_judgements_of_an_offline_run_answer_online_and_join_the_service_run(tmp_path):
+    from starlette.testclient import TestClient
+
+    from factory.runs import run
+    from factory.serve.service import Service
+
+    yaml = pipeline(tmp_path)  # its pairs file holds the pair ("a?", "x", "y")
+    offline = run(yaml, quiet=True)
+    svc = Service(yaml)
+    try:
+        client = TestClient(svc.app, base_url="http://127.0.0.1")
+        r = client.post("/v1/preference", json={"prompt": "a?", "responses": ["x", "y"]}).json()
+        assert svc.engine.requests == 0 and r["cached"] == 4  # found in the store by content key
+        assert client.get("/v1/stats").json()["linked"] == 4
+        fresh = client.post("/v1/preference", json={"prompt": "a?", "responses": ["y", "x"]}).json()
+        assert fresh["cached"] == 0 and svc.engine.requests == 4
+    finally:
+        svc.close()
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM run_items WHERE run_id = ? AND \"table\" = 'judgements'",
+                       [svc.run_id]).fetchone()[0] == 4
+    labels = dict(con.execute("SELECT pair_id, p_a FROM preferences WHERE run_id = ?", [svc.run_id]).fetchall())
+    offline_p = con.execute("SELECT p_a FROM preferences WHERE run_id = ? AND pair_id = ?",
+                            [offline.run_id, r["pair_id"]]).fetchone()[0]
+    assert labels[r["pair_id"]] == pytest.approx(offline_p) == pytest.approx(r["p_a"])
+    assert len(labels) == 2 and con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone() == (8, 8)
