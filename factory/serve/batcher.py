@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,43 +35,13 @@ from ..engines.base import Completion
 from ..runner import Job
 from ..store import TABLE_SCHEMAS
 from ..writer import Writer
+from .keyfilter import KeyFilter
 
 Value = tuple  # (status, p_a)
 
 
 class StoreFailed(Exception):
     """The writer could not commit (disk full, …): nothing more can be stored, so nothing more is answered."""
-
-
-class KeyFilter:
-    """A Bloom filter over content keys (hex sha256 prefixes, uniformly distributed: their own digits
-    are the hash functions). ``bits`` = 2^26 (8 MiB): false positives, which cost only a probe, stay
-    under 1e-4 at a million keys and ~5% at ten million."""
-
-    def __init__(self, bits: int = 1 << 26):
-        self.mask = bits - 1
-        self.bits = bytearray(bits >> 3)
-        self.n = 0
-
-    def _slots(self, key: str) -> tuple[int, int, int]:
-        m = self.mask
-        return int(key[0:8], 16) & m, int(key[8:16], 16) & m, int(key[16:24], 16) & m
-
-    def add(self, key: str) -> None:
-        for i in self._slots(key):
-            self.bits[i >> 3] |= 1 << (i & 7)
-        self.n += 1
-
-    def maybe(self, key: str) -> bool:
-        return all(self.bits[i >> 3] & (1 << (i & 7)) for i in self._slots(key))
-
-    def load(self, store: Any, model: str, sampling_hash: str) -> None:
-        """Every stored judgement key of this judge (other runs' and earlier lives of the service)."""
-        cur = store.con.execute("SELECT id FROM judgements WHERE model IS NOT DISTINCT FROM ? AND sampling_hash IS "
-                                "NOT DISTINCT FROM ?", [model, sampling_hash])
-        while batch := cur.fetchmany(65536):
-            for (key,) in batch:
-                self.add(key)
 
 
 @dataclass(eq=False)
@@ -408,12 +377,3 @@ class Batcher:
             if len(self._lru) > self.cache_size:
                 self._lru.popitem(last=False)
 
-
-def wait_idle(b: Batcher, timeout: float = 10.0) -> bool:
-    """Test helper: True once nothing is planned, in flight or uncommitted."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not b._planned and not b._inflight and not b._uncommitted and b._inbox.empty():
-            return True
-        time.sleep(0.01)
-    return False

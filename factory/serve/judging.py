@@ -73,6 +73,10 @@ def judge_plan(store: Any, lp: Any, engine: Any, run_id: str) -> JudgePlan:
     ctx, mode = judges.setup(store, engine, spec, run_id=run_id, constitution=lp.constitution,
                              template=lp.templates["judge"])
     rule = rule_for(store, lp.constitution, spec)
+    missing = [p.id for p in lp.constitution.principles if p.id not in rule.weights]
+    if missing:
+        raise StoreError(f"weight set '{rule.name}' has no weight for principle(s) {missing[:5]}; fit it again over "
+                         "this constitution or remove judge.weights")
     return JudgePlan(ctx=ctx, mode=mode, constitution=lp.constitution, spec=spec, rule=rule,
                      answer_rule=rule.with_(calibrate=False), model=engine.model, sampling_hash=ctx.sampling_hash)
 
