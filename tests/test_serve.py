@@ -236,26 +236,50 @@ def test_sigterm_finishes_and_exits_0(tmp_path):
     assert con.execute("SELECT count(*) FROM preferences").fetchone()[0] == 1
 
 
-def test_engine_death_exits_non_zero(tmp_path):
-    yaml = pipeline(tmp_path)
-    boot = ("import sys, factory.engines as E; from factory.engines.fake import FakeEngine; "
-            "E.BUILDERS['fake'] = lambda spec, model: FakeEngine(model=model, die_after=2); "
+def start_with(yaml: Path, engine_src: str) -> tuple[subprocess.Popen, str]:
+    """The CLI in a process whose fake engine is ``engine_src`` (an expression over FakeEngine, model)."""
+    boot = ("import sys, time, factory.engines as E; from factory.engines.fake import FakeEngine\n"
+            "class Slow(FakeEngine):\n    def _one(self, req):\n        time.sleep(0.05)\n        return super()._one(req)\n"
+            f"E.BUILDERS['fake'] = lambda spec, model: {engine_src}\n"
             "from factory.cli import app; sys.argv[0] = 'factory'; app()")
     proc = subprocess.Popen([sys.executable, "-c", boot, "serve", "judge", str(yaml), "--port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    url = None
-    while url is None:
+    while True:
         line = proc.stdout.readline()
         assert line, "service did not start"
         m = re.search(r"listening on (http://\S+)", line)
-        url = m and m.group(1)
+        if m:
+            return proc, m.group(1)
+
+
+def test_engine_death_exits_non_zero(tmp_path):
     import httpx
 
+    proc, url = start_with(pipeline(tmp_path), "FakeEngine(model=model, die_after=2)")
     r = httpx.post(url + "/v1/preference", json=PREF, timeout=30)
     assert r.status_code == 503 and "died" in r.json()["error"]
     out = proc.stdout.read()
     assert proc.wait(60) == 3, out
+
+
+def test_sigterm_drains_the_requests_in_flight(tmp_path):
+    import httpx
+
+    proc, url = start_with(pipeline(tmp_path), "Slow(model=model)")
+    bodies = [{"prompt": f"q{i}", "completions": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(httpx.post, url + "/v1/rewards", json=b, timeout=60) for b in bodies]
+        end = time.monotonic() + 30
+        while httpx.get(url + "/v1/stats").json()["in_progress"] < 4 and time.monotonic() < end:
+            time.sleep(0.02)  # 48 judgements at 0.05 s each: all four requests in flight
+        proc.send_signal(signal.SIGTERM)
+        codes = [f.result().status_code for f in futs]
+    assert codes == [200] * 4
+    assert proc.wait(60) == 0
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone() == (48, 48)
+    assert con.execute("SELECT status FROM runs WHERE kind = 'serve'").fetchone()[0] == "done"
 
 
 def test_kill_9_mid_load_and_restart_leaves_no_duplicates(tmp_path):
