@@ -191,16 +191,19 @@ def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
                   for i in range(n)]
         done = 0
         t0 = time.perf_counter()
+        duck = {}
         for frac in (0.1, 0.25, 0.5, 1.0):
             upto = int(n * frac)
             drive(svc, "/v1/preference", bodies[done:upto], clients)
             done = upto
             samples[f"{frac:.2f}"] = round(svc.rss_mb(), 1)
+            duck[f"{frac:.2f}"] = svc.stats()["duckdb_mb"]
         secs = time.perf_counter() - t0
         st = svc.stats()
     finally:
         code = svc.stop()
-    return {"requests": n, "cache_size": cache_size, "rss_mb": samples,
+    return {"requests": n, "cache_size": cache_size, "rss_mb": samples, "duckdb_mb": duck,
+            "duckdb_memory_limit": os.environ.get("FACTORY_DUCKDB_MEMORY", "128MB"),
             "rss_ratio_end_vs_10pct": round(samples["1.00"] / samples["0.10"], 3),
             "rss_ratio_end_vs_25pct": round(samples["1.00"] / samples["0.25"], 3),
             "judgements": st["judgements"], "requests_s": round(n / secs, 1), "exit_code": code}
@@ -278,6 +281,7 @@ def main() -> None:
     ap.add_argument("--memory-requests", type=int, default=20_000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--real", type=int, default=0, help="also the embedded model on vLLM: this many groups of 4")
+    ap.add_argument("--parts", default="throughput,memory,latency", help="which fake-engine parts to run")
     a = ap.parse_args()
     n_groups, n_mem, n_lat = (40, 2_000, 50) if a.quick else (a.groups, a.memory_requests, 300)
     out: dict = {"quick": a.quick}
@@ -285,16 +289,20 @@ def main() -> None:
         tmp = Path(d)
         gs = groups(n_groups, 8, "tp")
         fake = "{kind: fake, seed: 0}"
-        out["offline"] = offline(tmp, "offline", gs, 2, fake)
-        out["http_rewards"] = http_run(tmp, "http-rewards", gs, 2, fake, a.clients, path="/v1/rewards")
-        out["http_preference"] = http_run(tmp, "http-preference", gs, 2, fake, a.clients, path="/v1/preference")
-        for k in ("http_rewards", "http_preference"):
-            out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
-        print(json.dumps({k: out[k] for k in ("offline", "http_rewards", "http_preference")}), flush=True)
-        out["memory"] = memory(tmp, n_mem, a.clients, cache_size=10_000 if not a.quick else 1_000)
-        print(json.dumps(out["memory"]), flush=True)
-        out["latency"] = latency(tmp, n_lat, 8)
-        print(json.dumps(out["latency"]), flush=True)
+        parts = a.parts.split(",")
+        if "throughput" in parts:
+            out["offline"] = offline(tmp, "offline", gs, 2, fake)
+            out["http_rewards"] = http_run(tmp, "http-rewards", gs, 2, fake, a.clients, path="/v1/rewards")
+            out["http_preference"] = http_run(tmp, "http-preference", gs, 2, fake, a.clients, path="/v1/preference")
+            for k in ("http_rewards", "http_preference"):
+                out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
+            print(json.dumps({k: out[k] for k in ("offline", "http_rewards", "http_preference")}), flush=True)
+        if "memory" in parts:
+            out["memory"] = memory(tmp, n_mem, a.clients, cache_size=10_000 if not a.quick else 1_000)
+            print(json.dumps(out["memory"]), flush=True)
+        if "latency" in parts:
+            out["latency"] = latency(tmp, n_lat, 8)
+            print(json.dumps(out["latency"]), flush=True)
         if a.real:
             out["real"] = real(tmp, a.real, 8)
             print(json.dumps(out["real"]), flush=True)

@@ -199,6 +199,7 @@ class JudgeApp:
         s = asdict(self.batcher.stats)
         return JSONResponse({**s, "tokens": s["prompt_tokens"] + s["completion_tokens"], "run_id": self.run_id,
                              "in_progress": self.active, "queued_judgements": self.batcher.pending(),
+                             "rss_mb": _rss_mb(), "duckdb_mb": self._duckdb_mb(),
                              "refused": {str(k): v for k, v in self.refused.items()},
                              "uptime_s": round(time.time() - self.started, 1)})
 
@@ -253,6 +254,22 @@ class JudgeApp:
 
         await asyncio.gather(*(one(idx) for idx in groups.values()))
         return {"rewards": rewards}
+
+
+    def _duckdb_mb(self) -> float | None:
+        """DuckDB's own accounting of its memory (its buffer cache is capped by the store's memory limit)."""
+        try:
+            return round(self.batcher.store.one("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")[0] / 2**20, 1)
+        except Exception:  # noqa: BLE001 - a figure for operators, never a failed request
+            return None
+
+
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(round(int(x.split()[1]) / 1024, 1) for x in f if x.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _plain(prompt: Any) -> Any:
