@@ -441,3 +441,15 @@ def test_judgements_of_an_offline_run_answer_online_and_join_the_service_run(tmp
                             [offline.run_id, r["pair_id"]]).fetchone()[0]
     assert labels[r["pair_id"]] == pytest.approx(offline_p) == pytest.approx(r["p_a"])
     assert len(labels) == 2 and con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone() == (8, 8)
+
+
+def test_concurrent_requests_share_one_engine_stream(service):
+    """Every request of the service's life goes through one engine.generate call (one lazy stream):
+    the engine is never restarted per request, so a real engine's batch can stay full."""
+    svc, client = service()
+    bodies = [{"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda b: client.post("/v1/preference", json=b).status_code, bodies))
+    assert codes == [200] * 24
+    svc.close()
+    assert svc.engine.calls == [24 * 4]  # requests received per generate() call: one call, all of them
