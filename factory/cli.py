@@ -23,7 +23,7 @@ from .importer import app as constitution_app
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constitutional AI / RLAIF data factory.")
 model_app = typer.Typer(no_args_is_help=True, help="The embedded model and model names.")
 app.add_typer(model_app, name="model")
-app.add_typer(constitution_app, name="constitution")  # issue 21: `factory constitution import`
+app.add_typer(constitution_app, name="constitution")  # `factory constitution import`
 console = Console()
 err = Console(stderr=True)
 

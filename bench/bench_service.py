@@ -1,0 +1,314 @@
+"""The judge service (``factory serve judge``) against the offline runner, side by side in one run.
+
+    python bench/bench_service.py                  # fake engine: throughput, memory over 20,000 requests, latency, cache hits
+    python bench/bench_service.py --quick          # small sizes
+    python bench/bench_service.py --real 24        # also the embedded model on vLLM (24 groups of 4), offline vs HTTP
+
+1. Throughput, same workload both ways, fake engine: groups of k completions per prompt, every pair
+   judged for ``per_pair`` principles in both orders. Offline: a ``prefs`` run over a file holding
+   exactly those pairs (``factory run``, in this process). HTTP: a service subprocess on a fresh
+   database, C concurrent clients sending ``/v1/rewards`` (one group a request) and, separately,
+   ``/v1/preference`` (one pair a request). judgements/s = new judgements stored / wall seconds.
+2. Memory: the service's RSS (``/proc/PID/status``) while N distinct ``/v1/preference`` requests
+   arrive (new judgements each, written to DuckDB), sampled at 10%, 25%, 50%, 100%; the LRU of
+   answered judgements is capped (``--cache-size``) so its fill is over early.
+3. Latency of one pair (new judgements), alone and while C clients load the service; p50/p99.
+4. Cache hits: the same request again, median and p99 (client-side, through HTTP on loopback).
+
+Everything shares the machine's CPUs with the clients (2 cores here): the figures are a floor.
+Results go to bench/results/service.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, record  # noqa: E402
+
+CONSTITUTION = REPO / "constitutions/harmless.yaml"
+
+
+def pipeline(tmp: Path, name: str, pairs_file: Path, *, per_pair: int, engine: str) -> Path:
+    y = tmp / f"{name}.yaml"
+    y.write_text(f"kind: prefs\nname: {name}\nconstitution: {CONSTITUTION}\n"
+                 f"pairs: {{source: file, path: {pairs_file}, format: jsonl}}\njudge: {{per_pair: {per_pair}, seed: 0}}\n"
+                 f"engine: {engine}\ndb: {tmp}/{name}.duckdb\n")
+    return y
+
+
+def groups(n: int, k: int, tag: str) -> list[dict]:
+    return [{"prompt": f"{tag} question {g}: how should I handle situation {g}?",
+             "completions": [f"Answer {i} to {g}: " + " ".join(f"w{(g * 7 + i * 13 + j) % 97}" for j in range(40))
+                             for i in range(k)]} for g in range(n)]
+
+
+def pairs_file(path: Path, gs: list[dict]) -> int:
+    n = 0
+    with open(path, "w") as f:
+        for g in gs:
+            for a, b in itertools.combinations(g["completions"], 2):
+                f.write(json.dumps({"prompt": g["prompt"], "response_a": a, "response_b": b}) + "\n")
+                n += 1
+    return n
+
+
+class Service:
+    def __init__(self, yaml: Path, *args: str, timeout: float = 600):
+        self.proc = subprocess.Popen([sys.executable, "-m", "factory.cli", "serve", "judge", str(yaml), "--port", "0",
+                                      "--max-concurrent", "512", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        end, lines = time.monotonic() + timeout, []
+        while time.monotonic() < end:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                u = urlparse(m.group(1))
+                self.host, self.port = u.hostname, u.port
+                return
+        self.proc.kill()
+        raise RuntimeError("service did not start: " + "".join(lines[-20:]))
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=600)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stats(self) -> dict:
+        c = self.conn()
+        c.request("GET", "/v1/stats")
+        return json.loads(c.getresponse().read())
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(600)
+
+
+def post(c: http.client.HTTPConnection, path: str, body: dict) -> tuple[int, dict]:
+    c.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
+    r = c.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def drive(svc: Service, path: str, bodies: list[dict], clients: int, lat: list | None = None) -> float:
+    """Send ``bodies`` from ``clients`` threads (keep-alive connections); returns wall seconds."""
+    it = iter(bodies)
+    lock = threading.Lock()
+    bad: list = []
+
+    def worker() -> None:
+        c = svc.conn()
+        while True:
+            with lock:
+                body = next(it, None)
+            if body is None:
+                return
+            t = time.perf_counter()
+            code, got = post(c, path, body)
+            if lat is not None:
+                lat.append(time.perf_counter() - t)
+            if code != 200:
+                bad.append((code, got))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed, first: {bad[0]}")
+    return time.perf_counter() - t0
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def offline(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, engine_obj=None) -> dict:
+    from factory.kinds import run
+
+    f = tmp / f"{name}.jsonl"
+    n_pairs = pairs_file(f, gs)
+    s = run(pipeline(tmp, name, f, per_pair=per_pair, engine=engine), engine=engine_obj, quiet=True)
+    st = [x for x in s.stages if x.table == "judgements"][0]
+    return {"pairs": n_pairs, "judgements": st.written, "seconds": round(st.seconds, 2),
+            "judgements_s": round(st.written / st.seconds, 1)}
+
+
+def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, clients: int, *, path: str,
+             warm: list[dict] = ()) -> dict:
+    f = tmp / f"{name}.jsonl"
+    f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
+    svc = Service(pipeline(tmp, name, f, per_pair=per_pair, engine=engine))
+    try:
+        if warm:
+            drive(svc, "/v1/rewards", list(warm), 1)
+        before = svc.stats()["judgements"]
+        if path == "/v1/rewards":
+            bodies = gs
+        else:
+            bodies = [{"prompt": g["prompt"], "responses": [a, b]} for g in gs
+                      for a, b in itertools.combinations(g["completions"], 2)]
+        secs = drive(svc, path, bodies, clients)
+        n = svc.stats()["judgements"] - before
+    finally:
+        code = svc.stop()
+    return {"endpoint": path, "requests": len(bodies), "clients": clients, "judgements": n, "seconds": round(secs, 2),
+            "judgements_s": round(n / secs, 1), "exit_code": code}
+
+
+def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
+    f = tmp / "mem.jsonl"
+    f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
+    svc = Service(pipeline(tmp, "mem", f, per_pair=2, engine="{kind: fake, seed: 0}"), "--cache-size", str(cache_size))
+    samples = {}
+    try:
+        bodies = [{"prompt": f"memory question {i}", "responses": [f"answer a {i} " * 8, f"answer b {i} " * 8]}
+                  for i in range(n)]
+        done = 0
+        t0 = time.perf_counter()
+        duck = {}
+        for frac in (0.1, 0.25, 0.5, 1.0):
+            upto = int(n * frac)
+            drive(svc, "/v1/preference", bodies[done:upto], clients)
+            done = upto
+            samples[f"{frac:.2f}"] = round(svc.rss_mb(), 1)
+            duck[f"{frac:.2f}"] = svc.stats()["duckdb_mb"]
+        secs = time.perf_counter() - t0
+        st = svc.stats()
+    finally:
+        code = svc.stop()
+    return {"requests": n, "cache_size": cache_size, "rss_mb": samples, "duckdb_mb": duck,
+            "duckdb_memory_limit": os.environ.get("FACTORY_DUCKDB_MEMORY", "128MB"),
+            "rss_ratio_end_vs_10pct": round(samples["1.00"] / samples["0.10"], 3),
+            "rss_ratio_end_vs_25pct": round(samples["1.00"] / samples["0.25"], 3),
+            "judgements": st["judgements"], "requests_s": round(n / secs, 1), "exit_code": code}
+
+
+def latency(tmp: Path, n: int, clients: int) -> dict:
+    f = tmp / "lat.jsonl"
+    f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
+    svc = Service(pipeline(tmp, "lat", f, per_pair=2, engine="{kind: fake, seed: 0}"))
+    try:
+        c = svc.conn()
+        alone = []
+        for i in range(n):
+            t = time.perf_counter()
+            code, _ = post(c, "/v1/preference", {"prompt": f"alone {i}", "responses": [f"yes {i}", f"no {i}"]})
+            alone.append(time.perf_counter() - t)
+        hits = []
+        body = {"prompt": "alone 0", "responses": ["yes 0", "no 0"]}
+        for _ in range(n):
+            t = time.perf_counter()
+            code, got = post(c, "/v1/preference", body)
+            hits.append(time.perf_counter() - t)
+        assert got["cached"] == 4, got
+        stop = threading.Event()
+        load = groups(100_000, 8, "load")
+
+        def background() -> None:
+            bc = svc.conn()
+            for g in load:
+                if stop.is_set():
+                    return
+                post(bc, "/v1/rewards", g)
+
+        bg = [threading.Thread(target=background) for _ in range(clients)]
+        for t in bg:
+            t.start()
+        time.sleep(1.0)
+        loaded = []
+        for i in range(n):
+            t = time.perf_counter()
+            post(c, "/v1/preference", {"prompt": f"loaded {i}", "responses": [f"yes {i}", f"no {i}"]})
+            loaded.append(time.perf_counter() - t)
+        stop.set()
+        for t in bg:
+            t.join()
+    finally:
+        code = svc.stop()
+    return {"n": n, "load_clients": clients, "alone_p50_ms": round(pct(alone, 0.5), 2), "alone_p99_ms": round(pct(alone, 0.99), 2),
+            "loaded_p50_ms": round(pct(loaded, 0.5), 2), "loaded_p99_ms": round(pct(loaded, 0.99), 2),
+            "cache_hit_p50_ms": round(pct(hits, 0.5), 2), "cache_hit_p99_ms": round(pct(hits, 0.99), 2),
+            "exit_code": code}
+
+
+def real(tmp: Path, n_groups: int, clients: int) -> dict:
+    """Offline (a warmed engine in this process) vs HTTP (a warmed service subprocess) on the embedded model."""
+    from common import engine as make_engine
+
+    spec = "{kind: vllm, seed: 0, max_model_len: 2048, kv_cache_gib: 1.0}"
+    gs, warm = groups(n_groups, 4, "real"), groups(2, 4, "warm")
+    eng = make_engine(kv_cache_gib=1.0)
+    try:
+        offline(tmp, "realwarm", warm, 2, spec, eng)
+        off = offline(tmp, "realoff", gs, 2, spec, eng)
+    finally:
+        eng.close()
+    on = http_run(tmp, "realhttp", gs, 2, spec, clients, path="/v1/rewards", warm=warm)
+    return {"groups": n_groups, "k": 4, "offline": off, "http": on,
+            "http_vs_offline": round(on["judgements_s"] / off["judgements_s"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--groups", type=int, default=600, help="throughput: groups of 8 completions (28 pairs each)")
+    ap.add_argument("--memory-requests", type=int, default=20_000)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--real", type=int, default=0, help="also the embedded model on vLLM: this many groups of 4")
+    ap.add_argument("--parts", default="throughput,memory,latency", help="which fake-engine parts to run")
+    a = ap.parse_args()
+    n_groups, n_mem, n_lat = (40, 2_000, 50) if a.quick else (a.groups, a.memory_requests, 300)
+    out: dict = {"quick": a.quick}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        gs = groups(n_groups, 8, "tp")
+        fake = "{kind: fake, seed: 0}"
+        parts = a.parts.split(",")
+        if "throughput" in parts:
+            out["offline"] = offline(tmp, "offline", gs, 2, fake)
+            out["http_rewards"] = http_run(tmp, "http-rewards", gs, 2, fake, a.clients, path="/v1/rewards")
+            out["http_preference"] = http_run(tmp, "http-preference", gs, 2, fake, a.clients, path="/v1/preference")
+            for k in ("http_rewards", "http_preference"):
+                out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
+            print(json.dumps({k: out[k] for k in ("offline", "http_rewards", "http_preference")}), flush=True)
+        if "memory" in parts:
+            out["memory"] = memory(tmp, n_mem, a.clients, cache_size=10_000 if not a.quick else 1_000)
+            print(json.dumps(out["memory"]), flush=True)
+        if "latency" in parts:
+            out["latency"] = latency(tmp, n_lat, 8)
+            print(json.dumps(out["latency"]), flush=True)
+        if a.real:
+            out["real"] = real(tmp, a.real, 8)
+            print(json.dumps(out["real"]), flush=True)
+    path = record("service", out)
+    print(f"recorded in {path}")
+
+
+if __name__ == "__main__":
+    main()

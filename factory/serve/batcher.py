@@ -1,0 +1,379 @@
+"""Concurrent requests → judge jobs → one engine, kept full; every judgement stored before it is answered.
+
+A :class:`Ticket` is one HTTP request's judgements (the jobs of its pairs). The batcher runs one
+long-lived loop on a thread of its own, like :class:`factory.runner.Runner` over a run that never
+ends: ``engine.generate`` pulls from one lazy request stream, which takes new tickets from a queue,
+answers what it can from the store, and yields the rest's requests; ``None`` ("nothing right now")
+only while requests are in flight, so the engine steps; when nothing is in flight the stream blocks
+on the queue (no busy loop). Completions go to the project's writer thread
+(:class:`factory.writer.Writer`), one transaction per flush: judgements, the pairs they judge and
+the run's membership (``run_pairs``, ``run_items`` links for judgements another run made).
+
+Guarantee: **an answer is sent only after every judgement it reports is committed** (a ticket is
+resolved from the writer's committed tokens), so a crash or kill loses only unanswered work, and a
+restart finds every answered judgement by its key (no duplicates, no second engine call).
+
+Answers from the store: a bounded LRU of committed judgements (key → status, p_a) answers repeated
+requests in the HTTP thread without touching this loop; a key not in it is probed in DuckDB (one
+scan per batch of tickets) only when :class:`KeyFilter` says the store may hold it: a fixed-size
+Bloom filter of every key of this judge in the store (loaded with one scan at start, then every
+key committed), so a new key, the common case, costs no scan however large the store grows. A key
+already planned or in flight is not asked twice: later tickets wait for it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from ..engines.base import Completion
+from ..runner import Job
+from ..store import TABLE_SCHEMAS
+from ..writer import Writer
+from .keyfilter import KeyFilter
+
+Value = tuple  # (status, p_a)
+
+
+class StoreFailed(Exception):
+    """The writer could not commit (disk full, …): nothing more can be stored, so nothing more is answered."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's judgements. ``done`` is called once (from any thread) when all are committed
+    or the ticket failed (``error``)."""
+
+    jobs: list[Job]
+    pairs: list[dict]  # pair rows (status ok or skipped) to record with the run
+    done: Callable[["Ticket"], None] = lambda t: None
+    got: dict[str, Value] = field(default_factory=dict)
+    cached: int = 0
+    error: str | None = None
+    _missing: int = -1
+    _closed: bool = False
+
+    def resolve(self, key: str, value: Value) -> None:
+        if key not in self.got:
+            self.got[key] = value
+            self._missing -= 1
+            if self._missing == 0:
+                self.finish()
+
+    def fail(self, reason: str) -> None:
+        if not self._closed:
+            self.error = reason
+            self.finish()
+
+    def finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.done(self)
+            except Exception:  # noqa: BLE001 - a caller's callback must never stop the engine loop
+                pass
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    pairs: int = 0
+    judgements: int = 0  # new judgements stored
+    cache_hits: int = 0  # judgements answered from the store (LRU or DuckDB)
+    store_probes: int = 0
+    linked: int = 0  # judgements another run made, linked into this run
+    engine_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    transactions: int = 0
+    failed_judgements: int = 0
+
+
+class Batcher:
+    def __init__(self, store: Any, engine: Any, run_id: str, *, model: str, sampling_hash: str,
+                 cache_size: int = 100_000, chunk_rows: int = 1024, probe_batch: int = 4096,
+                 forget: Callable[[str], None] = lambda pair_id: None,
+                 on_fatal: Callable[[str], None] = lambda reason: None):
+        self.store, self.engine, self.run_id = store, engine, run_id
+        self.cache_size, self.chunk_rows, self.probe_batch = cache_size, chunk_rows, probe_batch
+        self.forget, self.on_fatal = forget, on_fatal
+        self.stats = Stats()
+        self.fatal: str | None = None
+        self.stopping = False
+        self._lock = threading.Lock()  # the LRU and stats counters touched from the HTTP thread
+        self._lru: OrderedDict[str, Value] = OrderedDict()
+        self._stored = KeyFilter()  # could the store hold this key? (no: a new judgement, no probe)
+        self._stored.load(store, model, sampling_hash)
+        self._inbox: queue.Queue[Ticket] = queue.Queue()
+        self._todo: deque[Job] = deque()
+        self._planned: dict[str, Job | None] = {}  # key -> job (to send / in flight / buffered), None: a link
+        self._waiters: dict[str, list[Ticket]] = {}
+        self._inflight: dict[str, Job] = {}
+        self._open: set[Ticket] = set()  # tickets handed to this loop and not finished
+        self._pairs_seen: OrderedDict[str, None] = OrderedDict()  # pairs recorded by this process (bounded)
+        self._buf: dict[str, list[dict]] = {"judgements": [], "pairs": [], "run_pairs": []}
+        self._links: list[str] = []
+        self._token: list[tuple[str, Value]] = []
+        self._uncommitted = 0
+        self._thread: threading.Thread | None = None
+        self._writer: Writer | None = None
+        self._stream_error: BaseException | None = None
+
+    # -- the HTTP side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="factory-serve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, ticket: Ticket) -> None:
+        """Answer ``ticket`` from the LRU at once when every judgement is there, else queue it."""
+        ticket._missing = len({j.key for j in ticket.jobs})
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.pairs += len(ticket.pairs)
+            if self.fatal:
+                ticket.fail(self.fatal)
+                return
+            if self.stopping:
+                ticket.fail("the service is stopping")
+                return
+            new_pairs = any(p["pair_id"] not in self._pairs_seen for p in ticket.pairs)
+            hits = [(j.key, self._lru.get(j.key)) for j in ticket.jobs] if not new_pairs else []
+            if not new_pairs and all(v is not None for _, v in hits):
+                for k, v in hits:
+                    self._lru.move_to_end(k)
+                self.stats.cache_hits += len(hits)
+                ticket.cached = len(hits)
+                fast = True
+            else:
+                fast = False
+        if fast:
+            ticket.got = dict(hits)
+            ticket._missing = 0
+            ticket.finish()
+            return
+        self._inbox.put(ticket)
+
+    def pending(self) -> int:
+        """Judgements waiting for the engine or the writer (the queue depth 429s are decided on)."""
+        return len(self._planned) + self._inbox.qsize()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Send nothing new once the queued tickets are planned; finish what is in flight, commit, return."""
+        self.stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _main(self) -> None:
+        reason = None
+        try:
+            with Writer(self.store) as self._writer:
+                self._reader = self.store.view()
+                try:
+                    for c in self.engine.generate(self._requests()):
+                        self._complete(c)
+                        self._maybe_flush()
+                except Exception as e:  # noqa: BLE001 - the engine (or our own planning) died
+                    if isinstance(e, StoreFailed):
+                        reason = f"store write failed: {e}"
+                    else:
+                        what = "internal error" if e is self._stream_error else "engine failed"
+                        reason = f"{what}: {type(e).__name__}: {str(e)[:400]}"
+                finally:
+                    try:
+                        self._flush()  # what completed is committed and its tickets answered
+                        self._writer.drain()
+                        self._commits()
+                    finally:
+                        self._reader.close()
+        except Exception as e:  # noqa: BLE001 - the writer failed (disk full): nothing more can be stored
+            reason = reason or f"store write failed: {type(e).__name__}: {str(e)[:400]}"
+        if reason is None and self._open:
+            reason = "the engine stopped answering"
+        if reason is not None:
+            with self._lock:
+                self.fatal = reason
+        for t in list(self._open):
+            t.fail(reason or "the service stopped before this request was judged")
+        while True:
+            try:
+                self._inbox.get_nowait().fail(reason or "the service is stopping")
+            except queue.Empty:
+                break
+        if reason is not None:
+            self.on_fatal(reason)
+
+    def _requests(self):
+        try:
+            yield from self._stream()
+        except BaseException as e:
+            self._stream_error = e
+            raise
+
+    def _stream(self):
+        while True:
+            self._commits()
+            self._take()
+            if self._todo:
+                job = self._todo.popleft()
+                try:
+                    req = job.build()
+                except Exception as e:  # noqa: BLE001 - one bad render is a failed row, not a dead service
+                    self._inflight[job.key] = job
+                    self._complete(Completion(key=job.key, status="failed", error=f"render: {type(e).__name__}: {e}"))
+                    continue
+                self._inflight[job.key] = job
+                self.stats.engine_requests += 1
+                yield req
+                continue
+            if self._inflight:
+                yield None
+                continue
+            self._maybe_flush(idle=True)
+            if self.stopping and not self._planned and not self._uncommitted and self._inbox.empty():
+                return
+            try:  # idle: wait for a ticket (or, while a commit is pending, poll for it)
+                t = self._inbox.get(timeout=0.001 if self._uncommitted else 0.05)
+                self._plan([t])
+            except queue.Empty:
+                pass
+
+    def _take(self) -> None:
+        got = []
+        while len(got) < self.probe_batch:
+            try:
+                got.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        if got:
+            self._plan(got)
+
+    def _plan(self, tickets: list[Ticket]) -> None:
+        """Answer what the LRU or the store holds; wait on keys already planned; plan the rest."""
+        need: list[tuple[Job, Ticket]] = []
+        for t in tickets:
+            if self.fatal:
+                t.fail(self.fatal)
+                continue
+            self._open.add(t)
+            for p in t.pairs:
+                self._record_pair(p)
+            for job in t.jobs:
+                v = self._lru.get(job.key)
+                if v is not None:
+                    self.stats.cache_hits += 1
+                    t.cached += 1
+                    t.resolve(job.key, v)
+                elif job.key in self._planned:
+                    self._waiters.setdefault(job.key, []).append(t)
+                else:
+                    need.append((job, t))
+            if not t.jobs:
+                t.finish()
+            self._settle(t)
+        found: dict[str, tuple] = {}
+        maybe = list({j.key for j, _ in need if self._stored.maybe(j.key)})
+        if maybe:
+            self.stats.store_probes += 1
+            found = self._reader.probe("judgements", maybe, "t.status, t.run_id, t.p_a")
+        for job, t in need:
+            if job.key in self._planned:
+                self._waiters.setdefault(job.key, []).append(t)
+                continue
+            hit = found.get(job.key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                t.cached += 1
+                v = (hit[0], hit[2])
+                if hit[1] == self.run_id:
+                    self._remember(job.key, v)
+                    t.resolve(job.key, v)
+                    self._settle(t)
+                    continue
+                self._planned[job.key] = None  # another run made it: linked into this run, answered at commit
+                self._links.append(job.key)
+                self._token.append((job.key, v))
+                self.stats.linked += 1
+            else:
+                self._planned[job.key] = job
+                self._todo.append(job)
+            self._waiters.setdefault(job.key, []).append(t)
+
+    def _settle(self, t: Ticket) -> None:
+        if t._closed:
+            self._open.discard(t)
+            for p in t.pairs:
+                self.forget(p["pair_id"])
+
+    def _record_pair(self, p: dict) -> None:
+        with self._lock:
+            if p["pair_id"] in self._pairs_seen:
+                return
+            self._pairs_seen[p["pair_id"]] = None
+            if len(self._pairs_seen) > self.cache_size:
+                self._pairs_seen.popitem(last=False)
+        self._buf["pairs"].append(p)
+        self._buf["run_pairs"].append({"run_id": self.run_id, "pair_id": p["pair_id"], "source_row": None})
+
+    def _complete(self, c: Completion) -> None:
+        job = self._inflight.pop(c.key)
+        rows = job.to_rows(job, c)
+        for r in rows:
+            r["chunk"] = None
+            if r["status"] != "ok":
+                self.stats.failed_judgements += 1
+        self._buf["judgements"].extend(rows)
+        self._token.append((job.key, (rows[0]["status"], rows[0]["p_a"])))
+        self.stats.judgements += 1
+        self.stats.prompt_tokens += c.prompt_tokens
+        self.stats.completion_tokens += c.completion_tokens
+
+    def _buffered(self) -> int:
+        return len(self._token) + len(self._buf["pairs"])
+
+    def _maybe_flush(self, idle: bool = False) -> None:
+        """Hand completed rows to the writer when it is idle, or when a chunk's worth waits and at most
+        one transaction is ahead (``put`` never blocks the engine: the writer holds one, queues one)."""
+        n = self._buffered()
+        if n and (self._uncommitted == 0 or (n >= self.chunk_rows and self._uncommitted < 2)):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffered():
+            return
+        tables = [(t, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS[t]), False)
+                  for t, rows in self._buf.items() if rows]
+        links = {(self.run_id, "judgements"): self._links} if self._links else {}
+        try:
+            self._writer.put(tables, links, [], self._token)
+        except Exception as e:  # noqa: BLE001 - an earlier transaction failed
+            raise StoreFailed(f"{type(e).__name__}: {str(e)[:400]}") from e
+        self._uncommitted += 1
+        self.stats.transactions += 1
+        self._buf = {"judgements": [], "pairs": [], "run_pairs": []}
+        self._links, self._token = [], []
+
+    def _commits(self) -> None:
+        """Answer the tickets whose judgements the writer has committed."""
+        for token in self._writer.committed():
+            self._uncommitted -= 1
+            for key, v in token:
+                self._planned.pop(key, None)
+                self._stored.add(key)
+                self._remember(key, v)
+                for t in self._waiters.pop(key, ()):
+                    t.resolve(key, v)
+                    self._settle(t)
+
+    def _remember(self, key: str, v: Value) -> None:
+        with self._lock:
+            self._lru[key] = v
+            self._lru.move_to_end(key)
+            if len(self._lru) > self.cache_size:
+                self._lru.popitem(last=False)
+
