@@ -12,9 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from .dedup import DecontamSpec, DedupSpec
 from .engines.base import Sampling
 from .yamlconf import load_yaml_model
 
+
+# Optional top-level sections that are part of a run's identity only when a pipeline uses them.
+OPTIONAL_SECTIONS = ("dedup", "decontaminate")
 
 # A run's name starts its run id and file names: letters, digits, ".", "_" and "-".
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short name for the run")]
@@ -52,12 +56,21 @@ class PromptSource(Strict):
 # ``kind`` may be left out and then means ``vllm``. ``factory.engines.make_engine`` builds each kind
 # with the builder registered under its name.
 
+class Price(Strict):
+    """What an engine's tokens cost, in $ per 1M tokens (issue 25: cost in summaries, status and cards)."""
+
+    prompt: float = Field(ge=0, description="$ per 1M prompt tokens")
+    completion: float = Field(ge=0, description="$ per 1M completion tokens")
+
+
 class EngineBase(Strict):
     """What every engine kind has."""
 
     kind: str  # each kind narrows it to its own name (declared here so it is listed first)
     seed: int = Field(0, description="engine seed; applied by the engine and part of every content key")
     max_model_len: int = Field(2048, ge=64, description="context length (a server's own figure wins)")
+    price: Price | None = Field(None, exclude=True, description="$ per 1M tokens, for cost reports (not part of "
+                                "the run id)")
 
 
 class FakeEngineSpec(EngineBase):
@@ -161,9 +174,16 @@ class RunConfig(Strict):
     chunk_rows: int = Field(1024, ge=1, description="rows per write transaction (not part of the run id)")
     chunk_inputs: int = Field(1024, ge=1, description="input records per chunk: the unit of planning and of the "
                               "completion records that let a restart skip finished work (not part of the run id)")
+    # issue 25: input screening (factory.dedup); left out of the snapshot when absent (run ids unchanged)
+    dedup: DedupSpec | None = Field(None, description="skip duplicate and near-duplicate input rows (factory.dedup)")
+    decontaminate: DecontamSpec | None = Field(None, description="skip input rows that overlap held-out sets")
 
     def snapshot(self) -> dict:
-        return json.loads(self.model_dump_json())
+        d = json.loads(self.model_dump_json())
+        for key in OPTIONAL_SECTIONS:
+            if d.get(key) is None:
+                d.pop(key, None)
+        return d
 
 
 class Pipeline(RunConfig):

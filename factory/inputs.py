@@ -65,6 +65,9 @@ def chunked(store: Store, run_id: str, stage: str, reader: Reader, parse: Callab
     ``expand(rows, index_of_first)`` into root jobs. ``index_of_first`` counts the rows admitted before
     (finished chunks contribute the count recorded with them), so order-based choices (round-robin
     principles) and ``limit`` stay the same across restarts."""
+    from .dedup import screen_for
+
+    screen = screen_for(store, run_id)  # dedup/decontamination (issue 25): None unless the pipeline asks
     accepted = 0
     counted = -1  # finished chunks below this index are already in `accepted`
     for raw in reader.chunks(chunk_size, done):
@@ -73,12 +76,13 @@ def chunked(store: Store, run_id: str, stage: str, reader: Reader, parse: Callab
         counted = raw.index
         if limit is not None and accepted >= limit:
             return
-        chunk = _plan_chunk(store, run_id, stage, reader, raw, parse, entity, expand, accepted, limit, to_entity)
+        chunk = _plan_chunk(store, run_id, stage, reader, raw, parse, entity, expand, accepted, limit, to_entity, screen)
         yield chunk  # the runner plans it before asking for the next one
         accepted += chunk.meta.get("n_valid", 0)
 
 
-def _plan_chunk(store, run_id, stage, reader, raw: RawChunk, parse, entity, expand, before, limit, to_entity):
+def _plan_chunk(store, run_id, stage, reader, raw: RawChunk, parse, entity, expand, before, limit, to_entity,
+                screen=None):
     meta = {**raw.meta, "fingerprint": reader.fingerprint}
 
     def plan() -> list[Job]:
@@ -88,6 +92,8 @@ def _plan_chunk(store, run_id, stage, reader, raw: RawChunk, parse, entity, expa
             last = rows[-1]["source_row"] if rows else -1
             skips = [s for s in skips if (s.row or 0) < last]
         ents = [to_entity(r) for r in rows] if to_entity else rows
+        if screen is not None:
+            ents = screen(store, entity, ents, skips, reader.source)
         kept = admit(store, run_id, entity, stage, ents, skips, reader.source)
         meta["n_valid"] = len(kept)
         return expand(kept, before)
