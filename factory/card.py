@@ -69,7 +69,7 @@ def latest_audit(store: Store, run_id: str) -> dict[str, Any] | None:
             "length_bias": {k: o.get("length", {}).get(k) for k in ("ai_p_prefers_longer", "human_p_prefers_longer")}}
 
 
-_BAR = re.compile(r"^\s*(kappa|κ|agreement)\s*(>=|>)\s*([0-9]*\.?[0-9]+)\s*$")
+_BAR = re.compile(r"^\s*(kappa|κ|agreement)\s*(>=|>)\s*(-?[0-9]*\.?[0-9]+)\s*$")
 
 
 def parse_bar(bar: str) -> tuple[str, str, float]:
