@@ -20,7 +20,7 @@ reason, counted in the summary, ``factory status`` and the dataset card, like an
   signature (that would have to be stored per row).
 - **decontaminate**: word n-grams (``ngram`` = 13 by default, as in the GPT-3 and Tulu 3 reports) of
   the row against every n-gram of the held-out texts; any shared n-gram:
-  ``contaminated: 13-gram overlap with <set> ("the shared words…")``. Held-out texts shorter than
+  ``contaminated: 13-gram overlap with held-out <file> line N`` (the held-out text's line). Held-out texts shorter than
   ``ngram`` words but at least ``min_words`` long are matched whole (an eval prompt of 10 words is
   contamination when a training row contains all 10 in order); shorter ones are not checked and
   counted. ``against`` names files (JSONL, JSONL.gz, text: every string value of a record is a
@@ -190,22 +190,23 @@ def _files(spec: str, repo_evals: Path) -> list[Path]:
     return [p]
 
 
-def read_heldout(path: Path) -> list[str]:
-    """Every text of a held-out file: the string values of each JSON record, or each line of a text file."""
+def read_heldout(path: Path) -> list[tuple[int, str]]:
+    """Every text of a held-out file with its line number: the string values of each JSON record, or
+    each line of a text file."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    out: list[str] = []
+    out: list[tuple[int, str]] = []
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             if ".json" in path.name:
                 try:
-                    out += _texts(json.loads(line))
+                    out += [(n, t) for t in _texts(json.loads(line))]
                 except json.JSONDecodeError:
-                    out.append(line)
+                    out.append((n, line))
             else:
-                out.append(line)
+                out.append((n, line))
     return out
 
 
@@ -215,7 +216,7 @@ class Heldout:
     array and the set each hash came from; plus how many texts were too short to check."""
 
     ngram: int
-    grams: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # k -> (sorted hashes, set index)
+    grams: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # k -> (sorted hashes, set, line)
     names: list[str] = field(default_factory=list)
     too_short: int = 0
     texts: int = 0
@@ -225,12 +226,12 @@ class Heldout:
         import numpy as np
 
         h = cls(spec.ngram)
-        per_k: dict[int, list[tuple[np.ndarray, int]]] = {}
+        per_k: dict[int, list[tuple[np.ndarray, int, int]]] = {}
         for name in spec.against:
             for path in _files(name, repo_evals):
                 h.names.append(str(path))
                 idx = len(h.names) - 1
-                for text in read_heldout(path):
+                for line, text in read_heldout(path):
                     words = WORD.findall(text.lower())
                     h.texts += 1
                     if len(words) < spec.min_words:
@@ -239,27 +240,28 @@ class Heldout:
                     k = min(len(words), spec.ngram)
                     w = _word_hashes(words)
                     g, _ = _grams(w, np.zeros(len(w), np.int64), k)
-                    per_k.setdefault(k, []).append((g, idx))
+                    per_k.setdefault(k, []).append((g, idx, line))
         for k, parts in per_k.items():
-            hashes = np.concatenate([g for g, _ in parts])
-            sets = np.concatenate([np.full(len(g), i, np.int32) for g, i in parts])
+            hashes = np.concatenate([g for g, _, _ in parts])
+            sets = np.concatenate([np.full(len(g), i, np.int32) for g, i, _ in parts])
+            lines = np.concatenate([np.full(len(g), n, np.int32) for g, _, n in parts])
             order = np.argsort(hashes, kind="stable")
-            h.grams[k] = (hashes[order], sets[order])
+            h.grams[k] = (hashes[order], sets[order], lines[order])
         return h
 
-    def find(self, w: np.ndarray, unit: np.ndarray) -> list[tuple[int, int, int]]:
-        """(word start, length k, set index) of held-out n-grams found in the words ``w``."""
+    def find(self, w: np.ndarray, unit: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(word start, length k, set index, line) of held-out n-grams found in the words ``w``."""
         import numpy as np
 
         hits = []
-        for k, (hashes, sets) in self.grams.items():
+        for k, (hashes, sets, lines) in self.grams.items():
             g, start = _grams(w, unit, k)
             if not len(g):
                 continue
             pos = np.searchsorted(hashes, g)
             pos[pos >= len(hashes)] = 0
             found = hashes[pos] == g
-            hits += [(int(start[i]), k, int(sets[pos[i]])) for i in np.nonzero(found)[0]]
+            hits += [(int(start[i]), k, int(sets[pos[i]]), int(lines[pos[i]])) for i in np.nonzero(found)[0]]
         return hits
 
 
@@ -323,12 +325,10 @@ class Screen:
         if not words:
             return {}
         out: dict[int, str] = {}
-        for start, k, s in self.heldout.find(_word_hashes(words), unit_of):
+        for start, k, s, line in sorted(self.heldout.find(_word_hashes(words), unit_of)):
             i = int(row_of[start])
-            if i not in out:
-                shown = " ".join(words[start:start + k])
-                out[i] = (f"contaminated: {k}-gram overlap with held-out {Path(self.heldout.names[s]).name} "
-                          f"(\"{shown[:80]}\")")
+            if i not in out:  # where to look, not the words (reasons are grouped with their numbers as N)
+                out[i] = f"contaminated: {k}-gram overlap with held-out {Path(self.heldout.names[s]).name} line {line}"
         return out
 
     def _duplicates(self, store, entity: str, rows: list[dict], bad: dict[int, str]) -> dict[int, str]:

@@ -22,11 +22,11 @@ CLEAN = [
 ]
 
 
-def eval_prompt(suite: str, lo: int, hi: int) -> str:
-    for line in (REPO / "data/evals" / f"{suite}.jsonl").read_text().splitlines():
+def eval_prompt(suite: str, lo: int, hi: int) -> tuple[str, int]:
+    for n, line in enumerate((REPO / "data/evals" / f"{suite}.jsonl").read_text().splitlines(), 1):
         rec = json.loads(line)
         if "prompt" in rec and lo <= len(re.findall(r"\w+", rec["prompt"])) <= hi:
-            return rec["prompt"]
+            return rec["prompt"], n
     raise AssertionError(f"no {suite} prompt of {lo}-{hi} words")
 
 
@@ -40,9 +40,9 @@ def skips(db, run_id) -> dict[int, str]:
 
 
 def test_decontamination_catches_a_planted_overlap_with_the_eval_suites(tmp_path):
-    long = eval_prompt("harmful", 16, 40)
+    long, long_line = eval_prompt("harmful", 16, 40)
     words = re.findall(r"\w+", long)
-    short = eval_prompt("benign", 8, 12)  # shorter than 13 words: matched whole
+    short, short_line = eval_prompt("benign", 8, 12)  # shorter than 13 words: matched whole
     rows = [pair(CLEAN[0], 0),
             pair(f"My friend asked me: {long.lower()} What should I tell them?", 1),  # the eval prompt inside
             pair(f"Someone wrote: {short} Is that fine?", 2),
@@ -53,8 +53,8 @@ def test_decontamination_catches_a_planted_overlap_with_the_eval_suites(tmp_path
     s = factory.run(path)
     got = skips(s.db, s.run_id)
     assert set(got) == {2, 3}, got  # JSONL rows are 1-based line numbers
-    assert "contaminated: 13-gram overlap with held-out harmful.jsonl" in got[2]
-    assert re.search(r"contaminated: \d+-gram overlap with held-out benign.jsonl", got[3])
+    assert got[2].endswith(f"contaminated: 13-gram overlap with held-out harmful.jsonl line {long_line}")
+    assert re.search(rf"contaminated: \d+-gram overlap with held-out benign.jsonl line {short_line}$", got[3])
     assert s.pairs == 3 and sum(s.input_skips.values()) == 2
     card_meta = factory.export("prefs", s.db, s.run_id, tmp_path / "ex")
     card = (card_meta.out / "README.md").read_text()
