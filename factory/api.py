@@ -332,6 +332,7 @@ class Audit:
     audit_id: str
     report: Path
     result: Any  # factory.audit.metrics.AuditResult
+    cost: dict | None = None  # tokens and $ of the audited run (factory.results.run_cost)
 
     @property
     def agreement(self) -> float:
@@ -356,7 +357,19 @@ def audit(pipeline: str | Path | None = None, *, db: str | Path | None = None, r
     from .audit.run import audit as run_audit
 
     audit_id, result, report = run_audit(pipeline, db=db, run_id=run, human_set=human, quiet=quiet, **options)
-    return Audit(audit_id, Path(report), result)
+    out = Audit(audit_id, Path(report), result)
+    with contextlib.suppress(Exception):  # the cost of the audited run's labels (a report: never fails the audit)
+        from .results import record_cost
+        from .store import Store
+
+        if pipeline is not None:
+            from .runs import load
+
+            db = load(pipeline)[1].cfg.db
+        with Store(db, read_only=True) as s:
+            audited = s.one("SELECT run_id FROM audits WHERE audit_id = ?", [audit_id])[0]
+        out.cost = record_cost(db, audited, _price_of(pipeline) if pipeline is not None else None)
+    return out
 
 
 def export(kind: Literal["prefs", "sft", "human"], db: str | Path | None, run: str | None, out: str | Path, *,

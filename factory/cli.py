@@ -549,10 +549,13 @@ def audit_cmd(pipeline: Optional[Path] = typer.Argument(None, help="a `kind: aud
               report_dir: Optional[Path] = typer.Option(None, help="HTML report folder (default: beside the db)"),
               quiet: bool = typer.Option(False, help="no progress bar")):
     """Label the human pairs (resumable), score the labels against humans, write the HTML report."""
-    from .audit.run import audit
+    from .api import audit
+    from .results import cost_line
 
-    audit(pipeline, db=db, run_id=run_id, human_set=human, quiet=quiet, naive_principle=naive_principle,
-          report_dir=report_dir)
+    a = audit(pipeline, db=db, run=run_id, human=human, quiet=quiet, naive_principle=naive_principle,
+              report_dir=report_dir)
+    if a.cost:
+        console.print("cost of the audited labels: " + cost_line(a.cost), markup=False, highlight=False)
 
 
 @audit_app.command("fit")

@@ -88,6 +88,9 @@ def run_tokens(store: Store, run_id: str) -> dict[str, int]:
         p, c = _sums(store, t, run_id)
         prompt, completion = prompt + p, completion + c
     labels = store.count("preferences", "run_id = ? AND p_a IS NOT NULL", [run_id])
+    if not labels:  # a run that stores no preferences (an audit): the pairs it judged
+        labels = store.one(f"SELECT count(DISTINCT pair_id) FROM {store.run_rows('judgements', '$run')} "
+                           "WHERE status = 'ok'", {"run": run_id})[0]
     return {"prompt_tokens": int(prompt), "completion_tokens": int(completion), "labels": int(labels)}
 
 

@@ -42,7 +42,7 @@ class VLLMEngine:
         extra: dict[str, Any] | None = None,
         max_pending: int = 4096,
     ):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM quiet unless `factory run --verbose` (INFO)
         import torch
         from vllm import LLM
 
