@@ -172,7 +172,7 @@ def plant(path: Path, every: int = 1000) -> int:
     return 2 * len(range(every, len(rows) - 1, every))
 
 
-def dedup_pass(tmp: Path, n: int) -> dict:
+def dedup_pass(tmp: Path, n: int, rounds: int = 2) -> dict:
     """The same pairs through the plain pipeline and through one with `dedup` (exact + MinHash 0.8) and
     `decontaminate` (data/evals and the hh-rlhf test file): wall time and peak RSS side by side, in
     alternating fresh processes and fresh databases (plain, screened, plain, screened)."""
@@ -182,7 +182,7 @@ def dedup_pass(tmp: Path, n: int) -> dict:
     screened = tmp / f"screened{n}.yaml"
     screened.write_text(plain.read_text().replace(f"scale{n}.duckdb", f"screened{n}.duckdb") + SCREEN)
     runs: dict[str, list[dict]] = {"plain": [], "screened": []}
-    for _ in range(2):
+    for _ in range(rounds):
         for name, pipe in (("plain", plain), ("screened", screened)):
             db = tmp / f"{'scale' if name == 'plain' else 'screened'}{n}.duckdb"
             db.unlink(missing_ok=True)
@@ -191,7 +191,8 @@ def dedup_pass(tmp: Path, n: int) -> dict:
             runs[name].append({**r, **db_facts(db)})
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
     skipped = best["screened"]["summary"].get("input_skips", 0)
-    out = {"pairs": n, "planted": planted, "skipped": skipped,
+    load = os.getloadavg()
+    out = {"pairs": n, "planted": planted, "skipped": skipped, "rounds": rounds, "load_avg_1_5_15": [round(x, 1) for x in load],
            "plain_s": round(best["plain"]["seconds"], 1), "screened_s": round(best["screened"]["seconds"], 1),
            "extra_time": round(best["screened"]["seconds"] / best["plain"]["seconds"] - 1, 3),
            "plain_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["plain"])),
@@ -234,11 +235,12 @@ def main() -> None:
     ap.add_argument("--real-pairs", type=int, help="hh-rlhf pairs for the real-engine pass (0: skip; default 48, quick 6)")
     ap.add_argument("--real-only", action="store_true", help="only the real-engine pass")
     ap.add_argument("--dedup", action="store_true", help="only the dedup + decontamination comparison")
+    ap.add_argument("--rounds", type=int, default=2, help="--dedup: alternating plain/screened rounds")
     a = ap.parse_args()
     if a.dedup:
         with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
             for n in a.sizes or ([2_000] if a.quick else [100_000]):
-                record("scale-dedup", {**dedup_pass(Path(tmp), n), "quick": a.quick})
+                record("scale-dedup", {**dedup_pass(Path(tmp), n, a.rounds), "quick": a.quick})
         return
     sizes = a.sizes or ([2_000, 10_000] if a.quick else [100_000, 1_000_000])
     real_pairs = a.real_pairs if a.real_pairs is not None else (6 if a.quick else 48)

@@ -68,7 +68,9 @@ class DedupSpec(Strict):
     near: float | None = Field(None, gt=0, lt=1, description="skip near-duplicates: MinHash Jaccard threshold, e.g. 0.8")
     num_perm: int = Field(64, ge=8, le=512, description="MinHash permutations (more: a sharper threshold, slower)")
     shingle: int = Field(3, ge=1, le=10, description="words per MinHash shingle")
-    on: Literal["all", "prompt"] = Field("all", description="all: prompt and responses; prompt: the prompt only")
+    on: Literal["all", "prompt"] = Field("prompt", description="prompt: the prompt/conversation (the default: a "
+                                         "prompt is labelled once); all: also both responses (a pair is a duplicate "
+                                         "only when its responses are too)")
 
 
 class DecontamSpec(Strict):
@@ -79,16 +81,19 @@ class DecontamSpec(Strict):
     ngram: int = Field(13, ge=3, le=50, description="words per n-gram (13: GPT-3, Tulu 3)")
     min_words: int = Field(8, ge=3, description="held-out texts shorter than ngram but at least this long are "
                            "matched whole; shorter ones are not checked")
-    on: Literal["all", "prompt"] = Field("all", description="all: prompt and responses; prompt: the prompt only")
+    on: Literal["all", "prompt"] = Field("prompt", description="prompt: the prompt/conversation (the default, as "
+                                         "Tulu 3 checks prompts); all: also both responses")
 
 
 # ------------------------------------------------------------------------------------ hashing
 
 
 def _word_hashes(words: list[str]) -> np.ndarray:
+    """crc32 of each word (stable across processes), each distinct word hashed once."""
     import numpy as np
 
-    return np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    table = {w: zlib.crc32(w.encode()) for w in set(words)}
+    return np.fromiter(map(table.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 def _grams(w: np.ndarray, unit: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,21 +142,22 @@ def _perms(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def minhash(shingles: np.ndarray, row_of: np.ndarray, n_rows: int, num_perm: int, batch: int = 4096) -> np.ndarray:
+def minhash(shingles: np.ndarray, row_of: np.ndarray, n_rows: int, num_perm: int, batch: int = 8192) -> np.ndarray:
     """(n_rows × num_perm) MinHash signatures: for each permutation ``h·a + b`` (mod 2^64), the minimum
     over a row's shingles (``row_of`` ascending; rows without shingles keep all-max signatures)."""
     import numpy as np
 
     a, b = _perms(num_perm)
-    sig = np.full((n_rows, num_perm), np.iinfo(np.uint64).max, np.uint64)
+    sig = np.full((num_perm, n_rows), np.iinfo(np.uint64).max, np.uint64)
     with np.errstate(over="ignore"):
-        for s in range(0, len(shingles), batch):  # bounded temporaries (batch × num_perm)
-            h = shingles[s:s + batch, None] * a + b
+        for s in range(0, len(shingles), batch):  # bounded temporaries (num_perm × batch), rows contiguous
+            h = a[:, None] * shingles[None, s:s + batch]
+            h += b[:, None]
             rows = row_of[s:s + batch]
             starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
             ids = rows[starts]
-            sig[ids] = np.minimum(sig[ids], np.minimum.reduceat(h, starts, axis=0))
-    return sig
+            sig[:, ids] = np.minimum(sig[:, ids], np.minimum.reduceat(h, starts, axis=1))
+    return np.ascontiguousarray(sig.T)
 
 
 def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -210,23 +216,31 @@ def read_heldout(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+BITS = 25  # the held-out prefilter: a bitmap of 2^25 bits (4 MiB) indexed by a hash's low bits
+
+
 @dataclass
 class Heldout:
-    """The n-grams of the held-out sets: per length k (``ngram``, or shorter whole texts), a sorted hash
-    array and the set each hash came from; plus how many texts were too short to check."""
+    """The held-out sets as sorted hash arrays: every ``ngram``-word n-gram of the long texts, and the
+    first ``min_words`` words of the shorter texts (with the whole text's length and hash, checked on
+    a match); a bitmap over both lets a row's n-grams be tested with one lookup each."""
 
     ngram: int
-    grams: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # k -> (sorted hashes, set, line)
+    min_words: int
+    long: tuple = ()  # (sorted hashes, set index, line)
+    short: tuple = ()  # (sorted prefix hashes, set index, line, length, whole-text hash)
     names: list[str] = field(default_factory=list)
     too_short: int = 0
     texts: int = 0
+    bitmap: Any = None
 
     @classmethod
     def build(cls, spec: DecontamSpec, repo_evals: Path) -> "Heldout":
         import numpy as np
 
-        h = cls(spec.ngram)
-        per_k: dict[int, list[tuple[np.ndarray, int, int]]] = {}
+        h = cls(spec.ngram, min(spec.min_words, spec.ngram))
+        longs: list[tuple] = []
+        shorts: list[tuple] = []
         for name in spec.against:
             for path in _files(name, repo_evals):
                 h.names.append(str(path))
@@ -234,34 +248,66 @@ class Heldout:
                 for line, text in read_heldout(path):
                     words = WORD.findall(text.lower())
                     h.texts += 1
-                    if len(words) < spec.min_words:
+                    if len(words) < h.min_words:
                         h.too_short += 1
                         continue
-                    k = min(len(words), spec.ngram)
                     w = _word_hashes(words)
-                    g, _ = _grams(w, np.zeros(len(w), np.int64), k)
-                    per_k.setdefault(k, []).append((g, idx, line))
-        for k, parts in per_k.items():
-            hashes = np.concatenate([g for g, _, _ in parts])
-            sets = np.concatenate([np.full(len(g), i, np.int32) for g, i, _ in parts])
-            lines = np.concatenate([np.full(len(g), n, np.int32) for g, _, n in parts])
+                    zero = np.zeros(len(w), np.int64)
+                    if len(words) >= spec.ngram:
+                        g, _ = _grams(w, zero, spec.ngram)
+                        longs.append((g, idx, line))
+                    else:
+                        prefix, _ = _grams(w[:h.min_words], zero[:h.min_words], h.min_words)
+                        whole, _ = _grams(w, zero, len(w))
+                        shorts.append((int(prefix[0]), idx, line, len(w), int(whole[0])))
+        if longs:
+            hashes = np.concatenate([g for g, _, _ in longs])
             order = np.argsort(hashes, kind="stable")
-            h.grams[k] = (hashes[order], sets[order], lines[order])
+            h.long = (hashes[order], np.concatenate([np.full(len(g), i, np.int32) for g, i, _ in longs])[order],
+                      np.concatenate([np.full(len(g), n, np.int32) for g, _, n in longs])[order])
+        if shorts:
+            shorts.sort()
+            cols = list(zip(*shorts))
+            h.short = (np.array(cols[0], np.uint64), np.array(cols[1], np.int64), np.array(cols[2], np.int64),
+                       np.array(cols[3], np.int64), np.array(cols[4], np.uint64))
+        h.bitmap = np.zeros(1 << (BITS - 3), np.uint8)
+        for arr in (h.long[:1] + h.short[:1]):
+            low = (arr & np.uint64((1 << BITS) - 1)).astype(np.int64)
+            np.bitwise_or.at(h.bitmap, low >> 3, (1 << (low & 7)).astype(np.uint8))
         return h
 
+    def _maybe(self, g: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        low = (g & np.uint64((1 << BITS) - 1)).astype(np.int64)
+        return np.nonzero(self.bitmap[low >> 3] & (1 << (low & 7)).astype(np.uint8))[0]
+
     def find(self, w: np.ndarray, unit: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """(word start, length k, set index, line) of held-out n-grams found in the words ``w``."""
+        """(word start, length, set index, line) of held-out texts found in the words ``w`` (``unit``: the
+        text each word belongs to; a match never spans two texts)."""
         import numpy as np
 
         hits = []
-        for k, (hashes, sets, lines) in self.grams.items():
-            g, start = _grams(w, unit, k)
-            if not len(g):
-                continue
-            pos = np.searchsorted(hashes, g)
-            pos[pos >= len(hashes)] = 0
-            found = hashes[pos] == g
-            hits += [(int(start[i]), k, int(sets[pos[i]]), int(lines[pos[i]])) for i in np.nonzero(found)[0]]
+        if self.long:
+            hashes, sets, lines = self.long
+            g, start = _grams(w, unit, self.ngram)
+            cand = self._maybe(g)
+            pos = np.searchsorted(hashes, g[cand]).clip(0, len(hashes) - 1)
+            for c, p in zip(cand[hashes[pos] == g[cand]], pos[hashes[pos] == g[cand]]):
+                hits.append((int(start[c]), self.ngram, int(sets[p]), int(lines[p])))
+        if self.short:
+            prefixes, sets, lines, lengths, wholes = self.short
+            g, start = _grams(w, unit, self.min_words)
+            cand = self._maybe(g)
+            for c in cand:
+                lo = np.searchsorted(prefixes, g[c])
+                while lo < len(prefixes) and prefixes[lo] == g[c]:  # verify the whole short text
+                    s0, n = int(start[c]), int(lengths[lo])
+                    if s0 + n <= len(w) and unit[s0] == unit[s0 + n - 1]:
+                        whole, _ = _grams(w[s0:s0 + n], unit[s0:s0 + n], n)
+                        if len(whole) and int(whole[0]) == int(wholes[lo]):
+                            hits.append((s0, n, int(sets[lo]), int(lines[lo])))
+                    lo += 1
         return hits
 
 
@@ -277,9 +323,19 @@ def _units(entity: str, row: dict, on: str) -> list[str]:
     return units + ([row.get("response_a") or "", row.get("response_b") or ""] if on == "all" else [])
 
 
+_PUNCT = str.maketrans({c: " " for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"})
+
+
+def normalised(units: list[str]) -> str:
+    """The text exact dedup compares: lower case, ASCII punctuation removed, whitespace collapsed (C-level
+    string operations only: no per-word Python)."""
+    return "\x1e".join(" ".join(u.lower().translate(_PUNCT).split()) for u in units)
+
+
 @dataclass
 class Screen:
-    """Screens one run's admitted rows (see the module docstring). Call with (entity, rows, skips, source)."""
+    """Screens one run's admitted rows (see the module docstring): ``screen(store, entity, rows, skips,
+    source)`` returns the rows kept and appends a skip per row rejected."""
 
     run_id: str
     dedup: DedupSpec | None
@@ -292,72 +348,84 @@ class Screen:
 
         if not rows:
             return rows
+        units: dict[str, list[list[str]]] = {}  # on -> per row, its texts
+        words: dict[str, tuple] = {}  # on -> (words, row of each word, unit of each word, word hashes)
+
+        def texts(on: str) -> list[list[str]]:
+            if on not in units:
+                units[on] = [_units(entity, r, on) for r in rows]
+            return units[on]
+
+        def tokens(on: str) -> tuple:
+            if on not in words:
+                words[on] = self._words(texts(on))
+            return words[on]
+
         bad: dict[int, str] = {}  # index in rows -> reason
         if self.heldout is not None:
-            for i, reason in self._contaminated(entity, rows).items():
-                bad[i] = reason
+            bad.update(self._contaminated(tokens(self.decon.on)))
         if self.dedup is not None:
-            for i, reason in self._duplicates(store, entity, rows, bad).items():
+            for i, reason in self._duplicates(store, rows, bad, texts, tokens).items():
                 bad.setdefault(i, reason)
         for i, reason in sorted(bad.items()):
             skips.append(Skip(rows[i]["source_row"], f"row {rows[i]['source_row']}: {reason}", source))
         return [r for i, r in enumerate(rows) if i not in bad]
 
-    def _words(self, entity: str, rows: list[dict], on: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """All words of the rows' texts, and per word its row and its unit (a text of a row)."""
+    @staticmethod
+    def _words(texts: list[list[str]]) -> tuple:
+        """All words of the rows' texts; per word its row and its unit (one text of a row); word hashes."""
         import numpy as np
 
         words: list[str] = []
-        row_of: list[int] = []
-        unit_of: list[int] = []
-        u = 0
-        for i, r in enumerate(rows):
-            for text in _units(entity, r, on):
+        counts: list[int] = []
+        for row in texts:
+            for text in row:
                 ws = WORD.findall(text.lower())
                 words += ws
-                row_of += [i] * len(ws)
-                unit_of += [u] * len(ws)
-                u += 1
-        return words, np.asarray(row_of, np.int64), np.asarray(unit_of, np.int64)
+                counts.append(len(ws))
+        unit_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        unit_row = np.repeat(np.arange(len(texts), dtype=np.int64), [len(row) for row in texts])
+        row_of = unit_row[unit_of] if len(unit_of) else np.empty(0, np.int64)
+        return words, row_of, unit_of, _word_hashes(words)
 
-    def _contaminated(self, entity: str, rows: list[dict]) -> dict[int, str]:
-        words, row_of, unit_of = self._words(entity, rows, self.decon.on)
+    def _contaminated(self, tok: tuple) -> dict[int, str]:
+        words, row_of, unit_of, w = tok
         if not words:
             return {}
         out: dict[int, str] = {}
-        for start, k, s, line in sorted(self.heldout.find(_word_hashes(words), unit_of)):
+        for start, k, s, line in sorted(self.heldout.find(w, unit_of)):
             i = int(row_of[start])
             if i not in out:  # where to look, not the words (reasons are grouped with their numbers as N)
                 out[i] = f"contaminated: {k}-gram overlap with held-out {Path(self.heldout.names[s]).name} line {line}"
         return out
 
-    def _duplicates(self, store, entity: str, rows: list[dict], bad: dict[int, str]) -> dict[int, str]:
+    def _duplicates(self, store, rows: list[dict], bad: dict[int, str], texts, tokens) -> dict[int, str]:
         import numpy as np
         import pyarrow as pa
 
-        spec = self.dedup
-        words, row_of, unit_of = self._words(entity, rows, spec.on)
-        n = len(rows)
-        keys: list[tuple[int, int, int]] = []  # (row index, band, hash)
+        spec, n = self.dedup, len(rows)
+        idx: list[np.ndarray] = []
+        band: list[np.ndarray] = []
+        hashes: list[np.ndarray] = []
         if spec.exact:
-            per_row: list[list[str]] = [[] for _ in range(n)]
-            for w, r in zip(words, row_of.tolist()):
-                per_row[r].append(w)
-            keys += [(i, EXACT_BAND, _h64(" ".join(ws))) for i, ws in enumerate(per_row)]
-        if self.bands is not None and words:
-            b, r = self.bands
-            w = _word_hashes(words)
-            k = spec.shingle
-            sh, start = _grams(w, row_of, k)  # shingles within a row (across its texts)
-            sig = minhash(sh, row_of[start], n, spec.num_perm)
-            short = np.bincount(row_of, minlength=n) < k  # rows too short for one shingle: exact covers them
-            bh = band_hashes(sig, b, r)
-            keys += [(i, j, int(bh[i, j])) for i in range(n) if not short[i] for j in range(b)]
-        if not keys:
+            idx.append(np.arange(n, dtype=np.int64))
+            band.append(np.full(n, EXACT_BAND, np.int16))
+            hashes.append(np.array([_h64(normalised(t)) for t in texts(spec.on)], np.int64))
+        if self.bands is not None:
+            words, row_of, _, w = tokens(spec.on)
+            if words:
+                b, r = self.bands
+                sh, start = _grams(w, row_of, spec.shingle)  # shingles within a row (across its texts)
+                bh = band_hashes(minhash(sh, row_of[start], n, spec.num_perm), b, r)
+                ok = np.nonzero(np.bincount(row_of[start], minlength=n) > 0)[0]  # rows with a shingle
+                idx.append(np.repeat(ok, b))
+                band.append(np.tile(np.arange(b, dtype=np.int16), len(ok)))
+                hashes.append(bh[ok].reshape(-1))
+        if not idx:
             return {}
-        src = [rows[i]["source_row"] for i, _, _ in keys]
-        probe = pa.table({"i": [i for i, _, _ in keys], "band": pa.array([b for _, b, _ in keys], pa.int16()),
-                          "h": pa.array([h for _, _, h in keys], pa.int64()), "source_row": src})
+        src = np.array([r["source_row"] for r in rows], np.int64)
+        i_all, band_all, h_all = np.concatenate(idx), np.concatenate(band), np.concatenate(hashes)
+        probe = pa.table({"i": i_all, "band": band_all, "h": h_all, "source_row": src[i_all]})
         store.con.register("_dedup_probe", probe)
         try:
             seen = store.con.execute("""SELECT p.i, p.band, min(d.source_row) FROM _dedup_probe p JOIN dedup_index d
@@ -366,32 +434,32 @@ class Screen:
         finally:
             store.con.unregister("_dedup_probe")
         earlier: dict[tuple[int, int], int] = {(i, b): s for i, b, s in seen}
+        by_row: dict[int, list[tuple[int, int]]] = {}
+        for i, b, h in zip(i_all.tolist(), band_all.tolist(), h_all.tolist()):
+            by_row.setdefault(i, []).append((b, h))
         out: dict[int, str] = {}
         first: dict[tuple[int, int], int] = {}  # (band, hash) -> first source_row kept in this chunk
-        by_row: dict[int, list[tuple[int, int]]] = {}
-        for i, band, h in keys:
-            by_row.setdefault(i, []).append((band, h))
         for i in sorted(by_row):  # in input order: a row is compared with the earlier rows and those kept before it
             me = rows[i]["source_row"]
-            for band, h in by_row[i]:
-                prev = earlier.get((i, band))
+            for b, h in by_row[i]:
+                prev = earlier.get((i, b))
                 if prev == me:  # this very row, indexed by an earlier try of this chunk (a restart)
                     prev = None
                 if prev is None:
-                    prev = first.get((band, h))
+                    prev = first.get((b, h))
                 if prev is not None and prev != me:
-                    out[i] = (f"duplicate of row {prev} (normalised text)" if band == EXACT_BAND else
+                    out[i] = (f"duplicate of row {prev} (normalised text)" if b == EXACT_BAND else
                               f"near-duplicate of row {prev} (MinHash, Jaccard ≳ {fmt_t(spec.near)})")
                     break
             if i not in out and i not in bad:
-                for band, h in by_row[i]:
-                    first.setdefault((band, h), me)
-        keep = [(band, h, rows[i]["source_row"]) for i, band, h in keys
-                if i not in out and i not in bad and (i, band) not in earlier]
-        if keep:
+                for b, h in by_row[i]:
+                    first.setdefault((b, h), me)
+        keep = [(b, h, rows[i]["source_row"]) for i in sorted(by_row) if i not in out and i not in bad
+                for b, h in by_row[i] if (i, b) not in earlier]
+        if keep:  # index the rows kept (once: a restarted chunk's rows are found as themselves)
             store.insert("dedup_index", pa.table({
                 "run_id": [self.run_id] * len(keep), "band": pa.array([k[0] for k in keep], pa.int16()),
-                "h": pa.array([k[1] for k in keep], pa.int64()), "source_row": [k[2] for k in keep]}))
+                "h": pa.array([k[1] for k in keep], pa.int64()), "source_row": pa.array([k[2] for k in keep], pa.int64())}))
         return out
 
 
