@@ -5,7 +5,7 @@ A pipeline may say::
     dedup: {exact: true, near: 0.8}                     # normalised-text and MinHash near-duplicates
     decontaminate: {against: [evals, ../shared/data/hh-rlhf/harmless-base-test.dev.jsonl.gz], ngram: 13}
 
-Each admitted chunk of prompts or pairs goes through :func:`screen` before it is stored
+Each admitted chunk of prompts or pairs goes through a :class:`Screen` (:func:`screen_for`) before it is stored
 (:func:`factory.inputs.chunked` calls it once per chunk); a row it rejects becomes a skip with its
 reason, counted in the summary, ``factory status`` and the dataset card, like any bad row:
 
@@ -29,9 +29,8 @@ reason, counted in the summary, ``factory status`` and the dataset card, like an
 State: the held-out n-grams are a sorted array held for the run (its size depends on the held-out
 sets, not on the run). The exact and band hashes of the rows kept so far live in DuckDB
 (``dedup_index``: one row per kept input row and band), so nothing in Python memory grows with the
-run; each chunk probes it with one join. What the row's text is: ``on: all`` (default) is the
-prompt or conversation plus, for pairs, both responses; ``on: prompt`` is the prompt/conversation only
-(so two pairs of different responses to one prompt are duplicates).
+run; each chunk probes it with one join. What the row's text is: ``on: prompt`` (default) is the
+prompt, or a pair's conversation (a prompt is labelled once); ``on: all`` adds both responses.
 """
 
 from __future__ import annotations

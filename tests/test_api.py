@@ -163,3 +163,15 @@ def test_constitution_header_says_pooling_weight_and_comments_are_not_hashed(tmp
         bare.write_text("\n".join(l for l in text.splitlines() if not l.startswith("#")) + "\n")
         h = load_constitution(src).hash
         assert load_constitution(old).hash == h == load_constitution(bare).hash
+
+
+def test_vllm_logging_is_quiet_unless_verbose():
+    """What `factory run` sets before vLLM is imported (its workers inherit the environment)."""
+    code = ("import os, factory.api as a; a.quiet_engines({v}); "
+            "print(os.environ['VLLM_LOGGING_LEVEL'], 'resource_tracker' in os.environ.get('PYTHONWARNINGS', ''))")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("VLLM_LOGGING_LEVEL", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = str(REPO)
+    quiet = subprocess.run([sys.executable, "-c", code.format(v=False)], env=env, capture_output=True, text=True)
+    loud = subprocess.run([sys.executable, "-c", code.format(v=True)], env=env, capture_output=True, text=True)
+    assert quiet.stdout.split() == ["ERROR", "True"], quiet.stderr
+    assert loud.stdout.split()[0] == "INFO", loud.stderr
