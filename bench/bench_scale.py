@@ -102,7 +102,7 @@ def factory(args: list[str], *, kill_after: float | None = None) -> dict:
     # hands to a child it starts (vfork + exec), e.g. the parent's count(DISTINCT id) over 8M rows
     peak_kb = int(own) if own else usage.ru_maxrss
     return {"seconds": time.time() - start, "start": start, "rc": proc.returncode, "stderr": text,
-            "peak_rss_mb": peak_kb / 1024}
+            "peak_rss_mb": peak_kb / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def db_facts(db: Path, run_id: str | None = None) -> dict:
@@ -195,10 +195,15 @@ def dedup_pass(tmp: Path, n: int, rounds: int = 2) -> dict:
     out = {"pairs": n, "planted": planted, "skipped": skipped, "rounds": rounds, "load_avg_1_5_15": [round(x, 1) for x in load],
            "plain_s": round(best["plain"]["seconds"], 1), "screened_s": round(best["screened"]["seconds"], 1),
            "extra_time": round(best["screened"]["seconds"] / best["plain"]["seconds"] - 1, 3),
+           # CPU seconds (user + system) of the run's process: what the factory itself did, less sensitive
+           # than wall time to other jobs on a shared machine
+           "plain_cpu_s": round(min(r["cpu_s"] for r in runs["plain"]), 1),
+           "screened_cpu_s": round(min(r["cpu_s"] for r in runs["screened"]), 1),
            "plain_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["plain"])),
            "screened_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["screened"])),
            "all_s": {k: [round(r["seconds"], 1) for r in v] for k, v in runs.items()}}
     out["rss_ratio"] = round(out["screened_peak_rss_mb"] / out["plain_peak_rss_mb"], 3)
+    out["extra_cpu"] = round(out["screened_cpu_s"] / out["plain_cpu_s"] - 1, 3)
     print("RESULT scale-dedup: " + json.dumps(out), flush=True)
     return out
 
