@@ -306,12 +306,14 @@ app.add_typer(eval_app, name="eval")
 def export_sft_cmd(db: Path = typer.Option(..., help="the DuckDB file"), run_id: str = typer.Option(..., "--run"),
                    out: Path = typer.Option(...), round_: Optional[list[int]] = typer.Option(None, "--round", help="default: the final round"),
                    principle: Optional[list[str]] = typer.Option(None, help="keep revisions addressing these ids"),
-                   include_failed: bool = typer.Option(False, help="also keep non-ok revisions that have text")):
-    """Revisions → `messages` (conversational SFT)."""
-    from .export import export_sft
+                   include_failed: bool = typer.Option(False, help="also keep non-ok revisions that have text"),
+                   push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also push to this Hub "
+                                                             "dataset repo (needs HF_TOKEN)")):
+    """Revisions → `messages` (conversational SFT), with a dataset card (README.md)."""
+    from .api import export
 
-    console.print(export_sft(db, run_id, out, rounds=round_ or None, principles=principle or None,
-                             include_failed=include_failed).summary())
+    console.print(export("sft", db, run_id, out, push_to_hub=push_to_hub, rounds=round_ or None,
+                         principles=principle or None, include_failed=include_failed).summary())
 
 
 @export_app.command("prefs")

@@ -131,3 +131,19 @@ def test_push_to_hub_goes_through_datasets(tmp_path, monkeypatch):
     n = datasets.load_from_disk(str(tmp_path / "x")).num_rows
     assert rows == [("rows", "me/prefs", n, {"token": "hf_test"})]
     assert cards[0][1] == "me/prefs" and cards[0][2].startswith("---") and s.run_id in cards[0][2]
+
+
+def test_sft_card_states_the_constitution_and_principles_of_the_revisions(tmp_path):
+    from conftest import write_pipeline
+
+    prompts = [{"prompt": f"Question number {i}: how do I fix a bike tyre?"} for i in range(4)]
+    s = factory.run(write_pipeline(tmp_path, prompts=prompts, engine="fake"))
+    r = factory.export("sft", s.db, s.run_id, tmp_path / "sft")
+    meta = front_matter((r.out / "README.md").read_text())
+    db = factory.open(s.db)
+    run = [x for x in db.runs().to_pylist() if x["run_id"] == s.run_id][0]
+    revs = db.revisions(s.run_id)
+    assert meta["factory"]["constitution"]["hash"] == run["constitution_hash"]
+    used = sorted({p for ids in revs.principle_ids for p in json.loads(ids)})
+    assert [p["id"] for p in meta["factory"]["principles"]] == used
+    assert meta["factory"]["rows"] == r.rows and meta["task_categories"] == ["text-generation"]
