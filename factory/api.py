@@ -36,7 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .runs import Summary
 
 
-class ApiError(Exception):
+from .store import StoreError  # noqa: E402  (duckdb/pyarrow: the API reads databases anyway)
+
+
+class ApiError(StoreError):
     """A misuse of the Python API that the message explains (an unknown table, a bad override)."""
 
 

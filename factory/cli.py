@@ -183,14 +183,18 @@ def print_summary(s) -> None:
 @user_errors
 def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB file"),
            run_id: Optional[str] = typer.Option(None, "--run", help="one run (default: all)"),
-           pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="read the database (and run) from this "
-                                                   "pipeline file instead of --db")):
+           pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="read the database and the run from this "
+                                                   "pipeline file instead of --db/--run")):
     """Progress of runs from the database: rows per table and status, finished chunks, skips, cost."""
     from .results import cost_line, run_cost
     from .store import Store
 
     if pipeline is not None:
-        db = Path(_pipeline_db(pipeline))
+        from .runs import load
+
+        lp = load(pipeline)[1]
+        db, lp.engine_model = Path(lp.cfg.db), lp.expected_engine_model()
+        run_id = run_id or (lp.run_id if lp.engine_model else None)  # a served model's run: all runs of the db
 
     with Store(db, read_only=True) as store:
         runs = store.con.execute(
