@@ -63,18 +63,24 @@ class Price(Strict):
     completion: float = Field(ge=0, description="$ per 1M completion tokens")
 
 
+def price_field():
+    """``price:`` of every engine kind (declared last in each kind, so error messages list the kind's own
+    keys first): left out of every dump, so never part of the run id or the stored engine settings."""
+    return Field(None, exclude=True, description="$ per 1M tokens {prompt, completion}, for cost reports "
+                 "(not part of the run id)")
+
+
 class EngineBase(Strict):
     """What every engine kind has."""
 
     kind: str  # each kind narrows it to its own name (declared here so it is listed first)
     seed: int = Field(0, description="engine seed; applied by the engine and part of every content key")
     max_model_len: int = Field(2048, ge=64, description="context length (a server's own figure wins)")
-    price: Price | None = Field(None, exclude=True, description="$ per 1M tokens, for cost reports (not part of "
-                                "the run id)")
 
 
 class FakeEngineSpec(EngineBase):
     kind: Literal["fake"] = "fake"
+    price: Price | None = price_field()
 
 
 class VLLMEngineSpec(EngineBase):
@@ -85,6 +91,7 @@ class VLLMEngineSpec(EngineBase):
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(None, ge=1)
+    price: Price | None = price_field()
 
 
 class RayEngineSpec(VLLMEngineSpec):
@@ -111,6 +118,7 @@ class OpenAIEngineSpec(EngineBase):
     prefill: Literal["auto", True, False] = Field(
         "auto", description="whether the endpoint continues a final assistant message (auto: detected at start-up)")
     tokenizer: str | None = Field(None, description="a local tokenizer folder for the served model (token ids without /tokenize)")
+    price: Price | None = price_field()
 
 
 def _default_kind(value):
