@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from .dedup import DecontamSpec, DedupSpec
+from .decontam import DecontamSpec
+from .dedup import DedupSpec
 from .engines.base import Sampling
 from .yamlconf import load_yaml_model
 
