@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+if __import__("os").environ.get("FACTORY_QUIET_VLLM") == "1":  # a vLLM worker of a quiet run (api.quiet_engines)
+    __import__("logging").getLogger("vllm").setLevel(40)  # ERROR
+
 _API = ("run", "open", "audit", "export", "Database", "Audit", "ApiError", "summary_dict")
 
 if TYPE_CHECKING:  # pragma: no cover

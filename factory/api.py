@@ -152,17 +152,25 @@ def _price_of(path: str | Path) -> dict | None:
 def quiet_engines(verbose: bool = False) -> None:
     """vLLM's own logging (start-up banners, Triton/NUMA notices, leaked-semaphore warnings) at ERROR
     unless ``verbose``; set before vLLM is imported, inherited by its worker processes."""
+    import logging
     import os
 
     if verbose:
         os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
+        os.environ.pop("FACTORY_QUIET_VLLM", None)
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warn = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ notices (NUMA binding)
+    os.environ["FACTORY_QUIET_VLLM"] = "1"  # read by factory/__init__ in vLLM's spawned workers, and the engine
+    # vLLM warns before it configures its logging (Triton on CPU): the logger's level stops those too
+    logging.getLogger("vllm").setLevel(logging.ERROR)
     have = os.environ.get("PYTHONWARNINGS", "")
-    if warn not in have:
-        os.environ["PYTHONWARNINGS"] = f"{have},{warn}" if have else warn
+    for warn in ("ignore::UserWarning:multiprocessing.resource_tracker",  # leaked semaphores at exit
+                 "ignore::FutureWarning:vllm.triton_utils.dispatcher"):  # torch.distributed.reduce_op
+        if warn not in have:
+            have = f"{have},{warn}" if have else warn
+    os.environ["PYTHONWARNINGS"] = have
 
 
 def summary_dict(summary: "Summary") -> dict[str, Any]:

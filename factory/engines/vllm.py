@@ -65,6 +65,8 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        if os.environ.get("FACTORY_QUIET_VLLM") == "1":  # no weight-loading progress bar unless --verbose
+            kwargs["use_tqdm_on_load"] = False
         kwargs.update(extra or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
