@@ -155,6 +155,7 @@ def quiet_engines(verbose: bool = False) -> None:
     import logging
     import os
 
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout keeps the results (`run --json`)
     if verbose:
         os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
         os.environ.pop("FACTORY_QUIET_VLLM", None)
