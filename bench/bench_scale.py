@@ -5,6 +5,7 @@
     python bench/bench_scale.py --sizes 20000   # any sizes
     python bench/bench_scale.py --real-pairs 0  # without the real-engine pass
     python bench/bench_scale.py --real-only     # only the real-engine pass
+    python bench/bench_scale.py --dedup --sizes 100000   # dedup + decontamination vs the plain run
 
 For each size, in fresh processes (peak RSS is the child's own): the full run (judgements/s, peak
 RSS), the database's bytes per judgement, a rerun with nothing left to do, and a run killed with
@@ -101,7 +102,7 @@ def factory(args: list[str], *, kill_after: float | None = None) -> dict:
     # hands to a child it starts (vfork + exec), e.g. the parent's count(DISTINCT id) over 8M rows
     peak_kb = int(own) if own else usage.ru_maxrss
     return {"seconds": time.time() - start, "start": start, "rc": proc.returncode, "stderr": text,
-            "peak_rss_mb": peak_kb / 1024}
+            "peak_rss_mb": peak_kb / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def db_facts(db: Path, run_id: str | None = None) -> dict:
@@ -153,6 +154,60 @@ def one_size(tmp: Path, n: int) -> dict:
     return out
 
 
+SCREEN = f"dedup: {{exact: true, near: 0.8}}\ndecontaminate: {{against: [evals, {HH}]}}\n"
+
+
+def plant(path: Path, every: int = 1000) -> int:
+    """Every ``every``-th pair becomes a re-cased, re-spaced copy of the pair before it, and the one after
+    it gets an eval prompt inside its prompt: the screens have something to find. Returns rows planted."""
+    evals = [json.loads(l)["prompt"] for l in (REPO / "data/evals/harmful.jsonl").read_text().splitlines()[1:]]
+    rows = path.read_text().splitlines()
+    for i in range(every, len(rows) - 1, every):
+        prev = json.loads(rows[i - 1])
+        rows[i] = json.dumps({k: "  " + v.upper() + " " for k, v in prev.items()})
+        nxt = json.loads(rows[i + 1])
+        nxt["prompt"] += " " + evals[(i // every) % len(evals)]
+        rows[i + 1] = json.dumps(nxt)
+    path.write_text("\n".join(rows) + "\n")
+    return 2 * len(range(every, len(rows) - 1, every))
+
+
+def dedup_pass(tmp: Path, n: int, rounds: int = 2) -> dict:
+    """The same pairs through the plain pipeline and through one with `dedup` (exact + MinHash 0.8) and
+    `decontaminate` (data/evals and the hh-rlhf test file): wall time and peak RSS side by side, in
+    alternating fresh processes and fresh databases (plain, screened, plain, screened)."""
+    make_pairs(tmp / f"pairs{n}.jsonl", n)
+    planted = plant(tmp / f"pairs{n}.jsonl")
+    plain = pipeline(tmp, n)
+    screened = tmp / f"screened{n}.yaml"
+    screened.write_text(plain.read_text().replace(f"scale{n}.duckdb", f"screened{n}.duckdb") + SCREEN)
+    runs: dict[str, list[dict]] = {"plain": [], "screened": []}
+    for _ in range(rounds):
+        for name, pipe in (("plain", plain), ("screened", screened)):
+            db = tmp / f"{'scale' if name == 'plain' else 'screened'}{n}.duckdb"
+            db.unlink(missing_ok=True)
+            r = factory(["run", str(pipe), "--quiet"])
+            assert r["rc"] == 0, r["stderr"]
+            runs[name].append({**r, **db_facts(db)})
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+    skipped = best["screened"]["summary"].get("input_skips", 0)
+    load = os.getloadavg()
+    out = {"pairs": n, "planted": planted, "skipped": skipped, "rounds": rounds, "load_avg_1_5_15": [round(x, 1) for x in load],
+           "plain_s": round(best["plain"]["seconds"], 1), "screened_s": round(best["screened"]["seconds"], 1),
+           "extra_time": round(best["screened"]["seconds"] / best["plain"]["seconds"] - 1, 3),
+           # CPU seconds (user + system) of the run's process: what the factory itself did, less sensitive
+           # than wall time to other jobs on a shared machine
+           "plain_cpu_s": round(min(r["cpu_s"] for r in runs["plain"]), 1),
+           "screened_cpu_s": round(min(r["cpu_s"] for r in runs["screened"]), 1),
+           "plain_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["plain"])),
+           "screened_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["screened"])),
+           "all_s": {k: [round(r["seconds"], 1) for r in v] for k, v in runs.items()}}
+    out["rss_ratio"] = round(out["screened_peak_rss_mb"] / out["plain_peak_rss_mb"], 3)
+    out["extra_cpu"] = round(out["screened_cpu_s"] / out["plain_cpu_s"] - 1, 3)
+    print("RESULT scale-dedup: " + json.dumps(out), flush=True)
+    return out
+
+
 def real_pass(tmp: Path, n_pairs: int) -> dict:
     """`factory run` of a preference pipeline on the real engine over ``n_pairs`` hh-rlhf pairs."""
     pipe = tmp / "real.yaml"
@@ -184,7 +239,14 @@ def main() -> None:
     ap.add_argument("--dir", help="work folder (default: a temporary one; 1M pairs need ~4 GB)")
     ap.add_argument("--real-pairs", type=int, help="hh-rlhf pairs for the real-engine pass (0: skip; default 48, quick 6)")
     ap.add_argument("--real-only", action="store_true", help="only the real-engine pass")
+    ap.add_argument("--dedup", action="store_true", help="only the dedup + decontamination comparison")
+    ap.add_argument("--rounds", type=int, default=2, help="--dedup: alternating plain/screened rounds")
     a = ap.parse_args()
+    if a.dedup:
+        with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+            for n in a.sizes or ([2_000] if a.quick else [100_000]):
+                record("scale-dedup", {**dedup_pass(Path(tmp), n, a.rounds), "quick": a.quick})
+        return
     sizes = a.sizes or ([2_000, 10_000] if a.quick else [100_000, 1_000_000])
     real_pairs = a.real_pairs if a.real_pairs is not None else (6 if a.quick else 48)
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:

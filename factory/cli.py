@@ -144,11 +144,20 @@ def show(row_id: str, db: Path = typer.Option(Path("data/demo.duckdb"), help="th
 @user_errors
 def run(pipeline: Path, quiet: bool = typer.Option(False, help="no progress bar"),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="run rows stored as failed again "
-                                          "(they count as done otherwise)")):
+                                          "(they count as done otherwise)"),
+        json_out: bool = typer.Option(False, "--json", help="print the summary (with the run id) as JSON only"),
+        verbose: bool = typer.Option(False, "--verbose", help="show vLLM's own log (quiet otherwise)")):
     """Run a pipeline (or continue it: stored rows are never recomputed)."""
-    from .kinds import run as run_any
+    from .api import run as api_run, summary_dict
 
-    summary = run_any(pipeline, quiet=quiet, retry_failed=retry_failed)
+    summary = api_run(pipeline, quiet=quiet or json_out, retry_failed=retry_failed, verbose=verbose)
+    if json_out:
+        import json
+
+        print(json.dumps(summary_dict(summary), indent=2))
+        if summary.status == "stopped":
+            raise typer.Exit(130)
+        return
     print_summary(summary)
     if summary.kind == "audit" and not quiet and summary.extra.get("result") is not None:
         from .audit.run import show as show_audit
@@ -181,9 +190,12 @@ def print_summary(s) -> None:
                       + "; ".join(f"{n}× {r}" for r, n in s.input_skips.items()), markup=False)
     for reason, n in s.failures.items():
         console.print(f"  {n}× {reason}", markup=False)
+    from .results import cost_line, fmt
+
     if s.labels:
-        console.print("preferences: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in s.labels.items()), markup=False)
+        console.print("preferences: " + ", ".join(f"{k} {fmt(v)}" for k, v in s.labels.items()), markup=False)
+    if s.extra.get("cost"):
+        console.print("cost: " + cost_line(s.extra["cost"]), markup=False, highlight=False)
     if s.error:
         err.print(f"[red]{s.status}[/red]: {s.error}", markup=True, highlight=False)
     console.print(f"database: [bold]{s.db}[/bold]")
@@ -192,12 +204,23 @@ def print_summary(s) -> None:
 @app.command()
 @user_errors
 def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB file"),
-           run_id: Optional[str] = typer.Option(None, "--run", help="one run (default: all)")):
-    """Progress of runs from the database: rows per table and status, finished chunks, skips."""
-    from .store import Store, StoreError
+           run_id: Optional[str] = typer.Option(None, "--run", help="one run (default: all)"),
+           pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="read the database and the run from this "
+                                                   "pipeline file instead of --db/--run")):
+    """Progress of runs from the database: rows per table and status, finished chunks, skips, cost."""
+    from .results import cost_line, run_cost
+    from .store import Store
+
+    if pipeline is not None:
+        from .kinds import load
+
+        lp = load(pipeline)[1]
+        db, lp.engine_model = Path(lp.cfg.db), lp.expected_engine_model()
+        run_id = run_id or (lp.run_id if lp.engine_model else None)  # a served model's run: all runs of the db
 
     with Store(db, read_only=True) as store:
         report = store.status_report(run_id)
+        costs = {r["run_id"]: cost_line(run_cost(store, r["run_id"])) for r in report}
     for r in report:
         t = Table(title=f"{r['run_id']} ({r['kind']}, {r['status']}) model={r['model']} constitution={r['constitution']}",
                   show_edge=False)
@@ -225,6 +248,55 @@ def status(db: Path = typer.Option(Path("data/demo.duckdb"), help="the DuckDB fi
             console.print(f"  [yellow]{r['coverage']}[/yellow]", highlight=False)
         for stage, reason, n in r["skips"]:
             console.print(f"  skipped input ({stage}): {n}× {reason}", markup=False)
+        console.print("  cost: " + costs[r["run_id"]], markup=False, highlight=False)
+
+
+def _pipeline_db(pipeline: Path) -> str:
+    from .kinds import load
+
+    return str(load(pipeline)[1].cfg.db)
+
+
+@app.command("labels")
+@user_errors
+def labels_cmd(db: Optional[Path] = typer.Option(None, help="the DuckDB file"),
+               run_id: Optional[str] = typer.Option(None, "--run", help="the prefs run (default: the only one)"),
+               pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="read the database from this pipeline"),
+               limit: int = typer.Option(20, help="rows shown (all rows go to --out)"),
+               width: int = typer.Option(40, help="characters kept of the prompt and each response"),
+               principles: bool = typer.Option(False, "--principles", help="also show the p_<principle> columns"),
+               out: Optional[Path] = typer.Option(None, help="write every row to a .csv, .parquet or .jsonl file")):
+    """The labels of a preference run, one row per pair: prompt, both responses, chosen, p_a, margin, tie,
+    orders agree, one column per principle (docs: Preference labels explains every column).
+
+    Example: factory labels --db data/hh.duckdb --run hh-prefs-6857ef6484 --limit 10
+    """
+    from .api import open as open_db
+    from .results import fmt
+
+    if db is None and pipeline is None:
+        raise typer.BadParameter("give --db or --pipeline")
+    table = open_db(db or _pipeline_db(pipeline)).preferences(run_id, truncate=None if out else width, as_="arrow")
+    if out is not None:
+        import pyarrow.csv as pcsv
+        import pyarrow.parquet as pq
+
+        writers = {".csv": lambda: pcsv.write_csv(table, out), ".parquet": lambda: pq.write_table(table, out),
+                   ".jsonl": lambda: table.to_pandas().to_json(out, orient="records", lines=True, force_ascii=False)}
+        if out.suffix not in writers:
+            raise typer.BadParameter(f"--out {out}: use a .csv, .parquet or .jsonl file")
+        writers[out.suffix]()
+        console.print(f"{fmt(table.num_rows)} pairs → {out}")
+        return
+    shown = [c for c in table.column_names if c != "pair_id" and (principles or not c.startswith("p_") or c == "p_a")]
+    table = table.select(shown)
+    t = Table(show_edge=False)
+    for col in table.column_names:
+        t.add_column(col, overflow="fold")
+    for row in table.slice(0, limit).to_pylist():
+        t.add_row(*(fmt(v) for v in row.values()))
+    console.print(t)
+    console.print(f"{fmt(min(limit, table.num_rows))} of {fmt(table.num_rows)} pairs; --out FILE writes them all")
 
 
 @model_app.command("pull")
@@ -260,12 +332,14 @@ app.add_typer(eval_app, name="eval")
 def export_sft_cmd(db: Path = typer.Option(..., help="the DuckDB file"), run_id: str = typer.Option(..., "--run"),
                    out: Path = typer.Option(...), round_: Optional[list[int]] = typer.Option(None, "--round", help="default: the final round"),
                    principle: Optional[list[str]] = typer.Option(None, help="keep revisions addressing these ids"),
-                   include_failed: bool = typer.Option(False, help="also keep non-ok revisions that have text")):
-    """Revisions → `messages` (conversational SFT)."""
-    from .export import export_sft
+                   include_failed: bool = typer.Option(False, help="also keep non-ok revisions that have text"),
+                   push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also push to this Hub "
+                                                             "dataset repo (needs HF_TOKEN)")):
+    """Revisions → `messages` (conversational SFT), with a dataset card (README.md)."""
+    from .api import export
 
-    console.print(export_sft(db, run_id, out, rounds=round_ or None, principles=principle or None,
-                             include_failed=include_failed).summary())
+    console.print(export("sft", db, run_id, out, push_to_hub=push_to_hub, rounds=round_ or None,
+                         principles=principle or None, include_failed=include_failed).summary())
 
 
 @export_app.command("prefs")
@@ -276,13 +350,20 @@ def export_prefs_cmd(db: Path = typer.Option(...), run_id: str = typer.Option(..
                      principle: Optional[list[str]] = typer.Option(None, help="re-aggregate over these principles"),
                      soft: str = typer.Option("none", help="none | bernoulli (sample the label from p_a)"),
                      seed: int = typer.Option(0),
+                     require_audit: Optional[str] = typer.Option(None, "--require-audit", help="refuse unless the labels' "
+                                                                 "latest audit meets this bar, e.g. \"kappa>=0.2\" or "
+                                                                 "\"agreement>=0.6\" (no audit: refused)"),
+                     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also push to this Hub "
+                                                               "dataset repo (needs HF_TOKEN)"),
                      complete_only: bool = typer.Option(False, help="leave out labels pooled from fewer principles "
                                                         "than were asked (a failed judgement or rationale)")):
-    """AI preferences → `prompt`/`chosen`/`rejected` (+ p_chosen)."""
-    from .export import export_prefs
+    """AI preferences → `prompt`/`chosen`/`rejected` (+ p_chosen), with a dataset card (README.md)."""
+    from .api import export
 
-    console.print(export_prefs(db, run_id, out, min_confidence=min_confidence, position_consistent_only=consistent_only,
-                               principles=principle or None, soft=soft, seed=seed, complete_only=complete_only).summary())
+    r = export("prefs", db, run_id, out, require_audit=require_audit, push_to_hub=push_to_hub,
+               min_confidence=min_confidence, position_consistent_only=consistent_only, principles=principle or None,
+               soft=soft, seed=seed, complete_only=complete_only)
+    console.print(r.summary())
 
 
 @export_app.command("human")
@@ -503,10 +584,13 @@ def audit_cmd(pipeline: Optional[Path] = typer.Argument(None, help="a `kind: aud
               report_dir: Optional[Path] = typer.Option(None, help="HTML report folder (default: beside the db)"),
               quiet: bool = typer.Option(False, help="no progress bar")):
     """Label the human pairs (resumable), score the labels against humans, write the HTML report."""
-    from .audit.run import audit
+    from .api import audit
+    from .results import cost_line
 
-    audit(pipeline, db=db, run_id=run_id, human_set=human, quiet=quiet, naive_principle=naive_principle,
-          report_dir=report_dir)
+    a = audit(pipeline, db=db, run=run_id, human=human, quiet=quiet, naive_principle=naive_principle,
+              report_dir=report_dir)
+    if a.cost:
+        console.print("cost of the audited labels: " + cost_line(a.cost), markup=False, highlight=False)
 
 
 @audit_app.command("fit")

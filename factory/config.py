@@ -12,9 +12,14 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
+from .decontam import DecontamSpec
+from .dedup import DedupSpec
 from .engines.base import Sampling
 from .yamlconf import load_yaml_model
 
+
+# Optional top-level sections that are part of a run's identity only when a pipeline uses them.
+OPTIONAL_SECTIONS = ("dedup", "decontaminate")
 
 # A run's name starts its run id and file names: letters, digits, ".", "_" and "-".
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short name for the run")]
@@ -65,6 +70,20 @@ class PromptSource(Strict):
 # ``kind`` may be left out and then means ``vllm``. ``factory.engines.make_engine`` builds each kind
 # with the builder registered under its name.
 
+class Price(Strict):
+    """What an engine's tokens cost, in $ per 1M tokens (issue 25: cost in summaries, status and cards)."""
+
+    prompt: float = Field(ge=0, description="$ per 1M prompt tokens")
+    completion: float = Field(ge=0, description="$ per 1M completion tokens")
+
+
+def price_field():
+    """``price:`` of every engine kind (declared last in each kind, so error messages list the kind's own
+    keys first): left out of every dump, so never part of the run id or the stored engine settings."""
+    return Field(None, exclude=True, description="$ per 1M tokens {prompt, completion}, for cost reports "
+                 "(not part of the run id)")
+
+
 class EngineBase(Strict):
     """What every engine kind has."""
 
@@ -95,6 +114,7 @@ class FakeEngineSpec(EngineBase):
 
     def expected_model(self, model: str) -> str | None:
         return model if model.startswith("fake:") else f"fake:{model}"
+    price: Price | None = price_field()
 
 
 class VLLMEngineSpec(EngineBase):
@@ -105,6 +125,7 @@ class VLLMEngineSpec(EngineBase):
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(None, ge=1)
+    price: Price | None = price_field()
 
     def expected_model(self, model: str) -> str | None:
         return _local_identity(model)
@@ -139,6 +160,7 @@ class OpenAIEngineSpec(EngineBase):
     model_id: str | None = Field(None, exclude=True, min_length=1, max_length=200,
                                  description="the served model's identity for row keys, e.g. my-rm@2026-12-01 "
                                  "(default: the server's id, with a weights fingerprint when it is a local folder)")
+    price: Price | None = price_field()
 
 
 def _default_kind(value):
@@ -205,10 +227,16 @@ class RunConfig(Strict):
     chunk_rows: int = Field(1024, ge=1, description="rows per write transaction (not part of the run id)")
     chunk_inputs: int = Field(1024, ge=1, description="input records per chunk: the unit of planning and of the "
                               "completion records that let a restart skip finished work (not part of the run id)")
+    # issue 25: input screening (factory.dedup); left out of the snapshot when absent (run ids unchanged)
+    dedup: DedupSpec | None = Field(None, description="skip duplicate and near-duplicate input rows (factory.dedup)")
+    decontaminate: DecontamSpec | None = Field(None, description="skip input rows that overlap held-out sets")
 
     def snapshot(self) -> dict:
         snap = json.loads(self.model_dump_json())
-        # issue 21: few-shot settings are part of the identity only when used (0 = none: old run ids stay)
+        for key in OPTIONAL_SECTIONS:  # dedup/decontaminate: part of the identity only when present
+            if snap.get(key) is None:
+                snap.pop(key, None)
+        # few-shot settings are part of the identity only when used (0 = none: old run ids stay)
         if not snap.get("few_shot"):
             snap.pop("few_shot", None)
         if isinstance(snap.get("judge"), dict) and not snap["judge"].get("few_shot"):

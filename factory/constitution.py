@@ -73,7 +73,7 @@ class Principle(BaseModel):
                                    "better follows this principle)")
     tags: list[str] = Field(default_factory=list, description="a list of short tags such as [harm, safety]")
     weight: float = Field(1.0, gt=0, allow_inf_nan=False,
-                          description="a relative sampling weight greater than 0 (default 1.0)")
+                          description="the pooling weight (how much this principle counts in a preference label), greater than 0 (default 1.0)")
 
     @field_validator("id")
     @classmethod

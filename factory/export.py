@@ -84,6 +84,12 @@ def _check_run(store: Store, run_id: str) -> str:
     return row[0]
 
 
+def _lineage(store: Store, run_id: str, kind: str) -> dict:
+    from .card import lineage
+
+    return lineage(store, run_id, kind)
+
+
 def _stream(store: Store, sql: str, params: dict) -> pa.RecordBatchReader:
     """The rows of ``sql`` as Arrow batches, read while they are written (an export of millions of
     pairs never holds all its rows in memory)."""
@@ -128,16 +134,21 @@ def _write(rows: pa.RecordBatchReader, out: str | Path, manifest: dict) -> tuple
         if shown:
             datasets.enable_progress_bars()
     (staging / MANIFEST).write_text(json.dumps({**manifest, "rows": n}, indent=2, default=str))
+    from .card import render_card  # the dataset card, from the same manifest (issue 25)
+
+    (staging / "README.md").write_text(render_card(json.loads(json.dumps({**manifest, "rows": n}, default=str))))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out, n
 
 
 def _finish(kind: str, rows: pa.Table | pa.RecordBatchReader, out: str | Path, dropped: dict[str, int],
-            source: dict) -> ExportResult:
+            source: dict, lin: dict | None = None) -> ExportResult:
     reader = rows.to_reader(BATCH_ROWS) if isinstance(rows, pa.Table) else rows
     manifest = {"kind": kind, "dropped": dropped, "source": source, "created_at": now().isoformat(),
                 "columns": reader.schema.names}
+    if lin is not None:  # the run's lineage (constitution, model, judge, audit, cost): export.json and the card
+        manifest.update(constitution=lin.get("constitution"), model=lin.get("engine_model"), lineage=lin)
     path, n = _write(reader, out, manifest)
     return ExportResult(kind, path, n, reader.schema.names, dropped, source)
 
@@ -195,10 +206,11 @@ def export_sft(db: str | Path, run_id: str, out: str | Path, *, rounds: Sequence
                               f"(rounds {keep}, principles {list(principles or []) or 'all'}; left out: {dropped})")
         source = {"db": str(db), "run_id": run_id, "rounds": keep, "principles": list(principles or []) or None,
                   "include_failed": include_failed}
+        lin = _lineage(store, run_id, "sft")  # before the rows stream (one open result per connection)
         return _finish("sft", _stream(store, f"""
             SELECT list_append(from_json(prompt_messages, {MSG_LIST}), {{'role': 'assistant', 'content': text}}) AS messages,
                    prompt_id, id AS revision_id, round, from_json(principle_ids, {STR_LIST}) AS principle_ids
-            FROM ({tagged}) WHERE reason IS NULL ORDER BY prompt_id, round, id""", params), out, dropped, source)
+            FROM ({tagged}) WHERE reason IS NULL ORDER BY prompt_id, round, id""", params), out, dropped, source, lin)
 
 
 # ------------------------------------------------------------------------------ preferences
@@ -288,8 +300,9 @@ def export_prefs(db: str | Path, run_id: str, out: str | Path, *, min_confidence
         source = {"db": str(db), "run_id": run_id, "min_confidence": min_confidence, "confidence_scale": "|p_a-0.5|*2",
                   "position_consistent_only": position_consistent_only, "principles": list(principles or []) or None,
                   "soft": soft, "seed": seed, **({"complete_only": True} if complete_only else {})}
+        lin = _lineage(store, run_id, "prefs")  # before the rows stream (one open result per connection)
         return _finish("prefs", _stream(store, f"SELECT {_PAIR_COLUMNS} FROM ({tagged}) WHERE reason IS NULL ORDER BY pair_id",
-                                        params), out, dropped, source)
+                                        params), out, dropped, source, lin)
 
 
 def human_pairs(spec: str | Path, *, limit: int | None = None, offset: int = 0,
@@ -345,3 +358,7 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 
 __all__ = ["ExportError", "ExportResult", "export_human", "export_prefs", "export_sft", "human_pairs", "read_manifest"]
+
+from .callable import make_callable  # noqa: E402  (issue 25: `factory.export(...)` is the API function)
+
+make_callable(__name__)

@@ -90,6 +90,9 @@ def chunked(store: Store, run_id: str, stage: str, reader: Reader, parse: Callab
     (finished chunks contribute the count recorded with them), so order-based choices (round-robin
     principles) and ``limit`` stay the same across restarts. A row whose texts pass ``max_chars``
     (:func:`factory.sources.text_limit` of the engine's context) is a skip before it is stored."""
+    from .dedup import screen_for
+
+    screen = screen_for(store, run_id)  # dedup/decontamination (issue 25): None unless the pipeline asks
     accepted = 0
     counted = -1  # finished chunks below this index are already in `accepted`
     for raw in reader.chunks(chunk_size, done):
@@ -99,7 +102,7 @@ def chunked(store: Store, run_id: str, stage: str, reader: Reader, parse: Callab
         if limit is not None and accepted >= limit:
             return
         chunk = _plan_chunk(store, run_id, stage, reader, raw, parse, entity, expand, accepted, limit, to_entity,
-                            max_chars)
+                            max_chars, screen)
         yield chunk  # the runner plans it before asking for the next one
         accepted += chunk.meta.get("n_valid", 0)
 
@@ -148,7 +151,7 @@ def _expand_each(store, run_id, stage, rows, expand, before, source) -> list[Job
 
 
 def _plan_chunk(store, run_id, stage, reader, raw: RawChunk, parse, entity, expand, before, limit, to_entity,
-                max_chars=None):
+                max_chars=None, screen=None):
     meta = {**raw.meta, "fingerprint": reader.fingerprint}
 
     def plan() -> list[Job]:
@@ -159,6 +162,8 @@ def _plan_chunk(store, run_id, stage, reader, raw: RawChunk, parse, entity, expa
             last = rows[-1]["source_row"] if rows else -1
             skips = [s for s in skips if (s.row or 0) < last]
         ents = _entities(rows, to_entity, skips, reader.source)
+        if screen is not None:
+            ents = screen(store, entity, ents, skips, reader.source)
         kept = admit(store, run_id, entity, stage, ents, skips, reader.source)
         meta["n_valid"] = len(kept)
         try:

@@ -268,6 +268,14 @@ MIGRATIONS.append([
        "order" VARCHAR, prior DOUBLE, n BIGINT)""",
 ])
 
+# issue 25: run prices (engine.price, recorded when a run finishes; not part of the run id) and the
+# dedup/decontamination index (factory.dedup: one row per kept input row and hash band, no key)
+MIGRATIONS.append([
+    """CREATE TABLE IF NOT EXISTS run_prices (run_id VARCHAR, prompt DOUBLE, completion DOUBLE,
+       recorded_at TIMESTAMPTZ)""",
+    """CREATE TABLE IF NOT EXISTS dedup_index (run_id VARCHAR, band SMALLINT, h BIGINT, source_row BIGINT)""",
+])
+
 # The Arrow schema rows of each generated table are written with.
 TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA, "rationales": RATIONALE_SCHEMA,
                  "judgements": JUDGEMENT_SCHEMA, "pairs": PAIR_SCHEMA,

@@ -22,6 +22,7 @@ Hostile input (alias bombs, deep nesting, huge files, Python tags) is bounded by
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import types
 import typing
@@ -308,7 +309,14 @@ def load_yaml_data(path: str | Path, limits: Limits = DEFAULT) -> tuple[Any, Mar
         col = start - (raw.rfind(b"\n", 0, start) + 1) + 1
         raise ConfigError(shown, f"not valid UTF-8 (byte 0x{raw[start]:02x}); save the file as UTF-8",
                           line, col) from None
-    return parse_yaml(text, shown, limits)
+    data, marks = parse_yaml(text, shown, limits)
+    overlay = OVERLAY.get()  # issue 25: factory.run(path, **overrides) (factory.api.overridden)
+    return (overlay(p, data), marks) if overlay is not None else (data, marks)
+
+
+# A function (path, data) -> data applied to every file load_yaml_data reads in this context: how
+# the Python API's ``factory.run(path, **overrides)`` changes a pipeline without writing a file.
+OVERLAY: contextvars.ContextVar[Any] = contextvars.ContextVar("factory_yaml_overlay", default=None)
 
 
 # ------------------------------------------------------------------------------- validation

@@ -10,3 +10,7 @@ from factory.audit.stats import bootstrap_mean_ci, exact_ci, versus_chance
 
 __all__ = ["AuditResult", "Block", "bootstrap_mean_ci", "calibration", "compute_audit", "exact_ci", "kappa",
            "versus_chance"]
+
+from factory.callable import make_callable  # noqa: E402  (issue 25: `factory.audit(...)` is the API function)
+
+make_callable(__name__)

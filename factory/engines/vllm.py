@@ -42,7 +42,7 @@ class VLLMEngine:
         extra: dict[str, Any] | None = None,
         max_pending: int = 4096,
     ):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM quiet unless `factory run --verbose` (INFO)
         import torch
         from vllm import LLM
 
@@ -65,6 +65,8 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        if os.environ.get("FACTORY_QUIET_VLLM") == "1":  # no weight-loading progress bar unless --verbose
+            kwargs["use_tqdm_on_load"] = False
         kwargs.update(extra or {})
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
