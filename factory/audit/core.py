@@ -137,7 +137,12 @@ def _audit(store: Store, run_id: str, set_id: str, rule: Any, naive_judgements: 
             "human set": f"{set_id} ({info['n_pairs']} pairs, {info['n_skipped']} rows skipped, from {info['source']})",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "skips": skips}
     title = f"Audit of {meta['model']} labels against human set {set_id}"
-    write_html(result, report, title=title, meta=meta)
+    sections = ()
+    if result.panel:
+        from .panel import panel_section_html
+
+        sections = (panel_section_html(result.panel),)
+    write_html(result, report, title=title, meta=meta, sections=sections)
     store.con.execute("INSERT OR REPLACE INTO audits VALUES (?, ?, ?, ?, ?, ?)",
                       [audit_id, run_id, set_id, now(), json.dumps(result.to_dict()), str(report)])
     return audit_id, result, str(report)
@@ -173,10 +178,29 @@ def show(audit_id: str, result: Any, report: str | Path, skips: list[dict[str, A
 
     console = Console()
     render_terminal(result, console)
+    panel = result.get("panel") if isinstance(result, dict) else getattr(result, "panel", None)
+    if panel:  # a panel run: its judges side by side
+        show_panel(panel, console)
     if skips:
         console.print(f"human rows skipped: {sum(s['count'] for s in skips)} ("
                       + "; ".join(f"{s['count']}× {s['reason']}" for s in skips) + ")", markup=False)
     console.print(f"audit {audit_id}: report {report}", markup=False, highlight=False)
+
+
+def show_panel(panel: dict[str, Any], console: Any) -> None:
+    """A panel's judges and the panel side by side, and the inter-judge figures, on the terminal."""
+    from rich.table import Table
+
+    from .panel import ROW_HEADER, panel_lines, panel_rows
+
+    t = Table(title="Judges side by side (each judge's own labels, and the panel's)")
+    for i, col in enumerate(ROW_HEADER):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for r in panel_rows(panel):
+        t.add_row(*(r[h] for h in ROW_HEADER))
+    console.print(t)
+    for line in panel_lines(panel):
+        console.print(line, markup=False)
 
 
 def load_result(db: str | Path, audit_id: str) -> dict[str, Any]:

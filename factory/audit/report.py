@@ -167,28 +167,13 @@ def render_terminal(result: Any, console: Console | None = None) -> None:
             t.add_row(*r)
         console.print(t)
     console.print(", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in d["counts"].items()), markup=False)
-    if d.get("panel"):  # a panel run: its judges side by side
-        from .panel import ROW_HEADER, panel_lines, panel_rows
-
-        t = Table(title="Judges side by side (each judge's own labels, and the panel's)")
-        for i, col in enumerate(ROW_HEADER):
-            t.add_column(col, justify="left" if i == 0 else "right")
-        for r in panel_rows(d["panel"]):
-            t.add_row(*(r[h] for h in ROW_HEADER))
-        console.print(t)
-        for line in panel_lines(d["panel"]):
-            console.print(line, markup=False)
     console.print(f"verdict: {verdict(d)}", markup=False)
 
 
-def _panel_html(panel: dict[str, Any]) -> str:
-    from .panel import panel_section_html
-
-    return panel_section_html(panel)
-
-
-def write_html(result: Any, path: str | Path, *, title: str, meta: dict[str, Any]) -> Path:
-    """Write one self-contained HTML report (inline CSS and SVG; no scripts, no external assets)."""
+def write_html(result: Any, path: str | Path, *, title: str, meta: dict[str, Any], sections: tuple[str, ...] = ()
+               ) -> Path:
+    """Write one self-contained HTML report (inline CSS and SVG; no scripts, no external assets);
+    ``sections``: HTML fragments placed after the summary (a panel's judges side by side)."""
     d = as_dict(result)
     meta = dict(meta)
     skips = meta.pop("skips", []) or []
@@ -199,7 +184,7 @@ def write_html(result: Any, path: str | Path, *, title: str, meta: dict[str, Any
         f"<p class='verdict'>{_e(verdict(d))}</p>",
         "<h2>Run</h2>", _kv_table(meta),
         "<h2>Summary</h2>", _summary_html(d),
-        *([_panel_html(d["panel"])] if d.get("panel") else []),
+        *sections,
         "<h2>Plots</h2><div class='plots'>",
         *(f"<figure>{svg}<figcaption>{_e(cap)}</figcaption></figure>" for cap, svg in plots),
         "</div><h2>Per principle</h2>", _table(PRINCIPLE_HEADER, principle_rows(d)),

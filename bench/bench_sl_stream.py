@@ -1,0 +1,103 @@
+"""The whole SL pipeline (answer → critique → revise, 2 rounds) streamed by the factory's runner vs a
+hand-written script that calls ``LLM.chat`` stage by stage, on the same engine, templates, prompts,
+principles and sampling.
+
+The script waits for every answer before any critique, for every critique before any revision: the
+engine's batch drains at each of the 5 stage boundaries. The runner sends a prompt's critique as
+soon as its answer is stored, so the batch stays full across stages. Passes alternate script /
+factory; the prefix cache is reset before each; a warm-up batch runs first. Generated tokens/s.
+
+    python bench/bench_sl_stream.py              # 64 prompts × 48 new tokens a stage
+    python bench/bench_sl_stream.py --quick      # 16 × 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, engine, hh_prompts, record
+
+ROUNDS = 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.quick:
+        a.prompts, a.max_tokens = 16, 16
+
+    from vllm import SamplingParams
+
+    from factory.constitution import load_constitution
+    from factory.engines.base import Sampling
+    from factory.runner import InputChunk, Runner
+    from factory.stages import sl
+    from factory.store import Store, content_key
+    from factory.templates import load_template
+
+    eng = engine()
+    const = load_constitution(REPO / "constitutions/harmless.yaml")
+    t = {s: load_template(REPO / f"prompts/{s}.j2") for s in ("answer", "critique", "revise")}
+    convs = hh_prompts(a.prompts)
+    sampling = Sampling(max_tokens=a.max_tokens, temperature=0.7, top_p=0.95)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.7, top_p=0.95)
+    eng.llm.chat([t["answer"].render(conversation=c) for c in convs[:8]], params, use_tqdm=False)  # warm-up
+
+    def chat(messages: list[list[dict]]) -> tuple[list[str], int]:
+        outs = eng.llm.chat(messages, params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def script(rep: int) -> tuple[int, float]:
+        eng.llm.reset_prefix_cache()
+        ids = [content_key(rep, c) for c in convs]
+        start = time.perf_counter()
+        heads, tokens = chat([t["answer"].render(conversation=c) for c in convs])
+        for r in range(1, ROUNDS + 1):
+            ps = [sl.principles_for(const, "random", 1, 0, pid, i, r)[0] for i, pid in enumerate(ids)]
+            crits, n1 = chat([t["critique"].render(conversation=c, response=h, principle=p, round=r)
+                              for c, h, p in zip(convs, heads, ps)])
+            heads, n2 = chat([t["revise"].render(conversation=c, response=h, critiques=[{"principle": p, "text": x}],
+                                                 round=r) for c, h, p, x in zip(convs, heads, ps, crits)])
+            tokens += n1 + n2
+        return tokens, time.perf_counter() - start
+
+    def factory(rep: int) -> tuple[int, float]:
+        eng.llm.reset_prefix_cache()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Store(Path(tmp) / "b.duckdb", writer_run="bench")
+            ctx = sl.Ctx(run_id="bench", model=eng.model, seed=eng.seed, constitution=const, templates=t,
+                         sampling={s: sampling for s in sl.STAGES}, sampling_hash={s: s for s in sl.STAGES},
+                         rounds=ROUNDS, strategy="random", per_round=1)
+            prompts = [(content_key(rep, c), c, i) for i, c in enumerate(convs)]
+            start = time.perf_counter()
+            runner = Runner(store, eng, "bench", stage="prompts")
+            runner.run([InputChunk(0, {}, lambda: sl.answer_jobs(ctx, prompts))])
+            dt = time.perf_counter() - start
+            tokens = sum(s.completion_tokens for s in runner.stats.values())
+            store.close()
+            return tokens, dt
+
+    rows = []
+    for rep in range(a.reps):
+        st, ss = script(rep)
+        ft, fs = factory(rep)
+        rows.append((st / ss, ft / fs))
+        print(f"pass {rep}: script {st} tok in {ss:.1f}s = {st / ss:.0f} tok/s | factory {ft} tok in {fs:.1f}s = "
+              f"{ft / fs:.0f} tok/s", flush=True)
+    s_tps, f_tps = max(r for r, _ in rows), max(f for _, f in rows)
+    print(f"RESULT sl-stream: script {s_tps:.0f} tok/s, factory {f_tps:.0f} tok/s, ratio {f_tps / s_tps:.3f}")
+    record("sl_stream", {"prompts": a.prompts, "max_tokens": a.max_tokens, "rounds": ROUNDS,
+                         "script_tok_s": round(s_tps, 1), "factory_tok_s": round(f_tps, 1),
+                         "ratio": round(f_tps / s_tps, 3), "quick": a.quick})
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
