@@ -294,8 +294,10 @@ def wide(monkeypatch):
     """The CLI's consoles wide enough that paths and messages are not wrapped in captured output."""
     from factory import cli
 
-    monkeypatch.setattr(cli.console, "width", 1000)
-    monkeypatch.setattr(cli.err, "width", 1000)
+    # the private field, so that undoing restores "no fixed width" (undoing the `width` property would
+    # fix the width at whatever the console measured when the test started)
+    monkeypatch.setattr(cli.console, "_width", 1000)
+    monkeypatch.setattr(cli.err, "_width", 1000)
 
 
 def invoke(args: list[str]):
