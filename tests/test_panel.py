@@ -328,3 +328,16 @@ def test_a_finished_run_whose_input_grew_runs_again(tmp_path):
         f.write('{"prompt": "And one more question?"}\n')
     again = prefs.run(path, quiet=True)
     assert not again.extra.get("noop") and again.prompts == first.prompts + 1
+
+
+def test_each_judge_may_judge_in_its_own_mode(tmp_path):
+    """A judge's own `judge:` settings (here: sampled votes, 3 of them) apply to its judgements only."""
+    judges = JUDGES.replace("weight: 2}", "weight: 2, judge: {mode: vote, vote: {votes: 3}}}")
+    prefs.run(panel_yaml(tmp_path, judges=judges), quiet=True)
+    rows = query(tmp_path / "out.duckdb", """SELECT model, count(*), count(verdicts), max(json_array_length(verdicts))
+                                            FROM judgements GROUP BY 1 ORDER BY 1""")
+    (m1, n1, v1, _), (m2, n2, v2, votes) = rows
+    assert (m1, m2) == ("fake:judge-one", "fake:judge-two") and n1 == n2 > 0
+    assert v1 == 0 and v2 == n2 and votes == 3
+    modes = dict(query(tmp_path / "out.duckdb", "SELECT judge, mode FROM run_judges"))
+    assert modes == {"j1": "logprob", "j2": "vote"}
