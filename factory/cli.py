@@ -64,8 +64,11 @@ def validate(path: Path):
         c = load_constitution(path)
         console.print(f"ok, {len(c.principles)} principles ({c.name} v{c.version}, hash {c.hash})")
     else:
-        from .runs import load
+        from .runs import get_kind, kind_of, load
 
+        if getattr(get_kind(kind_of(path)), "standalone", False):  # issue 23: a recipe
+            console.print(get_kind(kind_of(path)).validate_path(path))
+            return
         kind, lp = load(path)
         lp.engine_model = lp.expected_engine_model()
         rid = lp.run_id if lp.engine_model else "known once the engine says which model it serves"
@@ -127,6 +130,10 @@ def run(pipeline: Path, quiet: bool = typer.Option(False, help="no progress bar"
     from .runs import run as run_any
 
     summary = run_any(pipeline, quiet=quiet, retry_failed=retry_failed)
+    if summary.kind == "recipe":  # issue 23
+        from .recipes.cli import print_recipe
+
+        return print_recipe(summary, pipeline)
     print_summary(summary)
     if summary.kind == "audit" and not quiet and summary.extra.get("result") is not None:
         from .audit.run import show as show_audit
@@ -229,6 +236,9 @@ def model_path(name: str = typer.Argument(None)):
 export_app = typer.Typer(no_args_is_help=True, help="DuckDB runs → Hugging Face datasets in TRL formats.")
 train_app = typer.Typer(no_args_is_help=True, help="TRL training from a YAML config (train/*.yaml).")
 eval_app = typer.Typer(no_args_is_help=True, help="Trained models: human labels (rm, dpo), behaviour, best-of-n.")
+from .recipes.cli import lineage_cmd  # noqa: E402  (issue 23: `factory lineage ID`)
+
+app.command("lineage")(user_errors(lineage_cmd))
 app.add_typer(export_app, name="export")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")

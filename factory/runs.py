@@ -31,7 +31,8 @@ from .store import Store, StoreError, now
 from .templates import Template
 
 # kind name -> module defining ``KIND`` (imported only when a pipeline of that kind is used)
-KIND_MODULES = {"sl": "factory.pipeline", "prefs": "factory.prefs", "audit": "factory.audit.run"}
+KIND_MODULES = {"sl": "factory.pipeline", "prefs": "factory.prefs", "audit": "factory.audit.run",
+                "recipe": "factory.recipes.kind"}  # issue 23: a recipe (standalone: its own lifecycle of many steps)
 # config keys that change how a run is executed, not what it makes: left out of the run id
 OPERATIONAL = ("chunk_rows", "chunk_inputs")
 
@@ -253,6 +254,9 @@ def run(path: str | Path, *, engine: Engine | None = None, quiet: bool = False, 
         **options: Any) -> Summary:
     """Run (or resume) the pipeline at ``path``, whatever its kind. ``options`` go to the kind
     (e.g. an audit's ``naive_principle``)."""
+    standalone = get_kind(kind_of(path))
+    if getattr(standalone, "standalone", False):  # issue 23: a recipe runs its steps itself
+        return standalone.run_path(path, quiet=quiet, retry_failed=retry_failed, **options)
     kind, lp = load(path)
     start = time.perf_counter()
     # the writer lock first (a second process learns at once that the database is busy), then the

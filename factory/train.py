@@ -350,10 +350,31 @@ def prepare(kind: str, config_path: str | Path) -> Prepared:
     return Prepared(kind, cfg, model, trainer, len(ds), dev)
 
 
+def last_checkpoint(out: Path, cfg: TrainConfig, model: str, kind: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``out`` written by this same training (kind, config, base), to
+    resume from after a kill (``args.save_steps`` sets how often they are written); None otherwise.
+    A checkpoint of another training in the same folder is not resumed: its ``factory_resume.json``
+    key differs (the folder's checkpoints are then left to TRL, which overwrites them)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .store import content_key
+
+    snapshot = json.loads(cfg.model_dump_json())
+    snapshot.pop("output_dir")
+    key = content_key("train-resume", kind, snapshot, model)
+    marker = out / "factory_resume.json"
+    found = get_last_checkpoint(str(out)) if out.is_dir() else None
+    old = json.loads(marker.read_text()).get("key") if marker.exists() else None
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": key, "kind": kind, "base_model": model}))
+    return found if found and old == key else None
+
+
 def _fit(kind: str, trainer, cfg: TrainConfig, out: Path, model: str, rows: int, dev: str, config_path,
          extra: dict) -> TrainResult:
     start = time.perf_counter()
-    res = trainer.train()
+    resume = last_checkpoint(out, cfg, model, kind)
+    res = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     trainer.save_model(str(out))
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]

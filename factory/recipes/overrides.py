@@ -1,0 +1,97 @@
+"""Pipeline keys overridden by a recipe's run step: ``set: {pairs.prompts.limit: 8, model: {step: sft}}``.
+
+A dotted key must name a field of the pipeline's own config model (checked when the recipe loads,
+error at the key's line in the recipe, with the closest names). The overridden pipeline is written
+to the recipe's state folder and run like any other pipeline file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..yamlconf import ConfigError, Issue, Marks, _type_at, _unwrap, load_yaml_data
+
+# pipeline kind -> its config model (issue 23; the lead may move this to the kinds registry of issue 20)
+PIPELINE_MODELS = {"sl": "factory.config:Pipeline", "prefs": "factory.config:PrefsPipeline",
+                   "audit": "factory.audit.run:AuditPipeline"}
+
+
+def pipeline_model(kind: str) -> type[BaseModel] | None:
+    target = PIPELINE_MODELS.get(kind)
+    if target is None:
+        return None
+    mod, name = target.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _fields(tp: Any) -> list[str]:
+    tp = _unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def check_overrides(path, marks: Marks, steps: dict) -> None:
+    """Every run step's pipeline exists and every key it overrides is a field of that pipeline."""
+    issues: list[Issue] = []
+    for s in steps.values():
+        if s.action != "run":
+            continue
+        loc = ("steps", s.index)
+        try:
+            data, _ = load_yaml_data(s.spec.run)
+        except ConfigError as e:
+            line, col = marks.find(loc + ("run",))
+            issues.append(Issue(str(path), line, col, f"step '{s.id}': cannot read pipeline {s.spec.run}: {e.message}"))
+            continue
+        kind = data.get("kind", "sl") if isinstance(data, dict) else "sl"
+        model = pipeline_model(kind)
+        if model is None:
+            line, col = marks.find(loc + ("run",))
+            issues.append(Issue(str(path), line, col, f"step '{s.id}': {s.spec.run} is a '{kind}' file; a run step "
+                                                      f"runs a pipeline of kind {', '.join(PIPELINE_MODELS)}"))
+            continue
+        for key in s.spec.set:
+            parts = tuple(str(key).split("."))
+            if _type_at(model, parts) is None:
+                parent = _type_at(model, parts[:-1]) if len(parts) > 1 else model
+                close = difflib.get_close_matches(parts[-1], _fields(parent), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join('.'.join(parts[:-1] + (c,)) for c in close)}?" if close else ""
+                line, col = marks.find(loc + ("set", key), key=True)
+                issues.append(Issue(str(path), line, col, f"step '{s.id}': the {kind} pipeline {s.spec.run} has no "
+                                                          f"key `{key}`{hint}"))
+    if issues:
+        raise ConfigError.many(issues)
+
+
+def apply(data: dict, overrides: dict[str, Any]) -> dict:
+    """``data`` with each dotted key set (intermediate mappings created as needed)."""
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def materialise(pipeline: str | Path, overrides: dict[str, Any], out: Path) -> Path:
+    """Write the pipeline with its overrides applied (values already resolved) to ``out``."""
+    import yaml
+
+    data, _ = load_yaml_data(pipeline)
+    text = (f"# written by a recipe step from {pipeline}; edit the recipe, not this file\n"
+            + yaml.safe_dump(apply(data, overrides), sort_keys=False, allow_unicode=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or out.read_text() != text:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    return out
