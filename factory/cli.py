@@ -67,7 +67,7 @@ def validate(path: Path):
         from .runs import get_kind, kind_of, load
 
         if getattr(get_kind(kind_of(path)), "standalone", False):  # issue 23: a recipe
-            console.print(get_kind(kind_of(path)).validate_path(path))
+            console.print(get_kind(kind_of(path)).validate_path(path), soft_wrap=True)
             return
         kind, lp = load(path)
         lp.engine_model = lp.expected_engine_model()

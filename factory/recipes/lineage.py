@@ -65,11 +65,18 @@ def _run(store: Store, run_id: str) -> dict | None:
 
 
 def _answered_by(store: Store, model: dict) -> list[dict]:
-    """Runs whose engine was this model (by folder or by fingerprint in the engine identity)."""
-    return _dicts(store, """SELECT run_id, kind, status FROM runs WHERE model = ? OR model = ?
-                              OR json_extract_string(lineage_json, '$.engine_model') LIKE ?
-                              OR json_extract_string(lineage_json, '$.engine_model') = ? ORDER BY started_at""",
-                  [model["path"], f"fake:{model['path']}", f"%@{model['fingerprint']}", f"fake:{model['path']}"])
+    """Runs whose engine was this model (by folder, relative or not, or by fingerprint in the engine identity)."""
+    out = []
+    for r in _dicts(store, "SELECT run_id, kind, status, model, lineage_json FROM runs ORDER BY started_at", []):
+        engine = _engine(r)
+        name = (r["model"] or "").removeprefix("fake:")
+        try:
+            same = Path(name).exists() and str(Path(name).resolve()) == model["path"]
+        except OSError:
+            same = False
+        if same or engine.endswith(f"@{model['fingerprint']}"):
+            out.append(r)
+    return out
 
 
 def _engine(run: dict) -> str:
