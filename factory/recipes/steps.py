@@ -98,11 +98,15 @@ class PromptsKind(StepKind):
     [(k-1)·n, k·n) when ``fresh`` (disjoint slices), ranks [0, n) otherwise. Memory: k·n lines."""
 
     def plan(self, node: Node) -> str:
-        from ..readers import _fingerprint
+        import hashlib
 
         spec = node.spec
         rnd = max(node.round, 1) if spec.fresh else 1
-        return content_key("prompts", node.config(), _fingerprint(Path(spec.prompts)), rnd)
+        h = hashlib.sha256()  # the file's content (a touched but unchanged file keeps its slices)
+        with open(spec.prompts, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        return content_key("prompts", node.config(), h.hexdigest(), rnd)
 
     def run(self, node: Node, identity: str) -> dict:
         spec = node.spec
@@ -157,6 +161,14 @@ class RunKindStep(StepKind):
 
 class ExportKind(StepKind):
     def run(self, node: Node, identity: str) -> dict:
+        from ..export import ExportError
+
+        try:
+            return self._export(node, identity)
+        except ExportError as e:  # nothing to export: recorded; a training step reading it stops the recipe
+            return {"value": None, "rows": 0, "reason": str(e), "kind": node.spec.export, "runs": []}
+
+    def _export(self, node: Node, identity: str) -> dict:
         from ..export import export_human, export_prefs, export_sft
 
         spec = node.spec
@@ -223,6 +235,7 @@ class TrainKind(StepKind):
         if not data.get("rows"):
             dropped = data.get("dropped") or {}
             why = f" (left out: {', '.join(f'{n}× {r}' for r, n in dropped.items())})" if dropped else ""
+            why = f": {data['reason']}" if data.get("reason") else why
             raise StepStopped(f"training step '{node.tag}' has no data: step '{spec.data}' exported 0 rows{why}; "
                               "nothing to train on, so the recipe stops here")
         if spec.trainer not in TRAINERS:

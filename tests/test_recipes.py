@@ -1,0 +1,194 @@
+"""Recipes (`kind: recipe`): the step graph, rounds, skip on rerun, reruns of only what changed, lineage,
+bad input at its line, and kill -9 inside a step then resume. Fast tier: the fake engine and the `copy`
+stub trainer (a 'trained' model is a copy of its base folder plus a record); the embedded-model recipe
+and the training kill are marked train (slow)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from factory.recipes.execute import run_recipe
+from factory.recipes.lineage import lineage
+from factory.recipes.spec import load_recipe
+from factory.yamlconf import ConfigError
+from runkit import ANNOUNCE_COMMITS, child, finish, kill9, query, slow_fake, wait_line
+
+STEPS = """steps:
+  - {{id: sl, once: true, run: {d}/sl.yaml, set: {{prompts.limit: 6}}}}
+  - {{id: sft_data, once: true, export: sft, from: sl}}
+  - {{id: sft, once: true, train: sft, data: sft_data, model: {d}/base, trainer: {trainer}}}
+  - {{id: prompts, prompts: {d}/prompts.jsonl, n: 5, seed: 0, fresh: true}}
+  - id: pairs
+    run: {d}/prefs.yaml
+    set: {{model: {{step: policy}}, pairs.prompts.path: {{step: prompts}}}}
+  - {{id: prefs, export: prefs, from: pairs{export_extra}}}
+  - {{id: dpo, train: dpo, data: prefs, model: {{step: policy}}, trainer: {trainer}{dpo_extra}}}
+  - {{id: rm, train: rm, data: prefs, model: {d}/base, trainer: {trainer}}}
+"""
+
+
+def setup_files(d: Path, *, trainer: str = "copy", dpo_extra: str = "", export_extra: str = "", rounds: int = 2) -> Path:
+    (d / "base").mkdir(exist_ok=True)
+    (d / "base" / "config.json").write_text('{"model_type": "llama"}')
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"How do I fix thing number {i}?"}) + "\n"
+                                             for i in range(40)))
+    common = f"""constitution: {REPO}/constitutions/harmless.yaml
+engine: {{kind: fake}}
+db: {d}/ignored.duckdb
+"""
+    (d / "sl.yaml").write_text(f"""name: s
+prompts: {{path: {d}/prompts.jsonl}}
+templates: {{answer: {REPO}/prompts/answer.j2, critique: {REPO}/prompts/critique.j2, revise: {REPO}/prompts/revise.j2}}
+model: {d}/base
+rounds: 1
+sampling: {{answer: {{max_tokens: 16}}, critique: {{max_tokens: 16}}, revise: {{max_tokens: 16}}}}
+{common}""")
+    (d / "prefs.yaml").write_text(f"""kind: prefs
+name: p
+pairs: {{source: sample, prompts: {{path: {d}/prompts.jsonl}}, n: 2, sampling: {{max_tokens: 16}}}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 2}}
+answer_template: {REPO}/prompts/answer.j2
+{common}""")
+    path = d / "recipe.yaml"
+    path.write_text(f"""kind: recipe
+name: t
+db: {d}/r.duckdb
+state_dir: {d}/state
+rounds: {rounds}
+policy: {{first: sft, next: dpo}}
+""" + STEPS.format(d=d, trainer=trainer, dpo_extra=dpo_extra, export_extra=export_extra))
+    return path
+
+
+def statuses(summary) -> dict[tuple[str, int], str]:
+    return {(s.step, s.round): s.status for s in summary.steps}
+
+
+def test_step_graph_orders_steps_and_expands_rounds(tmp_path):
+    r = load_recipe(setup_files(tmp_path))
+    assert r.order.index("sl") < r.order.index("sft_data") < r.order.index("sft")
+    assert r.order.index("prompts") < r.order.index("pairs") < r.order.index("prefs") < r.order.index("dpo")
+    nodes = r.nodes()
+    assert nodes[:3] == [("sl", 0), ("sft_data", 0), ("sft", 0)]
+    assert [n for n in nodes if n[0] == "pairs"] == [("pairs", 1), ("pairs", 2)]
+    assert nodes.index(("dpo", 1)) < nodes.index(("pairs", 2))
+    assert {e.dst for e in r.steps["pairs"].deps} == {"policy", "prompts"}
+
+
+def test_two_rounds_on_the_fake_engine_wire_policy_lineage_and_skip(tmp_path):
+    path = setup_files(tmp_path)
+    s = run_recipe(path, quiet=True)
+    assert s.status == "done", s.error
+    assert set(statuses(s).values()) == {"done"} and len(s.steps) == 3 + 5 * 2
+    out = {(x.step, x.round): x.output for x in s.steps}
+    db = tmp_path / "r.duckdb"
+    models = dict(query(db, "SELECT run_id, model FROM runs"))
+    # round 1 samples with the SFT model, round 2 with round 1's DPO model
+    assert models[out[("pairs", 1)]["run_id"]] == out[("sft", 0)]["value"]
+    assert models[out[("pairs", 2)]["run_id"]] == out[("dpo", 1)]["value"]
+    assert models[out[("sl", 0)]["run_id"]] == str(tmp_path / "base")
+    # round 2's prompts are a fresh slice, disjoint from round 1's
+    p1, p2 = (set(Path(out[("prompts", k)]["value"]).read_text().splitlines()) for k in (1, 2))
+    assert len(p1) == len(p2) == 5 and not p1 & p2
+    # lineage rows: every trained model, its base, runs and export
+    rows = {r[0]: r[1:] for r in query(db, "SELECT step || '-' || round, base_model, runs_json, exports_json FROM models")}
+    assert set(rows) == {"sft-0", "dpo-1", "rm-1", "dpo-2", "rm-2"}
+    assert rows["dpo-2"][0] == out[("dpo", 1)]["value"]
+    assert json.loads(rows["dpo-2"][1]) == [out[("pairs", 2)]["run_id"]]
+    assert json.loads(rows["dpo-1"][2])[0]["path"] == out[("prefs", 1)]["value"]
+    chain = lineage(db, out[("dpo", 2)]["value"])
+    assert chain["base"]["id"] == out[("dpo", 1)]["model_id"]
+    assert chain["base"]["base"]["id"] == out[("sft", 0)]["model_id"]
+    assert chain["trained_on"][0]["id"] == out[("pairs", 2)]["run_id"]
+    assert "harmless" in chain["trained_on"][0]["constitution"]
+    r1 = lineage(db, out[("dpo", 1)]["value"])
+    assert [a["run_id"] for a in r1["answered"]] == [out[("pairs", 2)]["run_id"]]
+    # the report has a row per round
+    assert [r["round"] for r in s.report["rounds"]] == [1, 2]
+    assert all(r.get("tie_rate") is not None and r.get("sample_chars") for r in s.report["rounds"])
+    assert Path(s.report["html"]).read_text().count("<tr>") == 3
+    # a rerun does nothing
+    n_runs = query(db, "SELECT count(*) FROM runs")[0][0]
+    again = run_recipe(path, quiet=True)
+    assert set(statuses(again).values()) == {"skipped"}
+    assert query(db, "SELECT count(*) FROM runs")[0][0] == n_runs
+
+
+def test_a_changed_step_reruns_it_and_only_its_downstream(tmp_path):
+    run_recipe(setup_files(tmp_path), quiet=True)
+    path = setup_files(tmp_path, dpo_extra=", args: {beta: 0.2}")
+    st = statuses(run_recipe(path, quiet=True))
+    done = {k for k, v in st.items() if v == "done"}
+    # dpo changed: its two rounds, and round 2's pairs (sampled by round 1's dpo) with what reads them
+    assert done == {("dpo", 1), ("pairs", 2), ("prefs", 2), ("dpo", 2), ("rm", 2)}
+    assert all(v == "skipped" for k, v in st.items() if k not in done)
+
+
+def test_a_training_step_without_data_stops_the_recipe_with_the_reason(tmp_path):
+    path = setup_files(tmp_path, export_extra=", min_confidence: 1.0")
+    s = run_recipe(path, quiet=True)
+    assert s.status == "stopped"
+    assert "training step 'dpo-r1' has no data" in s.error and "exported 0 rows" in s.error
+    assert statuses(s)[("dpo", 1)] == "stopped"
+    got = query(tmp_path / "r.duckdb", "SELECT status, error FROM recipe_steps WHERE step = 'dpo'")
+    assert got[0][0] == "stopped" and "no data" in got[0][1]
+
+
+@pytest.mark.parametrize("edit, line, message", [
+    (("data: prefs, model: {step: policy}", "data: prefz, model: {step: policy}"), 16, "unknown step 'prefz'"),
+    (("{id: sl, once: true, run:", "{id: sl, once: true, after: x, run:"), 8, "after"),
+    (("set: {prompts.limit: 6}", "set: {prompts.limt: 6}"), 8, "no key `prompts.limt`; did you mean prompts.limit"),
+    (("pairs.prompts.path:", "pairs.promps.path:"), 14, "no key `pairs.promps.path`"),
+    (("{id: prefs, export:", "{id: prefs, once: true, export:"), 15, "runs every round"),
+])
+def test_bad_recipes_are_errors_at_their_line(tmp_path, edit, line, message):
+    path = setup_files(tmp_path)
+    text = path.read_text()
+    assert edit[0] in text
+    path.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    assert e.value.line == line, str(e.value)
+    assert message in str(e.value)
+
+
+def test_a_cycle_is_an_error_at_one_of_its_edges(tmp_path):
+    path = setup_files(tmp_path)
+    text = path.read_text().replace("{id: sft_data, once: true, export: sft, from: sl}",
+                                    "{id: sft_data, once: true, export: sft, from: sft}")
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    assert "cycle" in str(e.value) and "sft_data" in str(e.value) and e.value.line in (9, 10)
+
+
+def test_kill_9_during_a_run_step_then_resume(tmp_path):
+    path = setup_files(tmp_path)
+    # a bigger slice so the pairs run of round 1 lasts: 30 prompts, slowed down
+    path.write_text(path.read_text().replace("n: 5, seed: 0", "n: 30, seed: 0").replace("rounds: 2", "rounds: 1")
+                    .replace("pairs.prompts.path: {step: prompts}", "pairs.prompts.path: {step: prompts}, chunk_rows: 4"))
+    proc = child(["run", str(path), "--quiet"], prelude=ANNOUNCE_COMMITS + slow_fake(0.02))
+    wait_line(proc, "READY")
+    deadline = time.monotonic() + 120
+    db = tmp_path / "r.duckdb"
+    marker = tmp_path / "state" / "pipelines" / "pairs-r1.yaml"  # written as the pairs step begins
+    while time.monotonic() < deadline and not marker.exists():
+        wait_line(proc, "COMMIT")
+    wait_line(proc, "COMMIT")  # the pairs run of round 1 has committed rows
+    assert kill9(proc) == -signal.SIGKILL
+    before = query(db, "SELECT count(*) FROM samples")[0][0]
+    assert before > 0
+    s = run_recipe(path, quiet=True)
+    st = statuses(s)
+    assert s.status == "done" and st[("sl", 0)] == "skipped" and st[("pairs", 1)] == "done"
+    run_id = s.steps[[x.step for x in s.steps].index("pairs")].output["run_id"]
+    got = query(db, "SELECT count(*), count(DISTINCT id) FROM samples")[0]
+    assert got[0] == got[1] == 30 * 2  # no duplicates, every sample there
+    summary = json.loads(query(db, "SELECT summary_json FROM runs WHERE run_id = ?", [run_id])[0][0])
+    assert summary["reused"] > 0  # the resumed run reused what the killed one had stored
