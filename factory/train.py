@@ -381,7 +381,7 @@ def _fit(kind: str, trainer, cfg: TrainConfig, out: Path, model: str, rows: int,
     result = TrainResult(kind, out, model, rows, int(res.global_step), seconds, dev, float(res.training_loss), losses)
     record = {**dataclasses.asdict(result), "seconds_per_step": result.seconds_per_step,
               "config": json.loads(cfg.model_dump_json()), "config_path": str(config_path),
-              "trl_config": KINDS[kind][0], "metrics": res.metrics, **extra}
+              "trl_config": KINDS[kind][0], "metrics": res.metrics, "resumed_from": resume, **extra}
     (out / "factory_train.json").write_text(json.dumps(record, indent=2, default=str))
     return result
 
