@@ -355,7 +355,8 @@ def last_checkpoint(out: Path, cfg: TrainConfig, model: str, kind: str) -> str |
     resume from after a kill (``args.save_steps`` sets how often they are written); None otherwise.
     A checkpoint of another training in the same folder is not resumed: its ``factory_resume.json``
     key differs (the folder's checkpoints are then left to TRL, which overwrites them)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    import re
+    import shutil
 
     from .store import content_key
 
@@ -363,7 +364,18 @@ def last_checkpoint(out: Path, cfg: TrainConfig, model: str, kind: str) -> str |
     snapshot.pop("output_dir")
     key = content_key("train-resume", kind, snapshot, model)
     marker = out / "factory_resume.json"
-    found = get_last_checkpoint(str(out)) if out.is_dir() else None
+    found = None
+    # newest first; a checkpoint is complete once its trainer_state.json (written last) parses: one
+    # a kill cut short is removed, and training resumes from the one before it
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()),
+                   key=lambda p: int(p.name.split("-")[1]), reverse=True) if out.is_dir() else []
+    for ckpt in ckpts:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            found = str(ckpt)
+            break
+        except (OSError, ValueError):
+            shutil.rmtree(ckpt, ignore_errors=True)
     old = json.loads(marker.read_text()).get("key") if marker.exists() else None
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": key, "kind": kind, "base_model": model}))

@@ -192,3 +192,75 @@ def test_kill_9_during_a_run_step_then_resume(tmp_path):
     assert got[0] == got[1] == 30 * 2  # no duplicates, every sample there
     summary = json.loads(query(db, "SELECT summary_json FROM runs WHERE run_id = ?", [run_id])[0][0])
     assert summary["reused"] > 0  # the resumed run reused what the killed one had stored
+
+
+# -- the embedded model and real training (slow) ---------------------------------------------------------
+TRAIN_ARGS = ("{max_steps: 2, per_device_train_batch_size: 2, max_length: 128, save_strategy: steps, save_steps: 1, "
+              "logging_steps: 1, seed: 0}")
+
+
+@pytest.mark.train
+def test_the_recipe_on_the_embedded_model_with_tiny_budgets(tmp_path, hh_rlhf):
+    """2 rounds of SL-CAI → SFT → pairs by the policy → AI labels → DPO + RM → RM/DPO evals, for real."""
+    path = setup_files(tmp_path, trainer="trl")
+    text = path.read_text()
+    for f in ("sl.yaml", "prefs.yaml"):
+        p = tmp_path / f
+        p.write_text(p.read_text().replace("engine: {kind: fake}", "engine: {kind: vllm, seed: 0, max_model_len: 1024, "
+                                           "kv_cache_gib: 1.0}").replace(f"model: {tmp_path}/base", "model: smollm2-135m"))
+    text = (text.replace(f"model: {tmp_path}/base", "model: smollm2-135m").replace("{prompts.limit: 6}", "{prompts.limit: 2}")
+            .replace("n: 5, seed: 0", "n: 2, seed: 0").replace("trainer: trl", f"trainer: trl, args: {TRAIN_ARGS}")
+            .replace("trainer: trl{", "trainer: trl, args: " + TRAIN_ARGS + "{"))
+    text += (f"  - {{id: eval_rm, eval: rm, model: {{step: rm}}, human: {{path: {hh_rlhf}, offset: 1000, limit: 8}}}}\n"
+             f"  - {{id: eval_dpo, eval: dpo, model: {{step: dpo}}, ref: {{step: policy}}, "
+             f"human: {{path: {hh_rlhf}, offset: 1000, limit: 8}}}}\n")
+    path.write_text(text)
+    s = run_recipe(path, quiet=True)
+    assert s.status == "done", s.error
+    out = {(x.step, x.round): x.output for x in s.steps}
+    db = tmp_path / "r.duckdb"
+    models = dict(query(db, "SELECT run_id, model FROM runs"))
+    assert models[out[("pairs", 2)]["run_id"]] == out[("dpo", 1)]["value"]
+    engines = dict(query(db, "SELECT run_id, json_extract_string(lineage_json, '$.engine_model') FROM runs"))
+    fp = query(db, "SELECT fingerprint FROM models WHERE step = 'dpo' AND round = 1")[0][0]
+    assert engines[out[("pairs", 2)]["run_id"]].endswith("@" + fp)  # round 2 sampled with round 1's weights
+    assert all(out[("dpo", k)]["steps"] == 2 for k in (1, 2))
+    rows = {r["round"]: r for r in s.report["rounds"]}
+    assert rows[1]["dpo_accuracy_ci"][0] <= rows[1]["dpo_accuracy"] <= rows[1]["dpo_accuracy_ci"][1]
+    assert rows[2].get("rm_margin") is not None and rows[2].get("sample_chars")
+    assert set(statuses(run_recipe(path, quiet=True)).values()) == {"skipped"}
+
+
+@pytest.mark.train
+def test_kill_9_during_a_training_step_resumes_from_its_last_checkpoint(tmp_path, hh_rlhf):
+    d = tmp_path
+    path = d / "recipe.yaml"
+    path.write_text(f"""kind: recipe
+name: k
+db: {d}/r.duckdb
+state_dir: {d}/state
+steps:
+  - {{id: human, export: human, human: {hh_rlhf}, limit: 16}}
+  - id: rm
+    train: rm
+    data: human
+    args: {{max_steps: 5, per_device_train_batch_size: 2, max_length: 96, save_strategy: steps, save_steps: 1,
+           logging_steps: 1, seed: 0}}
+""")
+    proc = child(["run", str(path), "--quiet"])
+    wait_line(proc, "READY")
+    deadline = time.monotonic() + 900
+    models = d / "state" / "models"
+    while time.monotonic() < deadline and not list(models.glob("rm-*/checkpoint-2/trainer_state.json")):
+        assert proc.poll() is None, finish(proc)
+        time.sleep(0.1)
+    assert kill9(proc) == -signal.SIGKILL
+    complete = [int(p.parent.name.split("-")[1]) for p in models.glob("rm-*/checkpoint-*/trainer_state.json")]
+    assert max(complete) >= 2
+    s = run_recipe(path, quiet=True)
+    st = statuses(s)
+    assert s.status == "done" and st == {("human", 1): "skipped", ("rm", 1): "done"}
+    record = json.loads((Path(s.steps[-1].output["value"]) / "factory_train.json").read_text())
+    # resumed from the newest complete checkpoint: at most save_steps (1) steps redone
+    assert record["resumed_from"].endswith(f"checkpoint-{max(complete)}")
+    assert record["steps"] == 5
