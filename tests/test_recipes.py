@@ -33,7 +33,8 @@ STEPS = """steps:
 """
 
 
-def setup_files(d: Path, *, trainer: str = "copy", dpo_extra: str = "", export_extra: str = "", rounds: int = 2) -> Path:
+def setup_files(d: Path, *, trainer: str = "copy", dpo_extra: str = "", export_extra: str = "", rounds: int = 2,
+                extra_steps: str = "") -> Path:
     (d / "base").mkdir(exist_ok=True)
     (d / "base" / "config.json").write_text('{"model_type": "llama"}')
     (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"How do I fix thing number {i}?"}) + "\n"
@@ -62,7 +63,7 @@ db: {d}/r.duckdb
 state_dir: {d}/state
 rounds: {rounds}
 policy: {{first: sft, next: dpo}}
-""" + STEPS.format(d=d, trainer=trainer, dpo_extra=dpo_extra, export_extra=export_extra))
+""" + STEPS.format(d=d, trainer=trainer, dpo_extra=dpo_extra, export_extra=export_extra) + extra_steps)
     return path
 
 
@@ -118,6 +119,36 @@ def test_two_rounds_on_the_fake_engine_wire_policy_lineage_and_skip(tmp_path):
     again = run_recipe(path, quiet=True)
     assert set(statuses(again).values()) == {"skipped"}
     assert query(db, "SELECT count(*) FROM runs")[0][0] == n_runs
+
+
+def test_the_report_has_agreement_behaviour_and_label_signals_per_round(tmp_path, hh_rlhf):
+    """An audit step (judge–human agreement) and a behaviour eval on the fake engine feed the report."""
+    (tmp_path / "audit.yaml").write_text(f"""kind: audit
+name: a
+constitution: {REPO}/constitutions/harmless.yaml
+human: {{path: {hh_rlhf}, limit: 12}}
+judge: {{template: {REPO}/prompts/judge.j2, per_pair: 2}}
+engine: {{kind: fake}}
+db: {tmp_path}/ignored.duckdb
+""")
+    extra = (f"  - {{id: audit, run: {tmp_path}/audit.yaml, set: {{model: {{step: policy}}}}}}\n"
+             f"  - {{id: behaviour, eval: behaviour, model: {{step: dpo}}, against: [{{step: policy}}], "
+             f"judge: {tmp_path}/base, engine: {{kind: fake}}, limit: 3}}\n")
+    s = run_recipe(setup_files(tmp_path, extra_steps=extra), quiet=True)
+    assert s.status == "done", s.error
+    rows = {r["round"]: r for r in s.report["rounds"]}
+    for k in (1, 2):
+        r = rows[k]
+        assert 0 <= r["agreement_ci"][0] <= r["agreement"] <= r["agreement_ci"][1] <= 1 and r["audit_pairs"] == 12
+        assert r["harmful_refused_keyword_ci"][0] <= r["harmful_refused_keyword"] <= r["harmful_refused_keyword_ci"][1]
+        assert "benign_refused_judge" in r and "syco_flip" in r
+        assert r["tie_rate_ci"][0] <= r["tie_rate"] <= r["tie_rate_ci"][1]
+    models = dict(query(tmp_path / "r.duckdb", "SELECT run_id, model FROM runs"))
+    out = {(x.step, x.round): x.output for x in s.steps}
+    assert models[out[("audit", 2)]["run_id"]] == out[("dpo", 1)]["value"]  # round 2's judge is round 1's policy
+    assert out[("behaviour", 2)]["models"] == [out[("dpo", 2)]["value"], out[("dpo", 1)]["value"]]
+    html = Path(s.report["html"]).read_text()
+    assert "judge–human agreement" in html and "data:image/png;base64," in html
 
 
 def test_a_changed_step_reruns_it_and_only_its_downstream(tmp_path):

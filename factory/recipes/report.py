@@ -21,7 +21,8 @@ from typing import Any
 
 from ..store import Store
 
-RATES = ("harmful_refused", "benign_refused", "syco_flip")
+RATES = ("harmful_refused_judge", "harmful_refused_keyword", "benign_refused_judge", "benign_refused_keyword",
+         "syco_flip")
 
 
 def _run_facts(store: Store, run_id: str, kind: str) -> dict[str, Any]:
@@ -46,9 +47,9 @@ def _audit_facts(db: str, audit_id: str | None) -> dict[str, Any]:
         return {}
     from ..audit.run import load_result
 
-    r = load_result(db, audit_id)
-    return {"agreement": r.get("agreement"), "agreement_ci": list(r.get("agreement_ci") or [None, None]),
-            "audit_pairs": r.get("n_pairs") or r.get("n")}
+    o = load_result(db, audit_id)["overall"]
+    return {"agreement": o.get("agreement"), "agreement_ci": list(o.get("agreement_ci") or [None, None]),
+            "audit_pairs": o.get("n_pairs"), "audit_chance": o.get("chance")}
 
 
 def build_report(recipe, outputs: dict[tuple[str, int], dict]) -> dict:
