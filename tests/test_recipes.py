@@ -199,19 +199,27 @@ def test_a_cycle_is_an_error_at_one_of_its_edges(tmp_path):
     assert "cycle" in str(e.value) and "sft_data" in str(e.value) and e.value.line in (9, 10)
 
 
+ANNOUNCE_STEPS = """
+import factory.recipes.state as _S
+_start = _S.start
+def _announced_start(db, recipe, step, *a, **k):
+    _start(db, recipe, step, *a, **k)
+    print(f"STEP {step}", flush=True)
+_S.start = _announced_start
+"""
+
+
 def test_kill_9_during_a_run_step_then_resume(tmp_path):
     path = setup_files(tmp_path)
     # a bigger slice so the pairs run of round 1 lasts: 30 prompts, slowed down
     path.write_text(path.read_text().replace("n: 5, seed: 0", "n: 30, seed: 0").replace("rounds: 2", "rounds: 1")
                     .replace("pairs.prompts.path: {step: prompts}", "pairs.prompts.path: {step: prompts}, chunk_rows: 4"))
-    proc = child(["run", str(path), "--quiet"], prelude=ANNOUNCE_COMMITS + slow_fake(0.02))
+    proc = child(["run", str(path), "--quiet"], prelude=ANNOUNCE_COMMITS + slow_fake(0.02) + ANNOUNCE_STEPS)
     wait_line(proc, "READY")
-    deadline = time.monotonic() + 120
     db = tmp_path / "r.duckdb"
-    marker = tmp_path / "state" / "pipelines" / "pairs-r1.yaml"  # written as the pairs step begins
-    while time.monotonic() < deadline and not marker.exists():
+    wait_line(proc, "STEP pairs")
+    for _ in range(6):  # the pairs run of round 1 has handed 6 transactions to its writer (>= 4 committed)
         wait_line(proc, "COMMIT")
-    wait_line(proc, "COMMIT")  # the pairs run of round 1 has committed rows
     assert kill9(proc) == -signal.SIGKILL
     before = query(db, "SELECT count(*) FROM samples")[0][0]
     assert before > 0
