@@ -307,6 +307,9 @@ def _train(kind: str, config: Path) -> None:
     from .train import train
 
     r = train(kind, config)
+    from .recipes.lineage import record_cli_training  # issue 23: lineage of checkpoints trained on a store's run
+
+    record_cli_training(kind, config, r)
     console.print(f"{kind}: {r.steps} steps on {r.rows} rows in {r.seconds:.1f} s ({r.seconds_per_step:.2f} s/step, "
                   f"{r.device}), train loss {r.train_loss:.4f} → {r.output_dir}")
     manifest = r.output_dir.parent / "ensemble.json"

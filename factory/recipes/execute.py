@@ -142,8 +142,14 @@ def validate_recipe(path: str | Path) -> str:
     cfg = recipe.cfg
     once = [s for s in recipe.order if recipe.steps[s].once]
     per = [s for s in recipe.order if not recipe.steps[s].once]
-    done = {(h["step"], h["round"]) for h in state.history(cfg.db, cfg.name) if h["status"] == "done"} \
-        if Path(cfg.db).exists() else set()
+    import duckdb
+
+    from ..store import StoreError
+
+    try:
+        done = {(h["step"], h["round"]) for h in state.history(cfg.db, cfg.name) if h["status"] == "done"}
+    except (StoreError, OSError, duckdb.Error):  # the database is in use by a run, or older than recipes
+        done = set()
     nodes = recipe.nodes()
     n_done = sum(1 for n in nodes if n in done)
     return (f"ok, recipe '{cfg.name}': {len(recipe.steps)} steps ({', '.join(once) or 'none'} once; "

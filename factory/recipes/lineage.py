@@ -37,6 +37,22 @@ def record_model(db: str | Path, path: Path, *, trainer: str, kind: str, config_
     return fp
 
 
+def record_cli_training(kind: str, config_path: str | Path, result) -> str | None:
+    """`factory train` on a ``{db, run_id}`` dataset: record the checkpoint in that db's ``models``
+    (a folder or human-set dataset names no store: nothing is recorded)."""
+    from ..store import content_key
+    from ..train import DbData, load_config
+
+    cfg, _ = load_config(kind, config_path)
+    if not isinstance(cfg.dataset, DbData) or result.output_dir.name.startswith("member-"):
+        return None
+    return record_model(cfg.dataset.db, result.output_dir, trainer="trl", kind=kind,
+                        config_hash=content_key("train", kind, cfg.model_dump(exclude={"output_dir"})), base=cfg.model,
+                        runs=[cfg.dataset.run_id], exports=[{"path": str(Path(cfg.output_dir) / "dataset"),
+                                                             "rows": result.rows, "step": None}],
+                        facts={"steps": result.steps, "train_loss": result.train_loss, "config": str(config_path)})
+
+
 # ------------------------------------------------------------------------------------- reading
 
 
