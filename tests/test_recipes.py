@@ -177,6 +177,8 @@ def test_a_training_step_without_data_stops_the_recipe_with_the_reason(tmp_path)
     (("set: {prompts.limit: 6}", "set: {prompts.limt: 6}"), 8, "no key `prompts.limt`; did you mean prompts.limit"),
     (("pairs.prompts.path:", "pairs.promps.path:"), 14, "no key `pairs.promps.path`"),
     (("{id: prefs, export:", "{id: prefs, once: true, export:"), 15, "runs every round"),
+    (("set: {prompts.limit: 6}", "set: {prompts.limit: -3}"), 8, "`prompts.limit`: Input should be greater than"),
+    (("set: {prompts.limit: 6}", "set: {prompts.limit: 6, engine.kind: nope}"), 8, "`engine.kind`"),
 ])
 def test_bad_recipes_are_errors_at_their_line(tmp_path, edit, line, message):
     path = setup_files(tmp_path)

@@ -64,8 +64,48 @@ def check_overrides(path, marks: Marks, steps: dict) -> None:
                 line, col = marks.find(loc + ("set", key), key=True)
                 issues.append(Issue(str(path), line, col, f"step '{s.id}': the {kind} pipeline {s.spec.run} has no "
                                                           f"key `{key}`{hint}"))
+        issues.extend(_check_values(path, marks, s, data, model, loc))
     if issues:
         raise ConfigError.many(issues)
+
+
+def _is_ref(v: Any) -> bool:
+    return isinstance(v, dict) and set(v) == {"step"}
+
+
+def _get(data: Any, parts: tuple) -> Any:
+    for p in parts:
+        if not isinstance(data, dict) or p not in data:
+            return None
+        data = data[p]
+    return data
+
+
+def _check_values(path, marks: Marks, s, data: dict, model: type[BaseModel], loc: tuple) -> list[Issue]:
+    """The overridden values against the pipeline's model: an error under an overridden key is
+    reported at that key's line in the recipe (``{step: …}`` values are known only when they run)."""
+    from pydantic import ValidationError
+
+    from ..yamlconf import _data_loc
+
+    refs = {k for k, v in s.spec.set.items() if _is_ref(v)}
+    literal = {k: v for k, v in s.spec.set.items() if k not in refs}
+    filled = {k: _get(data, tuple(str(k).split("."))) for k in refs}
+    merged = apply(data, {**literal, **{k: v if v is not None else "x" for k, v in filled.items()}})
+    try:
+        model.model_validate(merged)
+        return []
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+    out = []
+    for err in errors:
+        at, _ = _data_loc(tuple(err["loc"]), merged)
+        key = next((k for k in literal if at[:len(str(k).split("."))] == tuple(str(k).split("."))), None)
+        if key is None:
+            continue  # not an overridden key: the pipeline file reports its own problems when it runs
+        line, col = marks.find(loc + ("set", key))
+        out.append(Issue(str(path), line, col, f"step '{s.id}': `{key}`: {err['msg']}"))
+    return out
 
 
 def apply(data: dict, overrides: dict[str, Any]) -> dict:
