@@ -30,8 +30,31 @@ def pipeline_model(kind: str) -> type[BaseModel] | None:
     return getattr(importlib.import_module(mod), name)
 
 
-def _fields(tp: Any) -> list[str]:
+def has_path(tp: Any, parts: tuple) -> bool:
+    """Whether the dotted ``parts`` name a field below type ``tp`` (any member of a union will do;
+    below a ``dict`` or ``Any`` every key is allowed)."""
+    import types
+    import typing
+
     tp = _unwrap(tp)
+    if not parts:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(has_path(a, parts) for a in typing.get_args(tp) if a is not type(None))
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = next((f for n, f in tp.model_fields.items() if parts[0] in (n, f.alias)), None)
+        return field is not None and has_path(field.annotation, parts[1:])
+    return tp is Any or origin is dict
+
+
+def _fields(tp: Any) -> list[str]:
+    import types
+    import typing
+
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return list(dict.fromkeys(f for a in typing.get_args(tp) for f in _fields(a)))
     return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
 
 
@@ -55,16 +78,18 @@ def check_overrides(path, marks: Marks, steps: dict) -> None:
             issues.append(Issue(str(path), line, col, f"step '{s.id}': {s.spec.run} is a '{kind}' file; a run step "
                                                       f"runs a pipeline of kind {', '.join(PIPELINE_MODELS)}"))
             continue
+        unknown = set()
         for key in s.spec.set:
             parts = tuple(str(key).split("."))
-            if _type_at(model, parts) is None:
+            if not has_path(model, parts):
+                unknown.add(key)
                 parent = _type_at(model, parts[:-1]) if len(parts) > 1 else model
                 close = difflib.get_close_matches(parts[-1], _fields(parent), n=3, cutoff=0.5)
                 hint = f"; did you mean {', '.join('.'.join(parts[:-1] + (c,)) for c in close)}?" if close else ""
                 line, col = marks.find(loc + ("set", key), key=True)
                 issues.append(Issue(str(path), line, col, f"step '{s.id}': the {kind} pipeline {s.spec.run} has no "
                                                           f"key `{key}`{hint}"))
-        issues.extend(_check_values(path, marks, s, data, model, loc))
+        issues.extend(_check_values(path, marks, s, data, model, loc, unknown))
     if issues:
         raise ConfigError.many(issues)
 
@@ -81,7 +106,14 @@ def _get(data: Any, parts: tuple) -> Any:
     return data
 
 
-def _check_values(path, marks: Marks, s, data: dict, model: type[BaseModel], loc: tuple) -> list[Issue]:
+def _overlaps(at: tuple, parts: tuple) -> bool:
+    """An error at ``at`` concerns the override ``parts`` (one lies under the other; a union's error
+    sits on the union itself, e.g. ``engine`` for ``engine.kind``)."""
+    n = min(len(at), len(parts))
+    return n > 0 and at[:n] == parts[:n]
+
+
+def _check_values(path, marks: Marks, s, data: dict, model: type[BaseModel], loc: tuple, unknown: set) -> list[Issue]:
     """The overridden values against the pipeline's model: an error under an overridden key is
     reported at that key's line in the recipe (``{step: …}`` values are known only when they run)."""
     from pydantic import ValidationError
@@ -89,7 +121,7 @@ def _check_values(path, marks: Marks, s, data: dict, model: type[BaseModel], loc
     from ..yamlconf import _data_loc
 
     refs = {k for k, v in s.spec.set.items() if _is_ref(v)}
-    literal = {k: v for k, v in s.spec.set.items() if k not in refs}
+    literal = {k: v for k, v in s.spec.set.items() if k not in refs and k not in unknown}
     filled = {k: _get(data, tuple(str(k).split("."))) for k in refs}
     merged = apply(data, {**literal, **{k: v if v is not None else "x" for k, v in filled.items()}})
     try:
@@ -100,7 +132,7 @@ def _check_values(path, marks: Marks, s, data: dict, model: type[BaseModel], loc
     out = []
     for err in errors:
         at, _ = _data_loc(tuple(err["loc"]), merged)
-        key = next((k for k in literal if at[:len(str(k).split("."))] == tuple(str(k).split("."))), None)
+        key = next((k for k in literal if _overlaps(at, tuple(str(k).split(".")))), None)
         if key is None:
             continue  # not an overridden key: the pipeline file reports its own problems when it runs
         line, col = marks.find(loc + ("set", key))
