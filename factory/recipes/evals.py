@@ -42,8 +42,8 @@ def eval_rm(node: Node) -> dict:
     h = _human(node)
     model = node.value(node.spec.model)
     if is_ensemble(model):
-        r = eval_rm_ensemble(model, h.path, limit=h.limit, offset=h.offset, db=node.recipe.cfg.db)
-        return {"value": str(model), "ensemble": str(r.table())}
+        eval_rm_ensemble(model, h.path, limit=h.limit, offset=h.offset, db=node.recipe.cfg.db)  # stored in `evals`
+        return {"value": str(model), "ensemble": True}
     return _pairwise(run_rm(model, h.path, limit=h.limit, offset=h.offset, db=node.recipe.cfg.db))
 
 

@@ -101,7 +101,7 @@ class HumanSet(Strict):
 class EvalStep(StepBase):
     eval: Literal["rm", "dpo", "behaviour"]
     model: ModelRef = Field(description="the model evaluated: {step: id}, {step: policy} or a name")
-    ref: ModelRef | None = Field(None, description="dpo: the reference policy (default: the train step's base)")
+    ref: ModelRef | None = Field(None, description="dpo: the reference policy (default: smollm2-135m); usually {step: policy}")
     human: HumanSet | None = None
     beta: float = 0.1
     against: list[ModelRef] = Field(default_factory=list, description="behaviour: models compared with")
