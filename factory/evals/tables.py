@@ -10,7 +10,6 @@ store is opened for writing (read paths tolerate its absence). Summary rows go t
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
