@@ -17,7 +17,7 @@ from factory.recipes.execute import run_recipe
 from factory.recipes.lineage import lineage
 from factory.recipes.spec import load_recipe
 from factory.yamlconf import ConfigError
-from runkit import ANNOUNCE_COMMITS, child, finish, kill9, query, slow_fake, wait_line
+from runkit import ANNOUNCE_COMMITS, child, finish, invoke, kill9, query, slow_fake, wait_line
 
 STEPS = """steps:
   - {{id: sl, once: true, run: {d}/sl.yaml, set: {{prompts.limit: 6}}}}
@@ -149,6 +149,23 @@ db: {tmp_path}/ignored.duckdb
     assert out[("behaviour", 2)]["models"] == [out[("dpo", 2)]["value"], out[("dpo", 1)]["value"]]
     html = Path(s.report["html"]).read_text()
     assert "judge–human agreement" in html and "data:image/png;base64," in html
+
+
+def test_the_cli_runs_validates_and_traces_a_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    path = setup_files(tmp_path)
+    code, out, exc = invoke(["validate", path])
+    assert code == 0, out
+    assert "recipe 't': 8 steps" in out and "13 step runs, 0 recorded done" in out
+    code, out, exc = invoke(["run", path, "--quiet"])
+    assert code == 0, (out, exc)
+    assert "recipe t (done)" in out and "13 steps run, 0 finished before" in out and "report:" in out
+    assert "13 recorded done" in invoke(["validate", path])[1]
+    dpo2 = query(tmp_path / "r.duckdb", "SELECT path, model_id FROM models WHERE step = 'dpo' AND round = 2")[0]
+    code, out, _ = invoke(["lineage", dpo2[1], "--db", tmp_path / "r.duckdb"])
+    assert code == 0 and f"model {dpo2[1]}" in out and "trained on" in out and "constitution harmless" in out
+    code, out, _ = invoke(["lineage", "nope", "--db", tmp_path / "r.duckdb"])
+    assert code == 2 and "no stored row with id 'nope'" in out
 
 
 def test_a_changed_step_reruns_it_and_only_its_downstream(tmp_path):
