@@ -41,10 +41,10 @@ steps:
       critique: {REPO}/prompts/critique.j2, revise: {REPO}/prompts/revise.j2}}, engine.kv_cache_gib: 1.0}}}}
   - {{id: sft_data, once: true, export: sft, from: sl}}
   - {{id: sft, once: true, train: sft, data: sft_data, args: {args}}}
-  - {{id: prompts, prompts: {REPO}/data/demo_prompts.jsonl, n: 2, seed: 0}}
+  - {{id: prompts, prompts: {REPO}/data/demo_prompts.jsonl, n: 3, seed: 0}}
   - id: pairs
     run: {REPO}/pipelines/demo-prefs.yaml
-    set: {{model: {{step: policy}}, pairs.prompts.path: {{step: prompts}}, pairs.sampling.max_tokens: 32,
+    set: {{model: {{step: policy}}, pairs.prompts.path: {{step: prompts}}, pairs.sampling.max_tokens: 32, judge.tie_eps: 0.002,
           constitution: {REPO}/constitutions/harmless.yaml, judge.template: {REPO}/prompts/judge.j2,
           answer_template: {REPO}/prompts/answer.j2, engine.kv_cache_gib: 1.0}}
   - {{id: prefs, export: prefs, from: pairs}}
@@ -108,7 +108,7 @@ def main() -> None:
         again = run_recipe(path, quiet=True)
         rerun = time.perf_counter() - t1
         assert {x.status for x in again.steps} == {"skipped"}
-        kill = kill_in_training(d, 8, 2)
+        kill = kill_in_training(d, 4, 1)
     result = {"quick": a.quick, "steps_run": len(s.steps), "wall_s": round(wall, 1), "steps_own_s": round(own, 1),
               "overhead_s": round(wall - own, 2), "overhead_pct": round(100 * (wall - own) / wall, 2),
               "rerun_s": round(rerun, 2), "imports_s": round(imports_s, 2), **kill,
