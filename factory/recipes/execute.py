@@ -79,7 +79,8 @@ def _exists(output: dict) -> bool:
     return True
 
 
-def run_recipe(path: str | Path, *, quiet: bool = False, report: bool = True) -> RecipeSummary:
+def run_recipe(path: str | Path, *, quiet: bool = False, report: bool = True, retry_failed: bool = False) -> RecipeSummary:
+    """Run (or continue) the recipe at ``path``; ``retry_failed`` goes to its run steps that run now."""
     recipe = load_recipe(path)
     cfg = recipe.cfg
     summary = RecipeSummary(cfg.name, cfg.db)
@@ -89,7 +90,7 @@ def run_recipe(path: str | Path, *, quiet: bool = False, report: bool = True) ->
     try:
         for sid, rnd in recipe.nodes():
             step = recipe.steps[sid]
-            node = Node(recipe, step, rnd, _inputs(recipe, sid, rnd, outputs), quiet=quiet)
+            node = Node(recipe, step, rnd, _inputs(recipe, sid, rnd, outputs), quiet=quiet, retry_failed=retry_failed)
             kind = KINDS[step.action]
             identity = kind.plan(node)
             done = state.finished(cfg.db, cfg.name, sid, rnd, identity)

@@ -11,10 +11,10 @@ class RecipeKind:
     tables: tuple[str, ...] = ()
     standalone = True  # factory.runs.run and `factory validate` hand the whole file to this kind
 
-    def run_path(self, path: str | Path, *, quiet: bool = False, **_: object):
+    def run_path(self, path: str | Path, *, quiet: bool = False, retry_failed: bool = False, **_: object):
         from .execute import run_recipe
 
-        return run_recipe(path, quiet=quiet)
+        return run_recipe(path, quiet=quiet, retry_failed=retry_failed)
 
     def validate_path(self, path: str | Path) -> str:
         from .execute import validate_recipe

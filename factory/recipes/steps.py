@@ -36,6 +36,7 @@ class Node:
     round: int
     inputs: dict[str, dict] = field(default_factory=dict)
     quiet: bool = False
+    retry_failed: bool = False
 
     @property
     def spec(self):
@@ -146,7 +147,7 @@ class RunKindStep(StepKind):
     def run(self, node: Node, identity: str) -> dict:
         from ..runs import run
 
-        summary = run(self._file(node), quiet=node.quiet)
+        summary = run(self._file(node), quiet=node.quiet, retry_failed=node.retry_failed)
         if summary.status != "done":
             raise StepStopped(f"run {summary.run_id} (step '{node.tag}') {summary.status}"
                               f"{': ' + summary.error if summary.error else ''}; rerun the recipe to continue")
