@@ -145,7 +145,7 @@ def _price_of(path: str | Path) -> dict | None:
     from .kinds import load
 
     _, lp = load(path)
-    price = getattr(lp.cfg.engine, "price", None)
+    price = getattr(getattr(getattr(lp, "cfg", None), "engine", None), "price", None)  # a recipe has none of its own
     return price.model_dump() if price is not None else None
 
 

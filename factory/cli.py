@@ -86,8 +86,11 @@ def validate(path: Path):
         c = load_constitution(path)
         console.print(f"ok, {c.counts()} ({c.name} v{c.version}, hash {c.hash})", soft_wrap=True)
     else:
-        from .kinds import load
+        from .kinds import get_kind, kind_of, load
 
+        if getattr(get_kind(kind_of(path)), "standalone", False):  # a recipe: many runs, validated as a whole
+            console.print(get_kind(kind_of(path)).validate_path(path), soft_wrap=True)
+            return
         kind, lp = load(path)
         lp.engine_model = lp.expected_engine_model()
         rid = lp.run_id if lp.engine_model else "known once the engine says which model it serves"
@@ -158,6 +161,10 @@ def run(pipeline: Path, quiet: bool = typer.Option(False, help="no progress bar"
         if summary.status == "stopped":
             raise typer.Exit(130)
         return
+    if summary.kind == "recipe":
+        from .recipes.cli import print_recipe
+
+        return print_recipe(summary, pipeline)
     print_summary(summary)
     if summary.kind == "audit" and not quiet and summary.extra.get("result") is not None:
         from .audit.run import show as show_audit
@@ -322,6 +329,9 @@ def model_path(name: str = typer.Argument(None)):
 export_app = typer.Typer(no_args_is_help=True, help="DuckDB runs → Hugging Face datasets in TRL formats.")
 train_app = typer.Typer(no_args_is_help=True, help="TRL training from a YAML config (train/*.yaml).")
 eval_app = typer.Typer(no_args_is_help=True, help="Trained models: human labels (rm, dpo), behaviour, best-of-n.")
+from .recipes.cli import lineage_cmd  # noqa: E402  (issue 23: `factory lineage ID`)
+
+app.command("lineage")(user_errors(lineage_cmd))
 app.add_typer(export_app, name="export")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -401,6 +411,9 @@ def _train(kind: str, config: Path) -> None:
     from .train import train
 
     r = train(kind, config)
+    from .recipes.lineage import record_cli_training  # issue 23: lineage of checkpoints trained on a store's run
+
+    record_cli_training(kind, config, r)
     console.print(f"{kind}: {r.steps} steps on {r.rows} rows in {r.seconds:.1f} s ({r.seconds_per_step:.2f} s/step, "
                   f"{r.device}), train loss {r.train_loss:.4f} → {r.output_dir}")
     manifest = r.output_dir.parent / "ensemble.json"

@@ -276,6 +276,20 @@ MIGRATIONS.append([
     """CREATE TABLE IF NOT EXISTS dedup_index (run_id VARCHAR, band SMALLINT, h BIGINT, source_row BIGINT)""",
 ])
 
+# -- issue 23 (recipes): step states of `kind: recipe` runs, and the lineage of trained models --------
+MIGRATIONS.append([
+    """CREATE TABLE IF NOT EXISTS recipe_steps (
+        recipe VARCHAR, step VARCHAR, round INTEGER, identity VARCHAR, kind VARCHAR, status VARCHAR,
+        inputs_json VARCHAR, output_json VARCHAR, error VARCHAR, started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ,
+        seconds DOUBLE, PRIMARY KEY (recipe, step, round, identity))""",
+    """CREATE TABLE IF NOT EXISTS models (
+        model_id VARCHAR PRIMARY KEY, path VARCHAR, fingerprint VARCHAR, trainer VARCHAR, kind VARCHAR,
+        config_hash VARCHAR, base_model VARCHAR, base_path VARCHAR, runs_json VARCHAR, exports_json VARCHAR,
+        recipe VARCHAR, step VARCHAR, round INTEGER, created_at TIMESTAMPTZ, record_json VARCHAR)""",
+    f"""INSERT INTO migrations SELECT {len(MIGRATIONS) + 1}, now(), 'recipe_steps (recipe step states), models (lineage)'
+        WHERE NOT EXISTS (SELECT 1 FROM migrations WHERE note LIKE 'recipe_steps %')""",
+])
+
 # The Arrow schema rows of each generated table are written with.
 TABLE_SCHEMAS = {**{t: GEN_SCHEMA for t in GEN_TABLES}, "samples": SAMPLE_SCHEMA, "rationales": RATIONALE_SCHEMA,
                  "judgements": JUDGEMENT_SCHEMA, "pairs": PAIR_SCHEMA,

@@ -350,17 +350,50 @@ def prepare(kind: str, config_path: str | Path) -> Prepared:
     return Prepared(kind, cfg, model, trainer, len(ds), dev)
 
 
+def last_checkpoint(out: Path, cfg: TrainConfig, model: str, kind: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``out`` written by this same training (kind, config, base), to
+    resume from after a kill (``args.save_steps`` sets how often they are written); None otherwise.
+    A checkpoint of another training in the same folder is not resumed: its ``factory_resume.json``
+    key differs (the folder's checkpoints are then left to TRL, which overwrites them)."""
+    import re
+    import shutil
+
+    from .store import content_key
+
+    snapshot = json.loads(cfg.model_dump_json())
+    snapshot.pop("output_dir")
+    key = content_key("train-resume", kind, snapshot, model)
+    marker = out / "factory_resume.json"
+    found = None
+    # newest first; a checkpoint is complete once its trainer_state.json (written last) parses: one
+    # a kill cut short is removed, and training resumes from the one before it
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()),
+                   key=lambda p: int(p.name.split("-")[1]), reverse=True) if out.is_dir() else []
+    for ckpt in ckpts:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            found = str(ckpt)
+            break
+        except (OSError, ValueError):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    old = json.loads(marker.read_text()).get("key") if marker.exists() else None
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": key, "kind": kind, "base_model": model}))
+    return found if found and old == key else None
+
+
 def _fit(kind: str, trainer, cfg: TrainConfig, out: Path, model: str, rows: int, dev: str, config_path,
          extra: dict) -> TrainResult:
     start = time.perf_counter()
-    res = trainer.train()
+    resume = last_checkpoint(out, cfg, model, kind)
+    res = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     trainer.save_model(str(out))
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(kind, out, model, rows, int(res.global_step), seconds, dev, float(res.training_loss), losses)
     record = {**dataclasses.asdict(result), "seconds_per_step": result.seconds_per_step,
               "config": json.loads(cfg.model_dump_json()), "config_path": str(config_path),
-              "trl_config": KINDS[kind][0], "metrics": res.metrics, **extra}
+              "trl_config": KINDS[kind][0], "metrics": res.metrics, "resumed_from": resume, **extra}
     (out / "factory_train.json").write_text(json.dumps(record, indent=2, default=str))
     return result
 

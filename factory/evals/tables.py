@@ -10,15 +10,14 @@ store is opened for writing (read paths tolerate its absence). Summary rows go t
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import pyarrow as pa
 
 from ..engines.base import Completion, Request
-from ..runner import TableStats
-from ..store import Store, content_key, ddl, now
+from ..runner import InputChunk, Job, Runner, TableStats
+from ..store import TABLE_SCHEMAS, Store, content_key, ddl, now
 
 GENERATION_SCHEMA = pa.schema([
     ("id", pa.string()), ("suite", pa.string()), ("suite_version", pa.string()), ("item_id", pa.string()),
@@ -40,7 +39,14 @@ SCORE_SCHEMA = pa.schema([
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])
 GENERATIONS, SCORES = "behaviour_generations", "behaviour_scores"
-DDL = (ddl(GENERATIONS, GENERATION_SCHEMA), ddl(SCORES, SCORE_SCHEMA))
+# written through the one runner (factory.runner.Runner): each row records the eval step that made it
+# (``run_id``) and its input chunk, so a killed eval skips its finished chunks on the rerun
+RUNNER_COLUMNS = [pa.field("run_id", pa.string()), pa.field("chunk", pa.int64())]
+DDL = (ddl(GENERATIONS, GENERATION_SCHEMA), ddl(SCORES, SCORE_SCHEMA),
+       *(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} {k}" for t in (GENERATIONS, SCORES)
+         for c, k in (("run_id", "VARCHAR"), ("chunk", "BIGINT"))))
+TABLE_SCHEMAS[GENERATIONS] = pa.schema([*GENERATION_SCHEMA, *RUNNER_COLUMNS])  # how the runner writes them
+TABLE_SCHEMAS[SCORES] = pa.schema([*SCORE_SCHEMA, *RUNNER_COLUMNS])
 
 
 def judge_key(judge, rubric_hash: str, gen_id: str, order: str, options: tuple[str, ...]) -> str:
@@ -101,33 +107,45 @@ def sample_key(request_key: str, i: int, n: int) -> str:
 
 
 def run_step(store: Store, engine, table: str, work: list[Work], to_rows: Callable[[Work, Completion], list[dict]],
-             schema: pa.Schema, *, name: str, first_row: Callable[[str], str] = lambda k: k,
-             chunk_rows: int = 64, chunk_seconds: float = 5.0, on_done: Callable[[int], None] | None = None) -> Step:
-    """Send the work whose first row is not stored yet to ``engine`` in one ``generate`` call and write
-    the rows in chunks (one transaction each, every ``chunk_rows`` rows or ``chunk_seconds``) as
-    completions arrive."""
+             schema: pa.Schema, *, name: str, first_row: Callable[[str], str] | None = None,
+             chunk_rows: int = 64, chunk_seconds: float = 5.0, chunk_inputs: int = 64,
+             on_done: Callable[[int], None] | None = None) -> Step:
+    """Run ``work`` through the one runner (:class:`factory.runner.Runner`): keys already stored are
+    reused, the rest go to ``engine`` in one request stream, rows are written in transactions of
+    ``chunk_rows`` rows (or every ``chunk_seconds``) with the completion record of every finished
+    input chunk of ``chunk_inputs`` work items, so a rerun after a kill skips finished chunks without
+    probing them. The step's run id hashes its table, name, engine and keys (``first_row`` is kept
+    for callers; a request of n samples stores the n rows ``sample_key`` names)."""
+    keys = [w.request.key for w in work]
+    run_id = f"eval-{content_key(table, name, engine.model, keys)[:16]}"
     step = Step(name, planned=len(work))
-    done = store.existing(table, [first_row(w.request.key) for w in work])
-    todo = [w for w in work if first_row(w.request.key) not in done]
-    step.reused = len(work) - len(todo)
-    if not todo:
+    if not work:
         return step
-    by_key = {w.request.key: w for w in todo}
-    pending: list[dict] = []
-    start = last = time.perf_counter()
-    try:
-        for c in engine.generate([w.request for w in todo]):
-            pending.extend(to_rows(by_key[c.key], c))
-            step.prompt_tokens += c.prompt_tokens
-            step.completion_tokens += c.completion_tokens
+    done = {c for (c,) in store.con.execute("SELECT chunk FROM chunks WHERE run_id = ? AND stage = ?",
+                                            [run_id, name]).fetchall()}
+
+    def job(w: Work) -> Job:
+        n = w.request.sampling.n
+        def rows(j: Job, c: Completion) -> list[dict]:
             if on_done:
                 on_done(1)
-            if len(pending) >= chunk_rows or time.perf_counter() - last > chunk_seconds:
-                step.written += store.insert(table, pending, schema)
-                pending, last = [], time.perf_counter()
-    finally:  # also on Ctrl-C: what has come back is kept (a kill -9 loses at most the unwritten chunk)
-        step.written += store.insert(table, pending, schema)
-        step.seconds = time.perf_counter() - start
+            return [{**r, "run_id": run_id} for r in to_rows(w, c)]
+        return Job(table, w.request.key, {**w.row, "run_id": run_id}, build=lambda: w.request, to_rows=rows,
+                   row_ids=tuple(sample_key(w.request.key, i, n) for i in range(n)) if n > 1 else None)
+
+    parts = [work[i:i + chunk_inputs] for i in range(0, len(work), chunk_inputs)]
+    inputs = (InputChunk(i, {"engine": engine.model}, plan=lambda part=part: [job(w) for w in part])
+              for i, part in enumerate(parts) if i not in done)
+    runner = Runner(store, engine, run_id, stage=name, chunk_rows=chunk_rows, chunk_seconds=chunk_seconds,
+                    full_probe=True, quiet=True)
+    runner.run(inputs)
+    st = runner.stats.get(table, TableStats(table))
+    skipped = sum(len(p) for i, p in enumerate(parts) if i in done)
+    step.reused, step.written = st.reused + skipped, st.written
+    step.requests, step.prompt_tokens, step.completion_tokens, step.seconds = (
+        st.requests, st.prompt_tokens, st.completion_tokens, st.seconds)
+    if on_done and step.reused:
+        on_done(step.reused)
     return step
 
 

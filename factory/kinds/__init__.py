@@ -45,7 +45,11 @@ def load(path: str | Path) -> tuple[RunKind, Loaded]:
 
 
 def run(path: str | Path, **kw: Any) -> Summary:
-    """Run (or resume) the pipeline at ``path``, whatever its kind (see :func:`factory.runs.execute`)."""
+    """Run (or resume) the pipeline at ``path``, whatever its kind (see :func:`factory.runs.execute`). A
+    ``standalone`` kind (a recipe: many runs) brings its own lifecycle."""
+    standalone = get_kind(kind_of(path))
+    if getattr(standalone, "standalone", False):
+        return standalone.run_path(path, **kw)
     kind, lp = load(path)
     return execute(kind, lp, **kw)
 
@@ -57,3 +61,6 @@ def render_example(path: str | Path, stage: str, example: int) -> list[dict]:
 
 
 from . import audit, prefs, sl  # noqa: E402,F401  (each registers its kind)
+from ..recipes.kind import RecipeKind  # noqa: E402  (a recipe sits above the kinds it runs: imported lazily by it)
+
+register_kind(RecipeKind)
