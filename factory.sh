@@ -3,12 +3,12 @@
 #   ./factory.sh demo            # critique→revise on the built-in prompts with the embedded model
 #   ./factory.sh test [args]     # the full test suite (real vLLM engine included)
 #   ./factory.sh setup           # only create .venv, install, fetch the embedded model (and chromium for tests)
-# Environment: FACTORY_EXTRAS (default "cpu,train,server,ray,review,test,docs"; GPU machines: "gpu,train,server,ray,review,test,docs"),
+# Environment: FACTORY_EXTRAS (default "cpu,train,server,ray,review,serve,test,docs"; GPU machines: "gpu,train,server,ray,review,serve,test,docs"),
 #              FACTORY_VENV (default .venv), FACTORY_CACHE (model cache, default ~/.cache/cai-factory).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${FACTORY_VENV:-.venv}
-EXTRAS=${FACTORY_EXTRAS:-cpu,train,server,ray,review,test,docs}
+EXTRAS=${FACTORY_EXTRAS:-cpu,train,server,ray,review,serve,test,docs}
 PY=${PYTHON:-python3}
 
 setup() {
