@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -35,26 +34,7 @@ from pathlib import Path
 
 from common import REPO, record
 
-# The child: the factory CLI, writing its own peak RSS (VmHWM, kB) at exit.
-CHILD = """import atexit, os
-def _hwm():
-    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
-    open(os.environ['BENCH_HWM'], 'w').write(kb)
-atexit.register(_hwm)
-from factory.cli import app
-app()"""
-WORDS = "the of and to in is you that it he was for on are as with his they at be this have from or one had".split()
-
-
-def make_pairs(path: Path, n: int) -> None:
-    rng = random.Random(0)
-
-    def text() -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(110))[:500]
-
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"{i}: {text()}", "response_a": text(), "response_b": text()}) + "\n")
+from bench_scale import CHILD, make_pairs  # the CLI child that writes its peak RSS; ~500-character pairs
 
 
 def run_child(pipeline: Path, tmp: Path) -> dict:
