@@ -178,6 +178,9 @@ def trl_args(kind: str, args: dict, output_dir: str | Path, dev: str | None = No
         final.update(bf16=False, fp16=False, use_cpu=True)
         final.setdefault("gradient_checkpointing", False)
     final.setdefault("report_to", "none")
+    # checkpoints exist to resume after a kill: keep only the newest (each is the model plus its
+    # optimizer state, ~3x the model) unless the config asks for more
+    final.setdefault("save_total_limit", 1)
     return config_class(kind)(output_dir=str(output_dir), **final)
 
 
@@ -382,6 +385,17 @@ def last_checkpoint(out: Path, cfg: TrainConfig, model: str, kind: str) -> str |
     return found if found and old == key else None
 
 
+def drop_checkpoints(out: Path) -> None:
+    """Remove the ``checkpoint-N`` folders a finished training leaves in ``out`` (kept only when the
+    config sets ``args.save_total_limit``)."""
+    import re
+    import shutil
+
+    for p in out.glob("checkpoint-*"):
+        if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _fit(kind: str, trainer, cfg: TrainConfig, out: Path, model: str, rows: int, dev: str, config_path,
          extra: dict) -> TrainResult:
     start = time.perf_counter()
@@ -389,6 +403,8 @@ def _fit(kind: str, trainer, cfg: TrainConfig, out: Path, model: str, rows: int,
     res = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     trainer.save_model(str(out))
+    if "save_total_limit" not in cfg.args:  # finished: the resume checkpoints are no longer needed
+        drop_checkpoints(out)
     losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(kind, out, model, rows, int(res.global_step), seconds, dev, float(res.training_loss), losses)
     record = {**dataclasses.asdict(result), "seconds_per_step": result.seconds_per_step,

@@ -290,6 +290,8 @@ def test_the_recipe_on_the_embedded_model_with_tiny_budgets(tmp_path, hh_rlhf):
     assert rows[1]["dpo_accuracy_ci"][0] <= rows[1]["dpo_accuracy"] <= rows[1]["dpo_accuracy_ci"][1]
     assert rows[2].get("rm_margin") is not None and rows[2].get("sample_chars")
     assert set(statuses(run_recipe(path, quiet=True)).values()) == {"skipped"}
+    # a finished training removes its resume checkpoints (model + optimizer state, ~3x the model each)
+    assert not list((tmp_path / "state" / "models").glob("*/checkpoint-*"))
 
 
 @pytest.mark.train
@@ -325,3 +327,4 @@ steps:
     # resumed from the newest complete checkpoint: at most save_steps (1) steps redone
     assert record["resumed_from"].endswith(f"checkpoint-{max(complete)}")
     assert record["steps"] == 5
+    assert not list(models.glob("rm-*/checkpoint-*"))  # finished: the resume checkpoints are gone
