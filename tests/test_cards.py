@@ -65,6 +65,10 @@ def test_card_fields_match_the_runs_lineage(audited):
     assert meta["audit"]["agreement"] == pytest.approx(audit["agreement"])
     assert meta["audit"]["kappa"] == pytest.approx(audit["kappa"]) or audit["kappa"] != audit["kappa"]
     assert len(meta["audit"]["agreement_ci"]) == 2 and "p_prefers_first" in meta["audit"]["position_bias"]
+    kappa, kci = meta["audit"]["kappa"], meta["audit"]["kappa_ci"]
+    if kappa is not None and kappa == kappa:  # κ defined: its bootstrap interval is on the card and holds it
+        assert kci[0] <= kappa <= kci[1] and kci[0] < kci[1]
+        assert f"[{kci[0]:.3f}, {kci[1]:.3f}]" in (out / "README.md").read_text()
     # tokens and $ from the run's rows and its recorded price
     cost = meta["cost"]
     assert cost["prompt_tokens"] == j.prompt_tokens.sum() and cost["completion_tokens"] == j.completion_tokens.sum()

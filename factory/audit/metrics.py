@@ -38,7 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory.audit.stats import AGREEMENT_CI_RULE, CHANCE_RULE, MIN_DECIDED, agreement_interval, exact_ci, versus_chance
+from factory.audit.stats import (AGREEMENT_CI_RULE, CHANCE_RULE, MIN_DECIDED, agreement_interval, exact_ci, kappa_ci,
+                                 versus_chance)
 from factory.prefmath import PrincipleCells, decide, principle_cells
 
 JUDGEMENT_COLUMNS = ("pair_id", "principle_id", "order", "p_a")
@@ -70,6 +71,7 @@ class Block:
     length: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     weight: float | None = None
+    kappa_ci: tuple[float, float] = (math.nan, math.nan)  # percentile bootstrap over pairs (stats.kappa_ci)
 
 
 @dataclass
@@ -280,6 +282,8 @@ def _block(name: str, p: np.ndarray, codes: np.ndarray, hum: _Human, tie_eps: fl
         length=_length(p, y, la, lb, score, chose_a, is_tie, cfg),
         calibration=calibration(p, y, cfg.n_bins),
         weight=weight,
+        kappa_ci=(kappa_ci(y[~is_tie], chose_a[~is_tie], cfg.n_bootstrap, cfg.seed) if note is None
+                  else (math.nan, math.nan)),
     )
 
 

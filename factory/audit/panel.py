@@ -35,14 +35,15 @@ type (pattern of values) are drawn, so a resample is one Multinomial draw of typ
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from factory.audit.metrics import Block, _align, _block, _Cfg, _jsonable, _mean, _read_human
-from factory.audit.stats import MIN_DECIDED, exact_ci
+from factory.audit.stats import MIN_DECIDED, exact_ci, kappa_ci
+from factory.audit.stats import percentile_ci as _percentile
 from factory.prefmath import _check_probabilities, _encode, _floats, decide
 
 JUDGEMENT_COLUMNS = ("pair_id", "judge", "p_a")
@@ -50,11 +51,7 @@ ERROR_RULE = "a judge's error on a pair is 1 - its agreement score (0 right, 1 w
 PANEL_MEAN_RULE = "mean p_a over the judges that judged the pair (no panel labels were given)"
 
 
-@dataclass
-class JudgeBlock(Block):
-    """A single-judge audit block plus the bootstrap interval of its κ."""
-
-    kappa_ci: tuple[float, float] = (math.nan, math.nan)
+JudgeBlock = Block  # a judge's block is an audit block (with its κ interval, as every block has)
 
 
 @dataclass
@@ -159,26 +156,7 @@ def compute_panel(judgements: pa.Table, human: pa.Table, panel: pa.Table | None 
 def _judge_block(name, p, codes, hum, tie_eps, position, cfg) -> JudgeBlock:
     b = _block(name, p[codes], codes, hum, tie_eps, position, cfg)
     b.length["too_few"] = b.length["n"] < MIN_DECIDED
-    y = hum.y[hum.row[codes]]
-    chose_a, is_tie, _ = decide(p[codes], tie_eps)
-    ci = kappa_ci(y[~is_tie], chose_a[~is_tie], cfg.n_bootstrap, cfg.seed) if b.kappa_note is None else (math.nan,) * 2
-    return JudgeBlock(**{f.name: getattr(b, f.name) for f in fields(b)}, kappa_ci=ci)
-
-
-def kappa_ci(y: np.ndarray, chose_a: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of Cohen's κ (binary) over pairs: a resample is a Multinomial draw of
-    the 2×2 table's cell counts; resamples where κ is undefined (one class only) are left out."""
-    n = len(y)
-    if n == 0 or n_bootstrap <= 0:
-        return (math.nan, math.nan)
-    cells = np.bincount(2 * y.astype(np.int64) + chose_a.astype(np.int64), minlength=4) / n  # (y, judge)
-    t = np.random.default_rng(seed).multinomial(n, cells, size=n_bootstrap) / n
-    po = t[:, 0] + t[:, 3]
-    hy, hj = t[:, 2] + t[:, 3], t[:, 1] + t[:, 3]
-    pe = hy * hj + (1 - hy) * (1 - hj)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        k = (po - pe) / (1 - pe)
-    return _percentile(k[np.isfinite(k)], level)
+    return b
 
 
 def _position(p_ab: np.ndarray, p_ba: np.ndarray) -> dict[str, Any]:
@@ -392,14 +370,6 @@ def _with_lengths(human: pa.Table, judgements: pa.Table) -> pa.Table:
     return (human.drop_columns([c for c in ("len_a", "len_b") if c in human.column_names])
             .append_column("len_a", pa.array([g[0] for g in got], pa.float64()))
             .append_column("len_b", pa.array([g[1] for g in got], pa.float64())))
-
-
-def _percentile(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    if len(x) == 0:
-        return (math.nan, math.nan)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(x, [tail, 100 - tail])
-    return (float(lo), float(hi))
 
 
 def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:

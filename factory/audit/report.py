@@ -112,7 +112,7 @@ def verdict(result: Any) -> str:
     return line
 
 
-SUMMARY_HEADER = ["labeller", "n", "agreement [95% CI]", "κ", "pos. consistency", "P(first)", "ECE", "Brier",
+SUMMARY_HEADER = ["labeller", "n", "agreement [95% CI]", "κ [95% CI]", "pos. consistency", "P(first)", "ECE", "Brier",
                   "vs chance: agree/decided (exact 95% CI)"]
 PRINCIPLE_HEADER = ["principle", "weight", "ties", *SUMMARY_HEADER[1:], "note"]
 
@@ -120,7 +120,7 @@ PRINCIPLE_HEADER = ["principle", "weight", "ties", *SUMMARY_HEADER[1:], "note"]
 def _cells(b: dict[str, Any]) -> list[str]:
     """n, agreement [CI], κ, consistency, P(first), ECE, Brier, vs chance of one block, formatted."""
     pos, cal = b["position"], b["calibration"]
-    return [_f(b["n_pairs"]), _agree(b["agreement"], b["agreement_ci"]), _f(b["cohen_kappa"]),
+    return [_f(b["n_pairs"]), _agree(b["agreement"], b["agreement_ci"]), _agree(b["cohen_kappa"], b.get("kappa_ci")),
             _f(pos["consistency"]), _f(pos["p_prefers_first"]), _f(cal["ece"]), _f(cal["brier"]),
             versus_chance_cell(b)]
 
@@ -260,7 +260,9 @@ def _f(x: Any, digits: int = 3, sign: bool = False) -> str:
 def _agree(a: Any, ci: Any) -> str:
     if a is None or (isinstance(a, float) and a != a):
         return "—"
-    return f"{a:.3f}" if not ci or ci[0] is None else f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    if not ci or any(x is None or x != x for x in ci):
+        return f"{a:.3f}"
+    return f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -106,3 +106,28 @@ def _index_bootstrap(score: np.ndarray, n_bootstrap: int, rng: np.random.Generat
     step = max(1, 4_000_000 // n)
     sizes = [min(step, n_bootstrap - i) for i in range(0, n_bootstrap, step)]
     return np.concatenate([score[rng.integers(0, n, size=(m, n))].mean(axis=1) for m in sizes])
+
+
+def percentile_ci(x: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap replicates ``x`` ((nan, nan) when empty)."""
+    if len(x) == 0:
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(x, [tail, 100 - tail])
+    return (float(lo), float(hi))
+
+
+def kappa_ci(y: np.ndarray, chose_a: np.ndarray, n_bootstrap: int, seed: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of Cohen's κ (binary) over pairs: a resample is a Multinomial draw of
+    the 2×2 table's cell counts; resamples where κ is undefined (one class only) are left out."""
+    n = len(y)
+    if n == 0 or n_bootstrap <= 0:
+        return (math.nan, math.nan)
+    cells = np.bincount(2 * y.astype(np.int64) + chose_a.astype(np.int64), minlength=4) / n  # (y, judge)
+    t = np.random.default_rng(seed).multinomial(n, cells, size=n_bootstrap) / n
+    po = t[:, 0] + t[:, 3]
+    hy, hj = t[:, 2] + t[:, 3], t[:, 1] + t[:, 3]
+    pe = hy * hj + (1 - hy) * (1 - hj)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = (po - pe) / (1 - pe)
+    return percentile_ci(k[np.isfinite(k)], level)
