@@ -21,10 +21,9 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from factory.labels import LabelRule, labels_of
+from factory.labels import LabelRule, labels_of, pair_label
 from factory.serve import rewards as R
 from factory.serve.app import Limits
-from factory.serve.judging import pair_label
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +110,7 @@ def test_pair_label_matches_the_sql_rule():
                       "p_first": [None if c[3] is None else (c[3] if c[1] == "ab" else 1 - c[3]) for c in cells],
                       "p_a": pa.array([c[3] for c in cells], pa.float64())})
         want = labels_of(t, rule).to_pylist()[0]
-        got = pair_label(cells, rule)
+        got = pair_label([("", *c) for c in cells], rule)
         if want["p_a"] is None:
             assert got["p_a"] is None, (trial, cells)
         else:

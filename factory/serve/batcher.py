@@ -2,10 +2,14 @@
 
 A :class:`Ticket` is one HTTP request's judgements (the jobs of its pairs). The batcher runs one
 long-lived loop on a thread of its own, like :class:`factory.runner.Runner` over a run that never
-ends: ``engine.generate`` pulls from one lazy request stream, which takes new tickets from a queue,
-answers what it can from the store, and yields the rest's requests; ``None`` ("nothing right now")
-only while requests are in flight, so the engine steps; when nothing is in flight the stream blocks
-on the queue (no busy loop). Completions go to the project's writer thread
+ends: the first judge's ``engine.generate`` pulls from one lazy request stream, which takes new
+tickets from a queue, answers what it can from the store, and yields the rest's requests; ``None``
+("nothing right now") only while that engine has requests in flight, so it steps; when nothing is
+in flight the stream blocks on the queue (no busy loop). A panel's other engines (judges with
+another model or engine; judges that share one share it) each run on a thread of their own
+(:class:`factory.fanout.Feeder`, as a routed offline run feeds them): a job goes to its judge's
+engine (``Job.route``), their completions come back on the same queue as new tickets, and the
+one loop plans, writes and answers for every engine. Completions go to the project's writer thread
 (:class:`factory.writer.Writer`), one transaction per flush: judgements, the pairs they judge and
 the run's membership (``run_pairs``, ``run_items`` links for judgements another run made).
 
@@ -32,7 +36,8 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from ..engines.base import Completion
-from ..runner import Job
+from ..fanout import _END, Feeder
+from ..runner import EngineFailed, Job
 from ..store import TABLE_SCHEMAS
 from ..writer import Writer
 from .keyfilter import KeyFilter
@@ -95,11 +100,29 @@ class Stats:
 
 
 class Batcher:
-    def __init__(self, store: Any, engine: Any, run_id: str, *, model: str, sampling_hash: str,
+    queue_cap = 256  # rendered requests waiting per extra engine (as factory.fanout.RoutedRunner)
+
+    def __init__(self, store: Any, engines: dict[str, Any], run_id: str, *, identities: list[tuple[str, str]],
                  cache_size: int = 100_000, chunk_rows: int = 1024, probe_batch: int = 4096,
                  forget: Callable[[str], None] = lambda pair_id: None,
                  on_fatal: Callable[[str], None] = lambda reason: None):
-        self.store, self.engine, self.run_id = store, engine, run_id
+        """``engines``: judge name (a job's ``route``) -> engine, the first judge's driven by this
+        loop, every other distinct engine on a :class:`Feeder`; ``identities``: (model, judge settings
+        hash) of each judge, whose stored keys the probe filter loads."""
+        self.store, self.run_id = store, run_id
+        self._inbox: queue.Queue = queue.Queue()  # tickets, and (slot, completion) from the feeders
+        self.engine = next(iter(engines.values()))
+        self._feeders: list[Feeder] = []
+        self._route: dict[str, Feeder | None] = {}
+        by_engine: dict[int, Feeder | None] = {id(self.engine): None}
+        for name, e in engines.items():
+            if id(e) not in by_engine:
+                by_engine[id(e)] = Feeder(len(self._feeders), e, [], self._inbox)
+                self._feeders.append(by_engine[id(e)])
+            self._route[name] = by_engine[id(e)]
+            if by_engine[id(e)] is not None:
+                by_engine[id(e)].roles.append(name)
+        self._main_inflight = 0  # requests handed to the first engine and not answered
         self.cache_size, self.chunk_rows, self.probe_batch = cache_size, chunk_rows, probe_batch
         self.forget, self.on_fatal = forget, on_fatal
         self.stats = Stats()
@@ -108,9 +131,10 @@ class Batcher:
         self._lock = threading.Lock()  # the LRU and stats counters touched from the HTTP thread
         self._lru: OrderedDict[str, Value] = OrderedDict()
         self._stored = KeyFilter()  # could the store hold this key? (no: a new judgement, no probe)
-        self._stored.load(store, model, sampling_hash)
-        self._inbox: queue.Queue[Ticket] = queue.Queue()
-        self._todo: deque[Job] = deque()
+        for model, sampling_hash in dict.fromkeys(identities):
+            self._stored.load(store, model, sampling_hash)
+        self._todo: deque[Job] = deque()  # for the first engine
+        self._todo_f: list[deque[Job]] = [deque() for _ in self._feeders]
         self._planned: dict[str, Job | None] = {}  # key -> job (to send / in flight / buffered), None: a link
         self._waiters: dict[str, list[Ticket]] = {}
         self._inflight: dict[str, Job] = {}
@@ -174,17 +198,23 @@ class Batcher:
         try:
             with Writer(self.store) as self._writer:
                 self._reader = self.store.view()
+                for f in self._feeders:
+                    f.thread.start()
                 try:
                     for c in self.engine.generate(self._requests()):
+                        self._main_inflight -= 1
                         self._complete(c)
                         self._maybe_flush()
-                except Exception as e:  # noqa: BLE001 - the engine (or our own planning) died
+                except Exception as e:  # noqa: BLE001 - an engine (or our own planning) died
                     if isinstance(e, StoreFailed):
                         reason = f"store write failed: {e}"
+                    elif isinstance(e, EngineFailed):  # a panel's other engine
+                        reason = f"engine failed: {e}"
                     else:
                         what = "internal error" if e is self._stream_error else "engine failed"
                         reason = f"{what}: {type(e).__name__}: {str(e)[:400]}"
                 finally:
+                    self._stop_feeders()
                     try:
                         self._flush()  # what completed is committed and its tickets answered
                         self._writer.drain()
@@ -202,11 +232,21 @@ class Batcher:
             t.fail(reason or "the service stopped before this request was judged")
         while True:
             try:
-                self._inbox.get_nowait().fail(reason or "the service is stopping")
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, Ticket):
+                item.fail(reason or "the service is stopping")
         if reason is not None:
             self.on_fatal(reason)
+
+    def _stop_feeders(self) -> None:
+        """What is still inside another engine is not waited for (its tickets fail; nothing was answered)."""
+        for f in self._feeders:
+            f.stop()
+        for f in self._feeders:
+            if f.thread.ident is not None:  # started
+                f.thread.join(timeout=30)
 
     def _requests(self):
         try:
@@ -219,39 +259,78 @@ class Batcher:
         while True:
             self._commits()
             self._take()
+            self._feed()
             if self._todo:
-                job = self._todo.popleft()
-                try:
-                    req = job.build()
-                except Exception as e:  # noqa: BLE001 - one bad render is a failed row, not a dead service
-                    self._inflight[job.key] = job
-                    self._complete(Completion(key=job.key, status="failed", error=f"render: {type(e).__name__}: {e}"))
-                    continue
-                self._inflight[job.key] = job
-                self.stats.engine_requests += 1
-                yield req
+                req = self._build(self._todo.popleft())
+                if req is not None:
+                    self._main_inflight += 1
+                    yield req
                 continue
-            if self._inflight:
+            if self._main_inflight:
                 yield None
                 continue
             self._maybe_flush(idle=True)
             if self.stopping and not self._planned and not self._uncommitted and self._inbox.empty():
                 return
-            try:  # idle: wait for a ticket (or, while a commit is pending, poll for it)
-                t = self._inbox.get(timeout=0.001 if self._uncommitted else 0.05)
-                self._plan([t])
+            try:  # idle: wait for a ticket or another engine's answer (while a commit is pending, poll for it)
+                item = self._inbox.get(timeout=0.001 if self._uncommitted else 0.05)
             except queue.Empty:
-                pass
+                continue
+            if isinstance(item, Ticket):
+                self._plan([item])
+            else:
+                self._answer(item)
+
+    def _build(self, job: Job):
+        """``job``'s request, or None when it cannot be rendered (a failed row, not a dead service)."""
+        self._inflight[job.key] = job
+        try:
+            req = job.build()
+        except Exception as e:  # noqa: BLE001
+            self._complete(Completion(key=job.key, status="failed", error=f"render: {type(e).__name__}: {e}"))
+            return None
+        self.stats.engine_requests += 1
+        return req
+
+    def _feed(self) -> None:
+        """Hand the other engines' planned jobs to their feeders (at most ``queue_cap`` waiting each)."""
+        for f, todo in zip(self._feeders, self._todo_f):
+            while todo and f.queued() < self.queue_cap:
+                req = self._build(todo.popleft())
+                if req is not None:
+                    f.q.put(req)
+                    f.put += 1
 
     def _take(self) -> None:
         got = []
         while len(got) < self.probe_batch:
             try:
-                got.append(self._inbox.get_nowait())
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, Ticket):
+                got.append(item)
+            else:
+                self._answer(item)
         if got:
             self._plan(got)
+
+    def _answer(self, item: tuple) -> None:
+        """A completion (or the death) of one of the other engines."""
+        slot, c = item
+        f = self._feeders[slot]
+        if isinstance(c, BaseException):
+            raise EngineFailed(f"the engine of {f.name} failed: {type(c).__name__}: {str(c)[:400]}") from c
+        if c is _END:
+            if not self.stopping or f.outstanding() > 0:
+                raise EngineFailed(f"the engine of {f.name} stopped answering ({f.outstanding()} requests unanswered)")
+            return
+        f.back += 1
+        self._complete(c)
+
+    def _queue(self, job: Job) -> None:
+        f = self._route.get(job.route)
+        (self._todo if f is None else self._todo_f[f.slot]).append(job)
 
     def _plan(self, tickets: list[Ticket]) -> None:
         """Answer what the LRU or the store holds; wait on keys already planned; plan the rest."""
@@ -301,7 +380,7 @@ class Batcher:
                 self.stats.linked += 1
             else:
                 self._planned[job.key] = job
-                self._todo.append(job)
+                self._queue(job)
             self._waiters.setdefault(job.key, []).append(t)
 
     def _settle(self, t: Ticket) -> None:
