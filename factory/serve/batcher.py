@@ -141,6 +141,13 @@ class Batcher:
         self._open: set[Ticket] = set()  # tickets handed to this loop and not finished
         self._pairs_seen: OrderedDict[str, None] = OrderedDict()  # pairs recorded by this process (bounded)
         self._buf: dict[str, list[dict]] = {"judgements": [], "pairs": [], "run_pairs": []}
+        # pairs (and this run's pair links) the store cannot hold yet are written with a plain INSERT,
+        # without the key lookup a keyed insert makes (half a small transaction's time, measured)
+        self._new: dict[str, list[dict]] = {"pairs": [], "run_pairs": []}
+        self._pair_filter, self._run_pair_filter = KeyFilter(1 << 24), KeyFilter(1 << 24)
+        self._pair_filter.load_sql(store, "SELECT pair_id FROM pairs", [])
+        pa.Table.from_pylist([{}], schema=TABLE_SCHEMAS["pairs"])  # its first call imports pandas (~0.5 s): not in a request
+        self._run_pair_filter.load_sql(store, "SELECT pair_id FROM run_pairs WHERE run_id = ?", [run_id])
         self._links: list[str] = []
         self._token: list[tuple[str, Value]] = []
         self._uncommitted = 0
@@ -396,8 +403,12 @@ class Batcher:
             self._pairs_seen[p["pair_id"]] = None
             if len(self._pairs_seen) > self.cache_size:
                 self._pairs_seen.popitem(last=False)
-        self._buf["pairs"].append(p)
-        self._buf["run_pairs"].append({"run_id": self.run_id, "pair_id": p["pair_id"], "source_row": None})
+        pid = p["pair_id"]
+        for table, row, seen in (("pairs", p, self._pair_filter),
+                                 ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
+                                  self._run_pair_filter)):
+            (self._buf if seen.maybe(pid) else self._new)[table].append(row)
+            seen.add(pid)
 
     def _complete(self, c: Completion) -> None:
         job = self._inflight.pop(c.key)
@@ -413,7 +424,7 @@ class Batcher:
         self.stats.completion_tokens += c.completion_tokens
 
     def _buffered(self) -> int:
-        return len(self._token) + len(self._buf["pairs"])
+        return len(self._token) + len(self._buf["pairs"]) + len(self._new["pairs"])
 
     def _maybe_flush(self, idle: bool = False) -> None:
         """Hand completed rows to the writer when it is idle, or when a chunk's worth waits and at most
@@ -427,6 +438,8 @@ class Batcher:
             return
         tables = [(t, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS[t]), False)
                   for t, rows in self._buf.items() if rows]
+        tables += [(t, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS[t]), False, True)  # known new: plain INSERT
+                   for t, rows in self._new.items() if rows]
         links = {(self.run_id, "judgements"): self._links} if self._links else {}
         try:
             self._writer.put(tables, links, [], self._token)
@@ -435,6 +448,7 @@ class Batcher:
         self._uncommitted += 1
         self.stats.transactions += 1
         self._buf = {"judgements": [], "pairs": [], "run_pairs": []}
+        self._new = {"pairs": [], "run_pairs": []}
         self._links, self._token = [], []
 
     def _commits(self) -> None:

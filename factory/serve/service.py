@@ -170,7 +170,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_
         sock.close()
         raise
     try:
-        config = uvicorn.Config(svc.app, log_level="warning", access_log=False, lifespan="off",
+        # proxy_headers off: X-Forwarded-For is not used (no per-client logic) and its middleware costs every request
+        config = uvicorn.Config(svc.app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
                                 timeout_graceful_shutdown=int(limits.timeout_s) + 5, timeout_keep_alive=30)
         server = server_box["server"] = uvicorn.Server(config)
         if svc.batcher.fatal:  # died before the server existed
