@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -101,6 +102,7 @@ class Stats:
 
 class Batcher:
     queue_cap = 256  # rendered requests waiting per extra engine (as factory.fanout.RoutedRunner)
+    flush_after_s = 0.005  # longest a completed judgement waits for more to share its transaction
 
     def __init__(self, store: Any, engines: dict[str, Any], run_id: str, *, identities: list[tuple[str, str]],
                  cache_size: int = 100_000, chunk_rows: int = 1024, probe_batch: int = 4096,
@@ -151,6 +153,7 @@ class Batcher:
         self._links: list[str] = []
         self._token: list[tuple[str, Value]] = []
         self._uncommitted = 0
+        self._buf_since = 0.0  # when the oldest row waiting for the writer was buffered
         self._thread: threading.Thread | None = None
         self._writer: Writer | None = None
         self._stream_error: BaseException | None = None
@@ -274,6 +277,7 @@ class Batcher:
                     yield req
                 continue
             if self._main_inflight:
+                self._maybe_flush()
                 yield None
                 continue
             self._maybe_flush(idle=True)
@@ -382,6 +386,7 @@ class Batcher:
                     self._settle(t)
                     continue
                 self._planned[job.key] = None  # another run made it: linked into this run, answered at commit
+                self._mark()
                 self._links.append(job.key)
                 self._token.append((job.key, v))
                 self.stats.linked += 1
@@ -403,6 +408,7 @@ class Batcher:
             self._pairs_seen[p["pair_id"]] = None
             if len(self._pairs_seen) > self.cache_size:
                 self._pairs_seen.popitem(last=False)
+        self._mark()
         pid = p["pair_id"]
         for table, row, seen in (("pairs", p, self._pair_filter),
                                  ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
@@ -417,20 +423,33 @@ class Batcher:
             r["chunk"] = None
             if r["status"] != "ok":
                 self.stats.failed_judgements += 1
+        self._mark()
         self._buf["judgements"].extend(rows)
         self._token.append((job.key, (rows[0]["status"], rows[0]["p_a"])))
         self.stats.judgements += 1
         self.stats.prompt_tokens += c.prompt_tokens
         self.stats.completion_tokens += c.completion_tokens
 
+    def _mark(self) -> None:
+        if not self._buffered():
+            self._buf_since = time.perf_counter()
+
     def _buffered(self) -> int:
         return len(self._token) + len(self._buf["pairs"]) + len(self._new["pairs"])
 
     def _maybe_flush(self, idle: bool = False) -> None:
-        """Hand completed rows to the writer when it is idle, or when a chunk's worth waits and at most
-        one transaction is ahead (``put`` never blocks the engine: the writer holds one, queues one)."""
+        """Hand completed rows to the writer when it is idle and this loop has nothing more in hand
+        (``idle``: every ticket taken is answered by the engines) or the oldest row has waited
+        ``flush_after_s``; or when a chunk's worth waits and at most one transaction is ahead (``put``
+        never blocks the engine: the writer holds one, queues one). Not after every completion: a
+        transaction costs ~10 ms of DuckDB whatever it holds, and a request's answer waits for all
+        its judgements, so a transaction holding part of a request's judgements answers nothing."""
         n = self._buffered()
-        if n and (self._uncommitted == 0 or (n >= self.chunk_rows and self._uncommitted < 2)):
+        if not n:
+            return
+        if self._uncommitted == 0 and (idle or time.perf_counter() - self._buf_since >= self.flush_after_s):
+            self._flush()
+        elif n >= self.chunk_rows and self._uncommitted < 2:
             self._flush()
 
     def _flush(self) -> None:
