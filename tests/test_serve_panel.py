@@ -216,3 +216,43 @@ def test_pair_label_matches_the_sql_rule_on_random_panels():
                 g = got["judges"][j]
                 assert math.isclose(g["p_a"], p, rel_tol=1e-9, abs_tol=1e-12) and (g["chosen"], g["is_tie"]) == (chosen, tie), ctx
     assert panels > 50  # most trials were panels
+
+
+@pytest.mark.slow
+def test_a_reward_model_judge_in_a_panel_is_served(tmp_path):
+    """A reward model (a tiny randomly initialised sequence classifier) beside a fake judge: its engine
+    is built by the run lifecycle as for a prefs run, fed on its own thread; the panel label is the
+    offline run's."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from factory.kinds import run
+    from factory.models import resolve
+    from factory.serve.service import Service
+
+    tok = AutoTokenizer.from_pretrained(resolve(None))
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=2048, num_labels=1, pad_token_id=tok.pad_token_id)
+    ).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judges = (f"judges:\n  - {{name: j1, model: judge-one, engine: {{kind: fake, seed: 0}}}}\n"
+              f"  - {{name: rm, model: {tmp_path / 'rm'}, kind: reward_model}}\n")
+    yaml = panel_pipeline(tmp_path, judges=judges)
+    offline = run(yaml, quiet=True)
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    want = dict(con.execute("SELECT pair_id, p_a FROM preferences WHERE run_id = ?", [offline.run_id]).fetchall())
+    con.close()
+    svc = Service(yaml)
+    try:
+        client = _client(svc)
+        prompt, a, b = PAIRS[0]
+        d = client.post("/v1/preference", json={"prompt": prompt, "responses": [a, b]}).json()
+        assert svc.engines["j1"].requests == 0 and d["cached"] == 5  # 2 principles x 2 orders + one RM judgement
+        assert d["p_a"] == pytest.approx(want[d["pair_id"]], abs=1e-12)
+        new = client.post("/v1/preference", json={"prompt": "Say hi", "responses": ["hi", "go away"]}).json()
+        assert new["cached"] == 0 and new["n_judges"] == 2 and new["judges"]["rm"]["principles"]["reward"]["ab"] is not None
+        assert new["judges"]["rm"]["model"].startswith(str(tmp_path / "rm"))
+    finally:
+        assert svc.close().status == "done"
