@@ -154,13 +154,85 @@ def test_a_panel_judge_engine_death_is_503_naming_the_judge(tmp_path, monkeypatc
     assert s.status == "failed" and "j2" in s.error
 
 
-def test_a_cot_judge_in_a_panel_is_refused_naming_it(tmp_path):
-    from factory.serve.service import Service
-    from factory.store import StoreError
+def _offline_labels(db: Path, run_id: str) -> dict[str, float]:
+    con = duckdb.connect(str(db), read_only=True)  # read before the service takes the database
+    try:
+        return dict(con.execute("SELECT pair_id, p_a FROM preferences WHERE run_id = ?", [run_id]).fetchall())
+    finally:
+        con.close()
 
-    judges = JUDGES.replace("judge: {mode: vote}", "judge: {mode: cot}")
-    with pytest.raises(StoreError, match="judge 'j3': judge.mode cot"):
-        Service(panel_pipeline(tmp_path, judges=judges))
+
+@pytest.mark.parametrize("judges", [JUDGES.replace("judge: {mode: vote}", "judge: {mode: cot}"),
+                                    "engine: {kind: fake, seed: 0}\n"], ids=["panel", "one-judge"])
+def test_a_cot_judge_is_served_by_the_offline_cot_jobs(tmp_path, judges):
+    """cot: the rationale, then the scored judgement after it (CotMode's own jobs and follow-up), both
+    stored before the answer; an offline cot run's rows answer the service and the labels agree."""
+    from factory.kinds import run
+    from factory.serve.service import Service
+
+    panel = judges.startswith("judges:")
+    yaml = panel_pipeline(tmp_path, judges=judges, judge="" if panel else "mode: cot, ")
+    offline = run(yaml, quiet=True)
+    want = _offline_labels(tmp_path / "s.duckdb", offline.run_id)
+    svc = Service(yaml)
+    try:
+        client = _client(svc)
+        prompt, a, b = PAIRS[0]
+        d = client.post("/v1/preference", json={"prompt": prompt, "responses": [a, b]}).json()
+        assert set(_requests(svc).values()) == {0} and d["p_a"] == pytest.approx(want[d["pair_id"]], abs=1e-12)
+        assert d["cached"] == (12 if panel else 4)  # per (judge, principle, order): its rationale found, then its judgement
+        body = {"prompt": "Say hi", "responses": ["hi", "go away"]}
+        new = client.post("/v1/preference", json=body).json()
+        # a cot judgement is two engine calls (rationale, then the scored answer); j1 (4) and j3 (4 + 4) share an engine
+        assert _requests(svc) == ({"j1": 12, "j2": 4, "j3": 12} if panel else {"judge": 8}), _requests(svc)
+        again = client.post("/v1/preference", json=body).json()
+        assert again["p_a"] == new["p_a"] and again["cached"] == new["cached"] + (12 if panel else 4)
+        assert _requests(svc) == ({"j1": 12, "j2": 4, "j3": 12} if panel else {"judge": 8})
+        cot = new["judges"]["j3"]["principles"] if panel else new["principles"]
+        assert all(v is not None for cell in cot.values() for v in cell.values()) or new["n_failed"]
+    finally:
+        assert svc.close().status == "done"
+    con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
+    # the service's run holds the new pair's 4 rationales and the judgements made after them
+    n_rat = con.execute("SELECT count(*) FROM rationales WHERE run_id = ?", [svc.run_id]).fetchone()[0]
+    linked = con.execute("SELECT count(*) FROM run_items WHERE run_id = ? AND \"table\" = 'rationales'",
+                         [svc.run_id]).fetchone()[0]
+    with_rationale = con.execute("SELECT count(*) FROM judgements WHERE run_id = ? AND rationale IS NOT NULL",
+                                 [svc.run_id]).fetchone()[0]
+    stored = con.execute("SELECT p_a FROM preferences WHERE run_id = ? AND pair_id = ?",
+                         [svc.run_id, new["pair_id"]]).fetchone()[0]
+    con.close()
+    assert n_rat == 4 and linked == 4 and with_rationale == 4  # the offline run's 4 rationales linked in
+    assert stored == pytest.approx(new["p_a"], abs=1e-12)
+
+
+def test_a_cot_judge_on_its_own_engine_gets_its_follow_ups_offline_and_served(tmp_path, monkeypatch):
+    """A cot judge's scored judgement (planned after its rationale) goes to that judge's engine, offline
+    (judges.panel_jobs routes follow-ups) and in the service, not to the run's first engine."""
+    from factory import engines
+    from factory.engines.fake import FakeEngine
+    from factory.kinds import run
+    from factory.serve.service import Service
+
+    made: dict[str, list[FakeEngine]] = {}
+
+    def build(spec, model):
+        made.setdefault(model, []).append(FakeEngine(model=model, seed=spec.seed))
+        return made[model][-1]
+
+    monkeypatch.setitem(engines.BUILDERS, "fake", build)
+    judges = ("judges:\n  - {name: j1, model: judge-one, engine: {kind: fake, seed: 0}}\n"
+              "  - {name: j2, model: judge-two, engine: {kind: fake, seed: 1}, judge: {mode: cot}}\n")
+    yaml = panel_pipeline(tmp_path, judges=judges)
+    run(yaml, quiet=True)
+    # 2 pairs x 2 principles x 2 orders: j1 one call each, the cot judge two (rationale, then its answer)
+    assert {m: e[-1].requests for m, e in made.items()} == {"judge-one": 8, "judge-two": 16}
+    svc = Service(yaml)
+    try:
+        r = _client(svc).post("/v1/preference", json={"prompt": "Say hi", "responses": ["hi", "go away"]})
+        assert r.status_code == 200 and _requests(svc) == {"j1": 4, "j2": 8}
+    finally:
+        svc.close()
 
 
 def _random_panel(rng: random.Random) -> tuple[LabelRule, list[tuple]]:

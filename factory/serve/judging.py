@@ -5,7 +5,9 @@
 :func:`factory.runs.build_engines`), and plans a pair exactly as a ``prefs`` run does
 (:func:`factory.judges.panel_jobs`: each judge's principles, both orders, each job routed to its
 judge's engine), so a judgement the service makes has the same content key as the same judgement
-made offline, one judge or a panel, and each answers for the other.
+made offline, one judge or a panel, and each answers for the other. A ``cot`` judge's job is its
+rationale, whose own follow-up (``CotMode``'s ``then``) is the scored judgement: the batcher chains
+the two and answers the request's key with the judgement.
 
 The label of one pair is :func:`factory.labels.pair_label`, the one label rule (judges ×
 principles, per-judge weights, tie band) in Python beside its SQL. Batch calibration needs a whole
@@ -74,10 +76,6 @@ def judge_plan(store: Any, lp: Any, engines: dict[str, Any], run_id: str) -> Jud
     """Set up every judge of pipeline ``lp`` on its engine (``engines``: judge name -> engine) and
     record them as the run's judges (``run_judges``: a panel's stored labels pool over them)."""
     roles = lp.judge_roles()
-    for role in roles:
-        if role.judge.mode == "cot":
-            raise StoreError(f"judge '{role.name}': judge.mode cot (a rationale before each answer) is not served yet: "
-                             "its answers need two engine calls in sequence; serve a logprob or vote judge")
     panel = judges.setup_panel(store, engines, roles, run_id=run_id, constitution=lp.constitution,
                                templates=lp.templates)
     rule = rule_for(store, lp.constitution, lp.cfg.judge, run_id)

@@ -54,6 +54,7 @@ class Stats:
     requests: int = 0
     pairs: int = 0
     judgements: int = 0  # new judgements stored
+    rationales: int = 0  # new rationales stored (a cot judge: one before each judgement)
     cache_hits: int = 0  # judgements answered from the store (LRU or DuckDB)
     store_probes: int = 0
     linked: int = 0  # judgements another run made, linked into this run
