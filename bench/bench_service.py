@@ -96,6 +96,11 @@ class Service:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_s(self) -> float:
+        """The service process's CPU seconds so far (user + system, all threads)."""
+        f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
     def stats(self) -> dict:
         c = self.conn()
         c.request("GET", "/v1/stats")
@@ -173,12 +178,16 @@ def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, c
         else:
             bodies = [{"prompt": g["prompt"], "responses": [a, b]} for g in gs
                       for a, b in itertools.combinations(g["completions"], 2)]
+        cpu0 = svc.cpu_s()
         secs = drive(svc, path, bodies, clients)
-        n = svc.stats()["judgements"] - before
+        cpu = svc.cpu_s() - cpu0
+        st = svc.stats()
+        n = st["judgements"] - before
     finally:
         code = svc.stop()
     return {"endpoint": path, "requests": len(bodies), "clients": clients, "judgements": n, "seconds": round(secs, 2),
-            "judgements_s": round(n / secs, 1), "exit_code": code}
+            "judgements_s": round(n / secs, 1), "server_cpu_ms_per_request": round(1000 * cpu / len(bodies), 3),
+            "transactions": st["transactions"], "exit_code": code}
 
 
 def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
@@ -281,7 +290,8 @@ def main() -> None:
     ap.add_argument("--memory-requests", type=int, default=20_000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--real", type=int, default=0, help="also the embedded model on vLLM: this many groups of 4")
-    ap.add_argument("--parts", default="throughput,memory,latency", help="which fake-engine parts to run")
+    ap.add_argument("--parts", default="throughput,memory,latency",
+                    help="which fake-engine parts to run: throughput, memory, latency, preference (single pairs only)")
     a = ap.parse_args()
     n_groups, n_mem, n_lat = (40, 2_000, 50) if a.quick else (a.groups, a.memory_requests, 300)
     out: dict = {"quick": a.quick}
@@ -297,6 +307,9 @@ def main() -> None:
             for k in ("http_rewards", "http_preference"):
                 out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
             print(json.dumps({k: out[k] for k in ("offline", "http_rewards", "http_preference")}), flush=True)
+        if "preference" in parts:  # single pairs over HTTP only (no offline run): for A/B runs of two trees
+            out["preference_only"] = http_run(tmp, "http-pref-only", gs, 2, fake, a.clients, path="/v1/preference")
+            print(json.dumps(out["preference_only"]), flush=True)
         if "memory" in parts:
             out["memory"] = memory(tmp, n_mem, a.clients, cache_size=10_000 if not a.quick else 1_000)
             print(json.dumps(out["memory"]), flush=True)
