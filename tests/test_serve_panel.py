@@ -328,3 +328,12 @@ def test_a_reward_model_judge_in_a_panel_is_served(tmp_path):
         assert new["judges"]["rm"]["model"].startswith(str(tmp_path / "rm"))
     finally:
         assert svc.close().status == "done"
+
+
+def test_a_pipeline_without_judges_is_refused_before_the_database_is_locked(tmp_path):
+    from factory.serve.service import Service
+    from factory.store import StoreError
+
+    with pytest.raises(StoreError, match="names no judge"):
+        Service(panel_pipeline(tmp_path, judges="judges: []\n"))
+    assert not (tmp_path / "s.duckdb").exists()
