@@ -3,6 +3,7 @@
     python bench/bench_service.py                  # fake engine: throughput, memory over 20,000 requests, latency, cache hits
     python bench/bench_service.py --quick          # small sizes
     python bench/bench_service.py --real 24        # also the embedded model on vLLM (24 groups of 4), offline vs HTTP
+    python bench/bench_service.py --parts panel    # a panel of two fake judges on two engines, offline vs HTTP
 
 1. Throughput, same workload both ways, fake engine: groups of k completions per prompt, every pair
    judged for ``per_pair`` principles in both orders. Offline: a ``prefs`` run over a file holding
@@ -43,11 +44,15 @@ from common import REPO, record  # noqa: E402
 CONSTITUTION = REPO / "constitutions/harmless.yaml"
 
 
-def pipeline(tmp: Path, name: str, pairs_file: Path, *, per_pair: int, engine: str) -> Path:
+PANEL = ("judges:\n  - {name: j1, model: judge-one, engine: {kind: fake, seed: 0}}\n"
+         "  - {name: j2, model: judge-two, engine: {kind: fake, seed: 1}, weight: 2}\n")
+
+
+def pipeline(tmp: Path, name: str, pairs_file: Path, *, per_pair: int, engine: str, judges: str = "") -> Path:
     y = tmp / f"{name}.yaml"
     y.write_text(f"kind: prefs\nname: {name}\nconstitution: {CONSTITUTION}\n"
                  f"pairs: {{source: file, path: {pairs_file}, format: jsonl}}\njudge: {{per_pair: {per_pair}, seed: 0}}\n"
-                 f"engine: {engine}\ndb: {tmp}/{name}.duckdb\n")
+                 f"engine: {engine}\n{judges}db: {tmp}/{name}.duckdb\n")
     return y
 
 
@@ -95,6 +100,11 @@ class Service:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def cpu_s(self) -> float:
+        """The service process's CPU seconds so far (user + system, all threads)."""
+        f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self) -> dict:
         c = self.conn()
@@ -148,22 +158,22 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
 
 
-def offline(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, engine_obj=None) -> dict:
+def offline(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, engine_obj=None, judges: str = "") -> dict:
     from factory.kinds import run
 
     f = tmp / f"{name}.jsonl"
     n_pairs = pairs_file(f, gs)
-    s = run(pipeline(tmp, name, f, per_pair=per_pair, engine=engine), engine=engine_obj, quiet=True)
+    s = run(pipeline(tmp, name, f, per_pair=per_pair, engine=engine, judges=judges), engine=engine_obj, quiet=True)
     st = [x for x in s.stages if x.table == "judgements"][0]
     return {"pairs": n_pairs, "judgements": st.written, "seconds": round(st.seconds, 2),
             "judgements_s": round(st.written / st.seconds, 1)}
 
 
 def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, clients: int, *, path: str,
-             warm: list[dict] = ()) -> dict:
+             warm: list[dict] = (), judges: str = "") -> dict:
     f = tmp / f"{name}.jsonl"
     f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
-    svc = Service(pipeline(tmp, name, f, per_pair=per_pair, engine=engine))
+    svc = Service(pipeline(tmp, name, f, per_pair=per_pair, engine=engine, judges=judges))
     try:
         if warm:
             drive(svc, "/v1/rewards", list(warm), 1)
@@ -173,12 +183,16 @@ def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, c
         else:
             bodies = [{"prompt": g["prompt"], "responses": [a, b]} for g in gs
                       for a, b in itertools.combinations(g["completions"], 2)]
+        cpu0 = svc.cpu_s()
         secs = drive(svc, path, bodies, clients)
-        n = svc.stats()["judgements"] - before
+        cpu = svc.cpu_s() - cpu0
+        st = svc.stats()
+        n = st["judgements"] - before
     finally:
         code = svc.stop()
     return {"endpoint": path, "requests": len(bodies), "clients": clients, "judgements": n, "seconds": round(secs, 2),
-            "judgements_s": round(n / secs, 1), "exit_code": code}
+            "judgements_s": round(n / secs, 1), "server_cpu_ms_per_request": round(1000 * cpu / len(bodies), 3),
+            "transactions": st["transactions"], "exit_code": code}
 
 
 def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
@@ -281,7 +295,9 @@ def main() -> None:
     ap.add_argument("--memory-requests", type=int, default=20_000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--real", type=int, default=0, help="also the embedded model on vLLM: this many groups of 4")
-    ap.add_argument("--parts", default="throughput,memory,latency", help="which fake-engine parts to run")
+    ap.add_argument("--parts", default="throughput,memory,latency",
+                    help="which fake-engine parts to run: throughput, memory, latency, preference (single pairs "
+                    "only), panel (two judges on two engines: offline vs HTTP)")
     a = ap.parse_args()
     n_groups, n_mem, n_lat = (40, 2_000, 50) if a.quick else (a.groups, a.memory_requests, 300)
     out: dict = {"quick": a.quick}
@@ -297,6 +313,15 @@ def main() -> None:
             for k in ("http_rewards", "http_preference"):
                 out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
             print(json.dumps({k: out[k] for k in ("offline", "http_rewards", "http_preference")}), flush=True)
+        if "preference" in parts:  # single pairs over HTTP only (no offline run): for A/B runs of two trees
+            out["preference_only"] = http_run(tmp, "http-pref-only", gs, 2, fake, a.clients, path="/v1/preference")
+            print(json.dumps(out["preference_only"]), flush=True)
+        if "panel" in parts:  # two fake judges (weights 1 and 2), each on its own engine: offline vs HTTP
+            p = out["panel"] = {"offline": offline(tmp, "panel-off", gs, 2, fake, judges=PANEL)}
+            for k, path in (("http_rewards", "/v1/rewards"), ("http_preference", "/v1/preference")):
+                p[k] = http_run(tmp, f"panel-{k}", gs, 2, fake, a.clients, path=path, judges=PANEL)
+                p[k]["vs_offline"] = round(p[k]["judgements_s"] / p["offline"]["judgements_s"], 3)
+            print(json.dumps({"panel": p}), flush=True)
         if "memory" in parts:
             out["memory"] = memory(tmp, n_mem, a.clients, cache_size=10_000 if not a.quick else 1_000)
             print(json.dumps(out["memory"]), flush=True)

@@ -190,8 +190,8 @@ if __name__ == "__main__":  # python -m factory.cli_serve model … (before `ser
 
 
 @serve_app.command("judge")
-def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or audit) pipeline: its judge, constitution, "
-                                              "model, engine and db"),
+def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or audit) pipeline: its judge (or `judges:` "
+                                              "panel), constitution, model, engine and db"),
               port: int = typer.Option(8000, help="port (0: any free port)"),
               host: str = typer.Option("127.0.0.1", help="address to listen on (loopback unless --allow-remote)"),
               allow_remote: bool = typer.Option(False, help="allow a non-loopback --host (a token is then required)"),
@@ -202,7 +202,8 @@ def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or aud
               max_body_kb: int = typer.Option(1024, help="request body cap in KiB (413 above)"),
               timeout_s: float = typer.Option(120.0, help="per-request timeout (504; the judgements still get stored)"),
               cache_size: int = typer.Option(100_000, help="judgements kept in memory for instant answers")):
-    """Serve a pipeline's constitutional judge over HTTP for online RL (TRL GRPO / Online DPO, OpenRLHF).
+    """Serve a pipeline's constitutional judge, or its panel of judges, over HTTP for online RL (TRL GRPO /
+    Online DPO, OpenRLHF).
 
     Example: factory serve judge pipelines/hh-prefs.yaml --port 8000
     then: curl -s localhost:8000/v1/preference -d '{"prompt": "Hi?", "responses": ["Hello!", "Go away."]}'

@@ -348,5 +348,19 @@ def panel_jobs(panel: list[PanelJudge], pairs: list[Pair], run_id: str | None = 
         choose = principles if principles is not None and j.mode.engine_kinds is None else j.principles
         for job in pair_jobs(j.ctx, j.mode, pairs, choose, run_id):
             job.route = j.name
+            if job.then is not None:  # cot: the scored judgement after the rationale goes to the same judge
+                job.then = _routed(job.then, j.name)
             jobs.append(job)
     return jobs
+
+
+def _routed(then: Any, route: str) -> Any:
+    """``then`` whose follow-up jobs go to the engine of ``route`` (without it a follow-up took the
+    run's default engine: another judge's, or the policy's)."""
+    def follow(rows: list[dict]) -> list:
+        out = list(then(rows))
+        for f in out:
+            if isinstance(f, Job):
+                f.route = route
+        return out
+    return follow

@@ -25,11 +25,13 @@ panel label's side (a tie agrees with nothing). Which judge made a judgement is 
 settings hash), recorded per run in ``run_judges``. One judge: exactly the rule above.
 
 Probabilities are clipped to [1e-6, 1 − 1e-6] before any log-odds (a vote share can be 0 or 1).
+:func:`pair_label` is the same rule for ONE pair in Python (the judge service's answers), beside the SQL.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -395,13 +397,89 @@ def labels_of(judgements: pa.Table, rule: LabelRule) -> pa.Table:
         cols = judgements.column_names
         status = "status" if "status" in cols else "CASE WHEN p_a IS NULL OR isnan(p_a) THEN 'failed' ELSE 'ok' END"
         p_first = "p_first" if "p_first" in cols else "CASE WHEN \"order\" = 'ab' THEN p_a ELSE 1 - p_a END"
-        rel = f"""(SELECT pair_id, principle_id, "order", {status} AS status,
+        judge = ", model, sampling_hash" if {"model", "sampling_hash"} <= set(cols) else ""  # a panel's judges
+        rel = f"""(SELECT pair_id, principle_id, "order", {status} AS status{judge},
                           CASE WHEN isnan(p_a) THEN NULL ELSE {p_first} END AS p_first,
                           CASE WHEN isnan(p_a) THEN NULL ELSE p_a END AS p_a FROM _j)"""
         _check(sorted({p for p in judgements.column("principle_id").to_pylist()}), rule)
         return con.sql(labels_sql(rel, rule) + " ORDER BY pair_id").to_arrow_table()
     finally:
         con.close()
+
+
+def cell_weights(rule: LabelRule) -> dict[tuple[str, str], tuple[float, float]]:
+    """(judge, principle) -> (w, v): the weights :func:`_weights_sql` gives the SQL (judge '' for one judge)."""
+    judges = rule.judges or {"": 1.0}
+    out = {}
+    for j, v in judges.items():
+        for k in dict.fromkeys(k.split("/", 1)[-1] for k in rule.weights):
+            w = rule.weights.get(k)
+            wk = rule.weights.get(f"{j}/{k}", None if w is None else (w * v if rule.pool == "logit" else w))
+            if wk is not None:
+                out[(j, k)] = (float(wk), float(v))
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    return 0.0 if x < -700 else 1 / (1 + math.exp(-x))
+
+
+def _side(p: float | None, eps: float) -> tuple[bool, str | None]:
+    tie = p is not None and (abs(p - 0.5) < eps or p == 0.5)
+    return tie, None if p is None or tie else ("a" if p > 0.5 else "b")
+
+
+def pair_label(judgements: Any, rule: LabelRule, weights: dict | None = None) -> dict:
+    """The label of ONE pair in Python, by the rule of :func:`labels_sql` step for step (the SQL costs
+    ~10-30 ms a call, far over the judge service's budget for an answer from the store; ``tests/
+    test_serve_panel.py`` checks the two agree on random panels). ``judgements``: ``(judge, principle_id,
+    order, status, p_a)`` (judge ignored for a rule of one judge); ``weights``: :func:`cell_weights` of
+    ``rule``, computed once by a caller labelling many pairs. No batch calibration (it needs a run's
+    priors). Returns ``p_a`` (None: no valid judgement), ``chosen``, ``is_tie``, ``n_judges``,
+    ``judges_agree`` and ``judges``: per judge its own ``p_a``, ``chosen``, ``is_tie``."""
+    if rule.calibrate:
+        raise ValueError("pair_label has no batch priors; pass rule.with_(calibrate=False)")
+    weights = cell_weights(rule) if weights is None else weights
+    lo, hi = rule.clamp if rule.clamp else (0.0, 1.0)
+    cells: dict[tuple[str, str], tuple[list, list]] = {}
+    for judge, pid, order, status, p in judgements:
+        ab, ba = cells.setdefault((judge if rule.judges else "", pid), ([], []))
+        if status == "ok" and p is not None and p == p:
+            (ab if order == "ab" else ba).append(min(max(p, lo), hi))
+    acc: dict[str, list[float]] = {}  # judge -> [Σ w p, Σ w, Σ w ℓ, v]
+    for (j, pid), (ab, ba) in cells.items():
+        wv = weights.get((j, pid))
+        if wv is None or not (ab or ba):
+            continue
+        if ab and ba:
+            p = (sum(ab) / len(ab) + sum(ba) / len(ba)) / 2
+            lg = (sum(map(_logit_py, ab)) / len(ab) + sum(map(_logit_py, ba)) / len(ba)) / 2
+        else:
+            xs = ab or ba
+            p, lg = sum(xs) / len(xs), sum(map(_logit_py, xs)) / len(xs)
+        a = acc.setdefault(j, [0.0, 0.0, 0.0, wv[1]])
+        a[0], a[1], a[2] = a[0] + wv[0] * p, a[1] + wv[0], a[2] + wv[0] * lg
+    if rule.pool == "logit":
+        s = {j: a[2] for j, a in acc.items()}
+        p_a = _sigmoid(sum(s.values())) if s else None
+        judge_p = {j: _sigmoid(x) for j, x in s.items()}
+    else:
+        s = {j: a[0] / a[1] for j, a in acc.items() if a[1] != 0}
+        den = sum(acc[j][3] for j in s)
+        p_a = sum(acc[j][3] * x for j, x in s.items()) / den if s and den != 0 else None
+        judge_p = s
+    tie, chosen = _side(p_a, rule.tie_eps)
+    per = {}
+    for j, p in judge_p.items():
+        jt, jc = _side(p, rule.tie_eps)
+        per[j] = {"p_a": p, "chosen": jc, "is_tie": jt}
+    agree = 0 if p_a is None or tie else sum(1 for p in judge_p.values() if (p > 0.5) - (p < 0.5) == (p_a > 0.5) - (p_a < 0.5))
+    return {"p_a": p_a, "chosen": chosen, "is_tie": tie, "n_judges": len(judge_p), "judges_agree": agree, "judges": per}
+
+
+def _logit_py(p: float) -> float:
+    p = min(max(p, EPS), 1 - EPS)
+    return math.log(p / (1 - p))
 
 
 def labels_table(store: Store, judgements: str, rule: LabelRule, params: Any = None) -> pa.Table:
@@ -411,5 +489,5 @@ def labels_table(store: Store, judgements: str, rule: LabelRule, params: Any = N
 
 
 __all__ = ["LabelRule", "rule_for", "run_rule", "labels_sql", "judge_labels_sql", "judged_sql", "cells_sql", "scored_sql", "label_run", "labels_table",
-           "labels_of", "priors_sql",
+           "labels_of", "priors_sql", "pair_label", "cell_weights",
            "check_weights", "PREFERENCE_SCHEMA", "now"]

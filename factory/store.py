@@ -311,11 +311,12 @@ class Store(RunBook):
 
     # -- writes --------------------------------------------------------------------------------
     def insert(self, table: str, rows: pa.Table | list[dict], schema: pa.Schema | None = None,
-               replace: bool = False) -> int:
+               replace: bool = False, known_new: bool = False) -> int:
         """Bulk insert from Arrow (one statement); rows whose key exists are left untouched, or
         replaced with ``replace=True`` (retrying failed rows). Returns the rows written. A table
         without a primary key (judgements) takes the rows as they are: its callers only insert
-        keys they found missing."""
+        keys they found missing. ``known_new``: the caller knows no stored row has these keys (a
+        filter of stored keys said so; the judge service): a plain INSERT, without the key lookup."""
         if isinstance(rows, list):
             if not rows:
                 return 0
@@ -325,7 +326,7 @@ class Store(RunBook):
         self.con.register("_incoming", rows)
         try:
             cols = ", ".join(f'"{c}"' for c in rows.column_names)
-            if table in NATURAL_KEYS:
+            if table in NATURAL_KEYS and not known_new:
                 return self._insert_keyed(table, cols, NATURAL_KEYS[table], replace)
             if not self._has_key(table):
                 if replace:

@@ -42,8 +42,8 @@ class Writer:
                 if self._error is None:
                     tables, links, records, token = item
                     with self._view.transaction():
-                        for table, rows, replace in tables:
-                            self._view.insert(table, rows, replace=replace)
+                        for table, rows, replace, *new in tables:  # new: (True,) = rows known not stored
+                            self._view.insert(table, rows, replace=replace, known_new=bool(new and new[0]))
                         for (run_id, table), keys in links.items():
                             self._view.link_run(run_id, table, keys)
                         self._view.insert("chunks", records, CHUNK_SCHEMA)

@@ -21,10 +21,9 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from factory.labels import LabelRule, labels_of
+from factory.labels import LabelRule, labels_of, pair_label
 from factory.serve import rewards as R
 from factory.serve.app import Limits
-from factory.serve.judging import pair_label
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +110,7 @@ def test_pair_label_matches_the_sql_rule():
                       "p_first": [None if c[3] is None else (c[3] if c[1] == "ab" else 1 - c[3]) for c in cells],
                       "p_a": pa.array([c[3] for c in cells], pa.float64())})
         want = labels_of(t, rule).to_pylist()[0]
-        got = pair_label(cells, rule)
+        got = pair_label([("", *c) for c in cells], rule)
         if want["p_a"] is None:
             assert got["p_a"] is None, (trial, cells)
         else:
@@ -330,6 +329,9 @@ def test_kill_9_mid_load_and_restart_leaves_no_duplicates(tmp_path):
     con = duckdb.connect(str(tmp_path / "s.duckdb"), read_only=True)
     n, distinct = con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone()
     assert n == distinct == len(groups) * 6 * 2 * k  # C(4,2) pairs x 2 orders x every principle, each once
+    # pairs and the run's pair links too (new ones are written without a key lookup: the restart must know the old)
+    assert con.execute("SELECT count(*), count(DISTINCT pair_id) FROM pairs").fetchone() == (len(groups) * 6,) * 2
+    assert con.execute("SELECT count(*), count(DISTINCT pair_id) FROM run_pairs").fetchone() == (len(groups) * 6,) * 2
     assert con.execute("SELECT status FROM runs WHERE kind = 'serve'").fetchone()[0] == "done"
 
 
@@ -441,6 +443,7 @@ def test_judgements_of_an_offline_run_answer_online_and_join_the_service_run(tmp
                             [offline.run_id, r["pair_id"]]).fetchone()[0]
     assert labels[r["pair_id"]] == pytest.approx(offline_p) == pytest.approx(r["p_a"])
     assert len(labels) == 2 and con.execute("SELECT count(*), count(DISTINCT id) FROM judgements").fetchone() == (8, 8)
+    assert con.execute("SELECT count(*), count(DISTINCT pair_id) FROM pairs").fetchone() == (2, 2)  # the offline pair once
 
 
 def test_concurrent_requests_share_one_engine_stream(service):

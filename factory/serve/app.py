@@ -34,7 +34,7 @@ from ..stages import judge as J
 from ..store import content_key
 from . import rewards as R
 from .batcher import Batcher, Ticket
-from .judging import JudgePlan, conversation_of, pair_label
+from .judging import JudgePlan, conversation_of
 
 
 @dataclass
@@ -176,15 +176,24 @@ class JudgeApp:
                 out.append({"p_a": p, "chosen": None if p == 0.5 else ("a" if p > 0.5 else "b"), "tie": p == 0.5,
                             "principles": {}, "pair_id": row["pair_id"], "n_failed": 0, "skipped": row["error"]})
                 continue
-            cells = [(j.row["principle_id"], j.row["order"], *ticket.got[j.key]) for j in pj]
-            lab = pair_label(cells, self.plan.answer_rule)
-            principles: dict[str, dict] = {}
-            for pid, order, status, p in cells:
-                principles.setdefault(pid, {})[order] = p if status == "ok" else None
-            failed = sum(1 for c in cells if c[2] != "ok" or c[3] is None)
+            cells = [(j.route, j.row["principle_id"], j.row["order"], *ticket.got[j.key]) for j in pj]
+            lab = self.plan.label(cells)
+            principles: dict[str, dict[str, dict]] = {}  # judge -> principle -> order -> P(a)
+            for judge, pid, order, status, p in cells:
+                principles.setdefault(judge, {}).setdefault(pid, {})[order] = p if status == "ok" else None
+            failed = sum(1 for c in cells if c[3] != "ok" or c[4] is None)
             p_a = lab["p_a"]
-            out.append({"p_a": 0.5 if p_a is None else p_a, "chosen": lab["chosen"], "tie": p_a is None or lab["is_tie"],
-                        "principles": principles, "pair_id": row["pair_id"], "n_failed": failed})
+            first = self.plan.panel[0].name
+            ans = {"p_a": 0.5 if p_a is None else p_a, "chosen": lab["chosen"], "tie": p_a is None or lab["is_tie"],
+                   "principles": principles.get(first, {}), "pair_id": row["pair_id"], "n_failed": failed}
+            if self.plan.is_panel:  # each judge's own label and answers; `principles` above: the first judge's
+                own = lab["judges"] if self.plan.answer_rule.judges else {}
+                ans.update(n_judges=lab["n_judges"], judges_agree=lab["judges_agree"], judges={
+                    j.name: {"p_a": own.get(j.name, {}).get("p_a"), "chosen": own.get(j.name, {}).get("chosen"),
+                             "tie": own.get(j.name, {}).get("is_tie", False), "weight": j.weight,
+                             "model": j.ctx.model, "principles": principles.get(j.name, {})}
+                    for j in self.plan.panel})
+            out.append(ans)
         return out, {"judgements": len({j.key for j in jobs}), "cached": ticket.cached}
 
     # -- endpoints -------------------------------------------------------------------------------

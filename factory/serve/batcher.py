@@ -2,10 +2,14 @@
 
 A :class:`Ticket` is one HTTP request's judgements (the jobs of its pairs). The batcher runs one
 long-lived loop on a thread of its own, like :class:`factory.runner.Runner` over a run that never
-ends: ``engine.generate`` pulls from one lazy request stream, which takes new tickets from a queue,
-answers what it can from the store, and yields the rest's requests; ``None`` ("nothing right now")
-only while requests are in flight, so the engine steps; when nothing is in flight the stream blocks
-on the queue (no busy loop). Completions go to the project's writer thread
+ends: the first judge's ``engine.generate`` pulls from one lazy request stream, which takes new
+tickets from a queue, answers what it can from the store, and yields the rest's requests; ``None``
+("nothing right now") only while that engine has requests in flight, so it steps; when nothing is
+in flight the stream blocks on the queue (no busy loop). A panel's other engines (judges with
+another model or engine; judges that share one share it) each run on a thread of their own
+(:class:`factory.fanout.Feeder`, as a routed offline run feeds them): a job goes to its judge's
+engine (``Job.route``), their completions come back on the same queue as new tickets, and the
+one loop plans, writes and answers for every engine. Completions go to the project's writer thread
 (:class:`factory.writer.Writer`), one transaction per flush: judgements, the pairs they judge and
 the run's membership (``run_pairs``, ``run_items`` links for judgements another run made).
 
@@ -18,110 +22,55 @@ requests in the HTTP thread without touching this loop; a key not in it is probe
 scan per batch of tickets) only when :class:`KeyFilter` says the store may hold it: a fixed-size
 Bloom filter of every key of this judge in the store (loaded with one scan at start, then every
 key committed), so a new key, the common case, costs no scan however large the store grows. A key
-already planned or in flight is not asked twice: later tickets wait for it.
+already planned or in flight is not asked twice: later tickets wait for it. That store side (and
+the writing) is :class:`~factory.serve.planner.Planner`; this module is the engine side.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
 from typing import Any, Callable
 
-import pyarrow as pa
-
 from ..engines.base import Completion
-from ..runner import Job
-from ..store import TABLE_SCHEMAS
+from ..fanout import _END, Feeder
+from ..runner import EngineFailed, Job
 from ..writer import Writer
-from .keyfilter import KeyFilter
-
-Value = tuple  # (status, p_a)
-
-
-class StoreFailed(Exception):
-    """The writer could not commit (disk full, …): nothing more can be stored, so nothing more is answered."""
+from .planner import Planner
+from .tickets import Stats, StoreFailed, Ticket, Value  # noqa: F401  (re-exported)
 
 
-@dataclass(eq=False)
-class Ticket:
-    """One request's judgements. ``done`` is called once (from any thread) when all are committed
-    or the ticket failed (``error``)."""
+class Batcher(Planner):
+    queue_cap = 256  # rendered requests waiting per extra engine (as factory.fanout.RoutedRunner)
 
-    jobs: list[Job]
-    pairs: list[dict]  # pair rows (status ok or skipped) to record with the run
-    done: Callable[["Ticket"], None] = lambda t: None
-    got: dict[str, Value] = field(default_factory=dict)
-    cached: int = 0
-    error: str | None = None
-    _missing: int = -1
-    _closed: bool = False
-
-    def resolve(self, key: str, value: Value) -> None:
-        if key not in self.got:
-            self.got[key] = value
-            self._missing -= 1
-            if self._missing == 0:
-                self.finish()
-
-    def fail(self, reason: str) -> None:
-        if not self._closed:
-            self.error = reason
-            self.finish()
-
-    def finish(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                self.done(self)
-            except Exception:  # noqa: BLE001 - a caller's callback must never stop the engine loop
-                pass
-
-
-@dataclass
-class Stats:
-    requests: int = 0
-    pairs: int = 0
-    judgements: int = 0  # new judgements stored
-    cache_hits: int = 0  # judgements answered from the store (LRU or DuckDB)
-    store_probes: int = 0
-    linked: int = 0  # judgements another run made, linked into this run
-    engine_requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    transactions: int = 0
-    failed_judgements: int = 0
-
-
-class Batcher:
-    def __init__(self, store: Any, engine: Any, run_id: str, *, model: str, sampling_hash: str,
+    def __init__(self, store: Any, engines: dict[str, Any], run_id: str, *, identities: list[tuple[str, str]],
                  cache_size: int = 100_000, chunk_rows: int = 1024, probe_batch: int = 4096,
                  forget: Callable[[str], None] = lambda pair_id: None,
                  on_fatal: Callable[[str], None] = lambda reason: None):
-        self.store, self.engine, self.run_id = store, engine, run_id
-        self.cache_size, self.chunk_rows, self.probe_batch = cache_size, chunk_rows, probe_batch
-        self.forget, self.on_fatal = forget, on_fatal
-        self.stats = Stats()
-        self.fatal: str | None = None
+        """``engines``: judge name (a job's ``route``) -> engine, the first judge's driven by this
+        loop, every other distinct engine on a :class:`Feeder`; ``identities``: (model, judge settings
+        hash) of each judge, whose stored keys the probe filter loads."""
+        super().__init__(store, run_id, identities=identities, cache_size=cache_size, chunk_rows=chunk_rows,
+                         probe_batch=probe_batch, forget=forget)
+        self.on_fatal = on_fatal
         self.stopping = False
-        self._lock = threading.Lock()  # the LRU and stats counters touched from the HTTP thread
-        self._lru: OrderedDict[str, Value] = OrderedDict()
-        self._stored = KeyFilter()  # could the store hold this key? (no: a new judgement, no probe)
-        self._stored.load(store, model, sampling_hash)
-        self._inbox: queue.Queue[Ticket] = queue.Queue()
-        self._todo: deque[Job] = deque()
-        self._planned: dict[str, Job | None] = {}  # key -> job (to send / in flight / buffered), None: a link
-        self._waiters: dict[str, list[Ticket]] = {}
-        self._inflight: dict[str, Job] = {}
-        self._open: set[Ticket] = set()  # tickets handed to this loop and not finished
-        self._pairs_seen: OrderedDict[str, None] = OrderedDict()  # pairs recorded by this process (bounded)
-        self._buf: dict[str, list[dict]] = {"judgements": [], "pairs": [], "run_pairs": []}
-        self._links: list[str] = []
-        self._token: list[tuple[str, Value]] = []
-        self._uncommitted = 0
+        self._inbox: queue.Queue = queue.Queue()  # tickets, and (slot, completion) from the feeders
+        self.engine = next(iter(engines.values()))
+        self._feeders: list[Feeder] = []
+        self._route: dict[str, Feeder | None] = {}
+        by_engine: dict[int, Feeder | None] = {id(self.engine): None}
+        for name, e in engines.items():
+            if id(e) not in by_engine:
+                by_engine[id(e)] = Feeder(len(self._feeders), e, [], self._inbox)
+                self._feeders.append(by_engine[id(e)])
+            self._route[name] = by_engine[id(e)]
+            if by_engine[id(e)] is not None:
+                by_engine[id(e)].roles.append(name)
+        self._main_inflight = 0  # requests handed to the first engine and not answered
+        self._todo: deque[Job] = deque()  # for the first engine
+        self._todo_f: list[deque[Job]] = [deque() for _ in self._feeders]
         self._thread: threading.Thread | None = None
-        self._writer: Writer | None = None
         self._stream_error: BaseException | None = None
 
     # -- the HTTP side ---------------------------------------------------------------------------
@@ -174,17 +123,23 @@ class Batcher:
         try:
             with Writer(self.store) as self._writer:
                 self._reader = self.store.view()
+                for f in self._feeders:
+                    f.thread.start()
                 try:
                     for c in self.engine.generate(self._requests()):
+                        self._main_inflight -= 1
                         self._complete(c)
                         self._maybe_flush()
-                except Exception as e:  # noqa: BLE001 - the engine (or our own planning) died
+                except Exception as e:  # noqa: BLE001 - an engine (or our own planning) died
                     if isinstance(e, StoreFailed):
                         reason = f"store write failed: {e}"
+                    elif isinstance(e, EngineFailed):  # a panel's other engine
+                        reason = f"engine failed: {e}"
                     else:
                         what = "internal error" if e is self._stream_error else "engine failed"
                         reason = f"{what}: {type(e).__name__}: {str(e)[:400]}"
                 finally:
+                    self._stop_feeders()
                     try:
                         self._flush()  # what completed is committed and its tickets answered
                         self._writer.drain()
@@ -202,11 +157,21 @@ class Batcher:
             t.fail(reason or "the service stopped before this request was judged")
         while True:
             try:
-                self._inbox.get_nowait().fail(reason or "the service is stopping")
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, Ticket):
+                item.fail(reason or "the service is stopping")
         if reason is not None:
             self.on_fatal(reason)
+
+    def _stop_feeders(self) -> None:
+        """What is still inside another engine is not waited for (its tickets fail; nothing was answered)."""
+        for f in self._feeders:
+            f.stop()
+        for f in self._feeders:
+            if f.thread.ident is not None:  # started
+                f.thread.join(timeout=30)
 
     def _requests(self):
         try:
@@ -219,161 +184,76 @@ class Batcher:
         while True:
             self._commits()
             self._take()
+            self._feed()
             if self._todo:
-                job = self._todo.popleft()
-                try:
-                    req = job.build()
-                except Exception as e:  # noqa: BLE001 - one bad render is a failed row, not a dead service
-                    self._inflight[job.key] = job
-                    self._complete(Completion(key=job.key, status="failed", error=f"render: {type(e).__name__}: {e}"))
-                    continue
-                self._inflight[job.key] = job
-                self.stats.engine_requests += 1
-                yield req
+                req = self._build(self._todo.popleft())
+                if req is not None:
+                    self._main_inflight += 1
+                    yield req
                 continue
-            if self._inflight:
+            if self._main_inflight:
+                self._maybe_flush()
                 yield None
                 continue
             self._maybe_flush(idle=True)
             if self.stopping and not self._planned and not self._uncommitted and self._inbox.empty():
                 return
-            try:  # idle: wait for a ticket (or, while a commit is pending, poll for it)
-                t = self._inbox.get(timeout=0.001 if self._uncommitted else 0.05)
-                self._plan([t])
+            try:  # idle: wait for a ticket or another engine's answer (while a commit is pending, poll for it)
+                item = self._inbox.get(timeout=0.001 if self._uncommitted else 0.05)
             except queue.Empty:
-                pass
+                continue
+            if isinstance(item, Ticket):
+                self._plan([item])
+            else:
+                self._answer(item)
+
+    def _build(self, job: Job):
+        """``job``'s request, or None when it cannot be rendered (a failed row, not a dead service)."""
+        self._inflight[job.key] = job
+        try:
+            req = job.build()
+        except Exception as e:  # noqa: BLE001
+            self._complete(Completion(key=job.key, status="failed", error=f"render: {type(e).__name__}: {e}"))
+            return None
+        self.stats.engine_requests += 1
+        return req
+
+    def _feed(self) -> None:
+        """Hand the other engines' planned jobs to their feeders (at most ``queue_cap`` waiting each)."""
+        for f, todo in zip(self._feeders, self._todo_f):
+            while todo and f.queued() < self.queue_cap:
+                req = self._build(todo.popleft())
+                if req is not None:
+                    f.q.put(req)
+                    f.put += 1
 
     def _take(self) -> None:
         got = []
         while len(got) < self.probe_batch:
             try:
-                got.append(self._inbox.get_nowait())
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, Ticket):
+                got.append(item)
+            else:
+                self._answer(item)
         if got:
             self._plan(got)
 
-    def _plan(self, tickets: list[Ticket]) -> None:
-        """Answer what the LRU or the store holds; wait on keys already planned; plan the rest."""
-        need: list[tuple[Job, Ticket]] = []
-        for t in tickets:
-            if self.fatal:
-                t.fail(self.fatal)
-                continue
-            self._open.add(t)
-            for p in t.pairs:
-                self._record_pair(p)
-            for job in t.jobs:
-                v = self._lru.get(job.key)
-                if v is not None:
-                    self.stats.cache_hits += 1
-                    t.cached += 1
-                    t.resolve(job.key, v)
-                elif job.key in self._planned:
-                    self._waiters.setdefault(job.key, []).append(t)
-                else:
-                    need.append((job, t))
-            if not t.jobs:
-                t.finish()
-            self._settle(t)
-        found: dict[str, tuple] = {}
-        maybe = list({j.key for j, _ in need if self._stored.maybe(j.key)})
-        if maybe:
-            self.stats.store_probes += 1
-            found = self._reader.probe("judgements", maybe, "t.status, t.run_id, t.p_a")
-        for job, t in need:
-            if job.key in self._planned:
-                self._waiters.setdefault(job.key, []).append(t)
-                continue
-            hit = found.get(job.key)
-            if hit is not None:
-                self.stats.cache_hits += 1
-                t.cached += 1
-                v = (hit[0], hit[2])
-                if hit[1] == self.run_id:
-                    self._remember(job.key, v)
-                    t.resolve(job.key, v)
-                    self._settle(t)
-                    continue
-                self._planned[job.key] = None  # another run made it: linked into this run, answered at commit
-                self._links.append(job.key)
-                self._token.append((job.key, v))
-                self.stats.linked += 1
-            else:
-                self._planned[job.key] = job
-                self._todo.append(job)
-            self._waiters.setdefault(job.key, []).append(t)
-
-    def _settle(self, t: Ticket) -> None:
-        if t._closed:
-            self._open.discard(t)
-            for p in t.pairs:
-                self.forget(p["pair_id"])
-
-    def _record_pair(self, p: dict) -> None:
-        with self._lock:
-            if p["pair_id"] in self._pairs_seen:
-                return
-            self._pairs_seen[p["pair_id"]] = None
-            if len(self._pairs_seen) > self.cache_size:
-                self._pairs_seen.popitem(last=False)
-        self._buf["pairs"].append(p)
-        self._buf["run_pairs"].append({"run_id": self.run_id, "pair_id": p["pair_id"], "source_row": None})
-
-    def _complete(self, c: Completion) -> None:
-        job = self._inflight.pop(c.key)
-        rows = job.to_rows(job, c)
-        for r in rows:
-            r["chunk"] = None
-            if r["status"] != "ok":
-                self.stats.failed_judgements += 1
-        self._buf["judgements"].extend(rows)
-        self._token.append((job.key, (rows[0]["status"], rows[0]["p_a"])))
-        self.stats.judgements += 1
-        self.stats.prompt_tokens += c.prompt_tokens
-        self.stats.completion_tokens += c.completion_tokens
-
-    def _buffered(self) -> int:
-        return len(self._token) + len(self._buf["pairs"])
-
-    def _maybe_flush(self, idle: bool = False) -> None:
-        """Hand completed rows to the writer when it is idle, or when a chunk's worth waits and at most
-        one transaction is ahead (``put`` never blocks the engine: the writer holds one, queues one)."""
-        n = self._buffered()
-        if n and (self._uncommitted == 0 or (n >= self.chunk_rows and self._uncommitted < 2)):
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buffered():
+    def _answer(self, item: tuple) -> None:
+        """A completion (or the death) of one of the other engines."""
+        slot, c = item
+        f = self._feeders[slot]
+        if isinstance(c, BaseException):
+            raise EngineFailed(f"the engine of {f.name} failed: {type(c).__name__}: {str(c)[:400]}") from c
+        if c is _END:
+            if not self.stopping or f.outstanding() > 0:
+                raise EngineFailed(f"the engine of {f.name} stopped answering ({f.outstanding()} requests unanswered)")
             return
-        tables = [(t, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS[t]), False)
-                  for t, rows in self._buf.items() if rows]
-        links = {(self.run_id, "judgements"): self._links} if self._links else {}
-        try:
-            self._writer.put(tables, links, [], self._token)
-        except Exception as e:  # noqa: BLE001 - an earlier transaction failed
-            raise StoreFailed(f"{type(e).__name__}: {str(e)[:400]}") from e
-        self._uncommitted += 1
-        self.stats.transactions += 1
-        self._buf = {"judgements": [], "pairs": [], "run_pairs": []}
-        self._links, self._token = [], []
+        f.back += 1
+        self._complete(c)
 
-    def _commits(self) -> None:
-        """Answer the tickets whose judgements the writer has committed."""
-        for token in self._writer.committed():
-            self._uncommitted -= 1
-            for key, v in token:
-                self._planned.pop(key, None)
-                self._stored.add(key)
-                self._remember(key, v)
-                for t in self._waiters.pop(key, ()):
-                    t.resolve(key, v)
-                    self._settle(t)
-
-    def _remember(self, key: str, v: Value) -> None:
-        with self._lock:
-            self._lru[key] = v
-            self._lru.move_to_end(key)
-            if len(self._lru) > self.cache_size:
-                self._lru.popitem(last=False)
-
+    def _queue(self, job: Job) -> None:
+        f = self._route.get(job.route)
+        (self._todo if f is None else self._todo_f[f.slot]).append(job)

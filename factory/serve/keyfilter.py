@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 
@@ -17,7 +18,11 @@ class KeyFilter:
 
     def _slots(self, key: str) -> tuple[int, int, int]:
         m = self.mask
-        return int(key[0:8], 16) & m, int(key[8:16], 16) & m, int(key[16:24], 16) & m
+        try:
+            return int(key[0:8], 16) & m, int(key[8:16], 16) & m, int(key[16:24], 16) & m
+        except ValueError:  # not a hex content key (an id a pairs file gave): hash it first
+            h = hashlib.blake2b(key.encode(), digest_size=12).digest()
+            return tuple(int.from_bytes(h[i:i + 4], "little") & m for i in (0, 4, 8))
 
     def add(self, key: str) -> None:
         for i in self._slots(key):
@@ -29,8 +34,12 @@ class KeyFilter:
 
     def load(self, store: Any, model: str, sampling_hash: str) -> None:
         """Every stored judgement key of this judge (other runs' and earlier lives of the service)."""
-        cur = store.con.execute("SELECT id FROM judgements WHERE model IS NOT DISTINCT FROM ? AND sampling_hash IS "
-                                "NOT DISTINCT FROM ?", [model, sampling_hash])
+        self.load_sql(store, "SELECT id FROM judgements WHERE model IS NOT DISTINCT FROM ? AND sampling_hash IS "
+                      "NOT DISTINCT FROM ?", [model, sampling_hash])
+
+    def load_sql(self, store: Any, sql: str, params: list) -> None:
+        """Every key the query's one column gives."""
+        cur = store.con.execute(sql, params)
         while batch := cur.fetchmany(65536):
             for (key,) in batch:
                 self.add(key)

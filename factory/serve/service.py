@@ -2,10 +2,13 @@
 
 1. the bind rule first (loopback, or ``--allow-remote`` and a token: ``factory.review.security``),
    then the socket, so a refused address opens nothing;
-2. the pipeline (``kind: prefs`` or ``audit``: its ``judge:`` section, constitution and engine);
-3. the store's writer lock (held while the service runs), the engine, and the service's run: kind
-   ``serve``, its id the pipeline's name and a hash of the pipeline, constitution, judge template
-   and the engine's identity (``runs.Loaded.run_id``), so a restart continues the same run;
+2. the pipeline (``kind: prefs`` or ``audit``: its ``judge:`` section or ``judges:`` panel,
+   constitution and engines);
+3. the store's writer lock (held while the service runs), each judge's engine (the run lifecycle's
+   ``runs.build_engines``), and the service's run: kind ``serve``, its id the pipeline's name and a
+   hash of the pipeline, constitution, judge template(s) and the engines' identities
+   (``runs.Loaded.run_id``), so a restart continues the same run; its judges are recorded
+   (``run_judges``) as a prefs run records them, so a panel's stored labels pool over them;
 4. the batcher thread and uvicorn; the first SIGTERM/SIGINT stops accepting, lets the requests in
    flight finish (their judgements committed), then the batcher drains; the run is labelled by the
    one label rule (``preferences``) and its status written (``done``, or ``failed`` with the
@@ -20,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import runs
-from ..engines import ensure_engine
 from ..labels import label_run
 from ..review.security import BindError, check_bind, is_loopback
 from ..runner import TableStats
@@ -47,31 +49,40 @@ def guard_bind(host: str, allow_remote: bool, token: str | None) -> str | None:
     return check_bind(host, allow_remote, token)
 
 
-def open_service(path: str | Path) -> tuple[runs.Loaded, Store, Any, list]:
-    """The pipeline as a ``serve`` run: store locked, engine built, run recorded (the lifecycle's first half)."""
+class _Judges(runs.Loaded):
+    """The pipeline as the service's run: its roles are its judges (a prefs pipeline's policy samples
+    nothing here, so no engine is built for it)."""
+
+    def roles(self) -> list:
+        return self.judge_roles()
+
+
+def open_service(path: str | Path) -> tuple[runs.Loaded, Store, dict[str, Any], list]:
+    """The pipeline as a ``serve`` run: store locked, every judge's engine built (by the run lifecycle's
+    :func:`factory.runs.build_engines`: judges with the same model and engine settings share one), run
+    recorded (the lifecycle's first half). Returns the run, the store, judge name -> engine, and the
+    engines to close."""
     from ..kinds import load
 
     kind, lp = load(path)
     if not hasattr(lp.cfg, "judge"):
         raise StoreError(f"{path}: a `kind: {kind.name}` pipeline has no judge; serve a `kind: prefs` (or audit) "
                          "pipeline: its judge:, constitution, model and engine are what the service uses")
-    roles = lp.judge_roles()
-    if len(roles) != 1:
-        raise StoreError(f"{path}: the service serves one judge and this pipeline names {len(roles)}; serve a "
-                         "pipeline with one `judges:` entry (or none: the top-level model and engine)")
-    role = roles[0]
-    slp = runs.Loaded(lp.path, "serve", lp.cfg, lp.constitution, {"judge": lp.templates["judge"]})
+    if not lp.judge_roles():
+        raise StoreError(f"{path}: `judges: []` names no judge; name at least one judge to serve")
+    templates = {k: t for k, t in lp.templates.items() if k == "judge" or k.startswith("judge:")}
+    slp = _Judges(lp.path, "serve", lp.cfg, lp.constitution, templates)
     store = Store(lp.cfg.db, writer_run=f"serve:{lp.cfg.name}", run_memory=True)
     owned: list = []
     try:
-        engine = ensure_engine(None, role.engine, role.model, owned)
-        slp.engine_model = slp.identity({role.name: engine.model})
+        engines = runs.build_engines(slp, None, None, owned)
+        slp.engine_model = slp.identity({name: e.model for name, e in engines.items()})
         store.relabel_lock(slp.run_id)
-        runs.record_run(store, slp, {role.name: engine})
+        runs.record_run(store, slp, engines)
     except BaseException:
         runs.release(store, owned)
         raise
-    return slp, store, engine, owned
+    return slp, store, engines, owned
 
 
 def close_service(slp: runs.Loaded, store: Store, owned: list, batcher: Batcher | None, start: float) -> runs.Summary:
@@ -106,14 +117,15 @@ class Service:
                  token: str | None = None, on_fatal: Callable[[str], None] = lambda reason: None):
         self.start_time = time.perf_counter()
         self.limits = limits
-        self.slp, self.store, self.engine, self.owned = open_service(path)
+        self.slp, self.store, self.engines, self.owned = open_service(path)
+        self.engine = next(iter(self.engines.values()))  # the first judge's
         self.batcher: Batcher | None = None
         self.closed: runs.Summary | None = None
         try:
-            self.plan = judge_plan(self.store, self.slp, self.engine, self.slp.run_id)
-            self.batcher = Batcher(self.store, self.engine, self.slp.run_id, model=self.plan.model,
-                                   sampling_hash=self.plan.sampling_hash, cache_size=cache_size,
-                                   chunk_rows=self.slp.cfg.chunk_rows, forget=self.plan.forget, on_fatal=on_fatal)
+            self.plan = judge_plan(self.store, self.slp, self.engines, self.slp.run_id)
+            self.batcher = Batcher(self.store, self.engines, self.slp.run_id, identities=self.plan.identities,
+                                   cache_size=cache_size, chunk_rows=self.slp.cfg.chunk_rows,
+                                   forget=self.plan.forget, on_fatal=on_fatal)
             self.japp = JudgeApp(self.batcher, self.plan, run_id=self.slp.run_id, limits=limits)
             self.app = create_app(self.japp, token=token)
             self.batcher.start()
@@ -158,7 +170,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_
         sock.close()
         raise
     try:
-        config = uvicorn.Config(svc.app, log_level="warning", access_log=False, lifespan="off",
+        # proxy_headers off: X-Forwarded-For is not used (no per-client logic) and its middleware costs every request
+        config = uvicorn.Config(svc.app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
                                 timeout_graceful_shutdown=int(limits.timeout_s) + 5, timeout_keep_alive=30)
         server = server_box["server"] = uvicorn.Server(config)
         if svc.batcher.fatal:  # died before the server existed
