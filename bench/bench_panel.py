@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--real", type=int, default=0, help="prompts for the real-engine pass (0: skip)")
     ap.add_argument("--only-real", action="store_true")
     ap.add_argument("--matched", action="store_true",
-                    help="also one judge over 3x the pairs (as many judgements as the panel): what the run's size costs")
+                    help="also one judge over 3x the pairs (as many judgements as the panel)")
     a = ap.parse_args()
     pairs, prompts = (2_000, 60) if a.quick else (a.pairs, a.prompts)
     with tempfile.TemporaryDirectory() as tmp:

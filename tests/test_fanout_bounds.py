@@ -35,8 +35,9 @@ def inputs(ctx: sl.Ctx) -> list[InputChunk]:
 def test_a_panel_holds_one_budget_for_the_run_and_writes_bounded_batches(tmp_path):
     t = {s: load_template(REPO / f"prompts/{s}.j2") for s in ("answer", "critique", "revise")}
     sampling = Sampling(max_tokens=8)
-    ctx = sl.Ctx(run_id="bounds", model="fake:m", seed=0, constitution=load_constitution(REPO / "constitutions/harmless.yaml"),
-                 templates=t, sampling={s: sampling for s in sl.STAGES}, sampling_hash={s: s for s in sl.STAGES})
+    constitution = load_constitution(REPO / "constitutions/harmless.yaml")
+    ctx = sl.Ctx(run_id="bounds", model="fake:m", seed=0, constitution=constitution, templates=t,
+                 sampling={s: sampling for s in sl.STAGES}, sampling_hash={s: s for s in sl.STAGES})
     engines = {r: FakeEngine(f"judge-{r}", seed=i) for i, r in enumerate(ROUTES)}
     store = Store(tmp_path / "b.duckdb", writer_run="bounds")
     try:
