@@ -3,12 +3,16 @@
     python bench/bench_panel.py                # 20,000 pairs; overlap with 300 prompts
     python bench/bench_panel.py --pairs 100000 # the issue's size (needs a quiet machine)
     python bench/bench_panel.py --quick        # 2,000 pairs; overlap with 60 prompts
+    python bench/bench_panel.py --matched      # also one judge over 3× the pairs (the panel's judgements)
 
 1. Panel vs one judge: the same file of pairs, 4 principles, both orders, judged by one fake judge
    and by a panel of three (each on its own fake engine, so the three stream side by side on their
    own threads), each through `factory run` in a fresh process: judgements/s of the stream (from
    the run's own summary) and the child's peak RSS (VmHWM). Target: the panel ≥ 0.9× the one judge's
-   judgements/s, peak RSS within 10%.
+   judgements/s, peak RSS within 10%. The panel writes 3× the rows of the one judge, and a run's
+   peak grows with its rows until DuckDB's memory reaches its cap (~0.5M judgements; the peak comes at
+   its checkpoints, its labelling or its closing checkpoint); ``--matched`` adds one judge over 3× the
+   pairs, so that the panel is also compared at the same number of judgements.
 2. Overlap of two engines: a policy and a judge on fake engines with a fixed per-request latency
    (``engine: {kind: fake, latency_s: …}``), sized so that the policy alone (a policy-only run,
    ``judges: []``) and the judge alone (the same pairs judged with the samples already stored) each
@@ -61,17 +65,21 @@ def summary_of(db: Path, name: str) -> dict:
     return json.loads(body)
 
 
-def panel_vs_one(tmp: Path, n: int) -> dict:
+def panel_vs_one(tmp: Path, n: int, matched: bool = False) -> dict:
     make_pairs(tmp / "pairs.jsonl", n)
+    runs = [("one", ["j1"], "pairs.jsonl"), ("panel", ["j1", "j2", "j3"], "pairs.jsonl")]
+    if matched:  # one judge over 3× the pairs: as many judgements (and rows written) as the panel
+        make_pairs(tmp / "pairs3.jsonl", 3 * n)
+        runs.append(("one3x", ["j1"], "pairs3.jsonl"))
     out = {}
-    for label, judges in (("one", ["j1"]), ("panel", ["j1", "j2", "j3"])):
+    for label, judges, pairs in runs:
         lines = "".join(f"  - {{name: {j}, model: judge-{j}, engine: {{kind: fake, seed: {i}}}}}\n"
                         for i, j in enumerate(judges))
         path = tmp / f"{label}.yaml"
         path.write_text(f"""kind: prefs
 name: {label}
 constitution: {REPO}/constitutions/harmless.yaml
-pairs: {{source: file, path: {tmp}/pairs.jsonl}}
+pairs: {{source: file, path: {tmp}/{pairs}}}
 judge: {{template: {REPO}/prompts/judge.j2, per_pair: 4}}
 judges:
 {lines}db: {tmp}/{label}.duckdb
@@ -85,9 +93,12 @@ chunk_rows: 10000
                       "peak_rss_mb": round(proc["peak_rss_mb"])}
         print(f"{label}: {json.dumps(out[label])}", flush=True)
     one, panel = out["one"], out["panel"]
-    return {"pairs": n, **{f"{k}_{x}": v for k, d in out.items() for x, v in d.items()},
-            "throughput_ratio_panel_vs_one": round(panel["judgements_per_s"] / one["judgements_per_s"], 3),
-            "rss_ratio_panel_vs_one": round(panel["peak_rss_mb"] / one["peak_rss_mb"], 3)}
+    res = {"pairs": n, **{f"{k}_{x}": v for k, d in out.items() for x, v in d.items()},
+           "throughput_ratio_panel_vs_one": round(panel["judgements_per_s"] / one["judgements_per_s"], 3),
+           "rss_ratio_panel_vs_one": round(panel["peak_rss_mb"] / one["peak_rss_mb"], 3)}
+    if matched:
+        res["rss_ratio_panel_vs_one_same_judgements"] = round(panel["peak_rss_mb"] / out["one3x"]["peak_rss_mb"], 3)
+    return res
 
 
 def overlap(tmp: Path, prompts: int, latency: float) -> dict:
@@ -177,12 +188,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--real", type=int, default=0, help="prompts for the real-engine pass (0: skip)")
     ap.add_argument("--only-real", action="store_true")
+    ap.add_argument("--matched", action="store_true",
+                    help="also one judge over 3x the pairs (as many judgements as the panel)")
     a = ap.parse_args()
     pairs, prompts = (2_000, 60) if a.quick else (a.pairs, a.prompts)
     with tempfile.TemporaryDirectory() as tmp:
         for d in "abc":
             (Path(tmp) / d).mkdir()
-        res = {} if a.only_real else {"panel": panel_vs_one(Path(tmp) / "a", pairs),
+        res = {} if a.only_real else {"panel": panel_vs_one(Path(tmp) / "a", pairs, a.matched),
                                       "overlap": overlap(Path(tmp) / "b", prompts, a.latency)}
         if a.real:
             res["real"] = real_pass(Path(tmp) / "c", a.real)

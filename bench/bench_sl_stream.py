@@ -5,7 +5,10 @@ principles and sampling.
 The script waits for every answer before any critique, for every critique before any revision: the
 engine's batch drains at each of the 5 stage boundaries. The runner sends a prompt's critique as
 soon as its answer is stored, so the batch stays full across stages. Passes alternate script /
-factory; the prefix cache is reset before each; a warm-up batch runs first. Generated tokens/s.
+factory; the prefix cache is reset before each; a warm-up batch runs first. Generated tokens/s,
+and why each generation stopped on each side: one that stops at ``max_tokens`` ("length") ends on
+the same step as its batch-mates, so the script's batch drains at a stage boundary only as far as
+generations stop early ("stop"); that share bounds what streaming can gain.
 
     python bench/bench_sl_stream.py              # 64 prompts × 48 new tokens a stage
     python bench/bench_sl_stream.py --quick      # 16 × 16
@@ -14,6 +17,7 @@ factory; the prefix cache is reset before each; a warm-up batch runs first. Gene
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +54,13 @@ def main() -> None:
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0.7, top_p=0.95)
     eng.llm.chat([t["answer"].render(conversation=c) for c in convs[:8]], params, use_tqdm=False)  # warm-up
 
+    finish: dict[str, dict[str, int]] = {"script": {}, "factory": {}}  # why each generation stopped, per side
+
     def chat(messages: list[list[dict]]) -> tuple[list[str], int]:
         outs = eng.llm.chat(messages, params, use_tqdm=False)
+        for o in outs:
+            why = str(o.outputs[0].finish_reason)
+            finish["script"][why] = finish["script"].get(why, 0) + 1
         return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
 
     def script(rep: int) -> tuple[int, float]:
@@ -81,6 +90,9 @@ def main() -> None:
             runner.run([InputChunk(0, {}, lambda: sl.answer_jobs(ctx, prompts))])
             dt = time.perf_counter() - start
             tokens = sum(s.completion_tokens for s in runner.stats.values())
+            for table in ("responses", "critiques", "revisions"):
+                for why, n in store.con.execute(f"SELECT finish_reason, count(*) FROM {table} GROUP BY 1").fetchall():
+                    finish["factory"][str(why)] = finish["factory"].get(str(why), 0) + n
             store.close()
             return tokens, dt
 
@@ -92,10 +104,16 @@ def main() -> None:
         print(f"pass {rep}: script {st} tok in {ss:.1f}s = {st / ss:.0f} tok/s | factory {ft} tok in {fs:.1f}s = "
               f"{ft / fs:.0f} tok/s", flush=True)
     s_tps, f_tps = max(r for r, _ in rows), max(f for _, f in rows)
-    print(f"RESULT sl-stream: script {s_tps:.0f} tok/s, factory {f_tps:.0f} tok/s, ratio {f_tps / s_tps:.3f}")
+    # a generation that stops at max_tokens ("length") ends on the same step as its batch-mates: the
+    # script's batch drains at a stage boundary only as far as generations stop early ("stop")
+    length_share = {k: round(v.get("length", 0) / max(1, sum(v.values())), 3) for k, v in finish.items()}
+    load = [round(x, 1) for x in os.getloadavg()]
+    print(f"RESULT sl-stream: script {s_tps:.0f} tok/s, factory {f_tps:.0f} tok/s, ratio {f_tps / s_tps:.3f}; "
+          f"finish reasons {finish}; load average {load}")
     record("sl_stream", {"prompts": a.prompts, "max_tokens": a.max_tokens, "rounds": ROUNDS,
                          "script_tok_s": round(s_tps, 1), "factory_tok_s": round(f_tps, 1),
-                         "ratio": round(f_tps / s_tps, 3), "quick": a.quick})
+                         "ratio": round(f_tps / s_tps, 3), "finish_reasons": finish, "length_share": length_share,
+                         "load_avg_1_5_15": load, "quick": a.quick})
     eng.close()
 
 

@@ -10,9 +10,12 @@ completions of every engine come back on one queue. The main thread does everyth
 probes the store, renders requests, turns completions into rows and hands them to the writer
 thread. A judge starts on a pair as soon as its two samples are stored in the run's buffers (the
 same follow-up mechanism as one engine): no stage waits for another. Memory stays that of one
-engine's run: at most ``queue_cap`` rendered requests wait per engine (each engine bounds what it
-holds in flight itself), and the next input chunk is opened only when fewer than ``probe_rows``
-planned jobs wait in all.
+engine's run, whatever the number of engines: at most ``queue_cap`` rendered requests wait per
+engine, and as many answered ones wait for the main thread (each engine bounds what it holds in
+flight itself); the next input chunk is opened only when fewer than ``probe_rows / engines`` planned
+jobs wait in all (one budget for the run, shared by its engines; a kind divides its input chunks
+among a panel's judges, so a chunk plans as many jobs as one judge's); completions are taken only
+until a write's ``chunk_rows`` rows are buffered.
 
 An engine that raises, or stops answering, ends the run ``failed`` naming its role(s); what
 completed is written first, and a rerun resumes.
@@ -59,6 +62,10 @@ class Feeder:
     def queued(self) -> int:
         """Rendered requests waiting in the queue (the thread's count is read without a lock: an int)."""
         return self.put - self._sent
+
+    def unread(self) -> int:
+        """Completions this engine returned that the main thread has not taken yet."""
+        return self._received - self.back
 
     def _requests(self) -> Iterator[Request | None]:
         while not self.stopping:
@@ -162,7 +169,8 @@ class RoutedRunner(Runner):
     def _feed(self) -> bool:
         moved = False
         for f in self._feeders:
-            while f.todo and f.queued() < self.queue_cap:
+            # requests waiting for the engine, and its answers waiting for this thread: both bounded
+            while f.todo and f.queued() < self.queue_cap and f.unread() < self.queue_cap:
                 job = f.todo.popleft()
                 self._inflight[job.key] = job
                 f.q.put(job.build())
@@ -177,11 +185,13 @@ class RoutedRunner(Runner):
         """One step of planning when an engine could take more: follow-ups first (a judge starts on
         a pair as soon as its samples are stored), then the next input chunk."""
         waiting = sum(len(f.todo) for f in self._feeders)
-        if not self._hungry() and waiting >= self.probe_rows:
+        hungry = self._hungry()
+        budget = max(self.queue_cap, self.probe_rows // len(self._feeders))  # the run's, shared by its engines
+        if not hungry and waiting >= budget:
             return False
-        more_input = self._inputs is not None and len(self._open) < self.max_open_chunks and waiting < self.probe_rows
+        more_input = self._inputs is not None and len(self._open) < self.max_open_chunks and waiting < budget
         if self._followups and (len(self._followups) >= self.probe_rows or not more_input or not self._inflight
-                                or self._hungry()):
+                                or hungry):
             batch, self._followups = self._followups, []
             self._resolve(batch)
             return True
@@ -197,6 +207,8 @@ class RoutedRunner(Runner):
         """Completions that have come back (waiting a little for one when there is nothing else to do)."""
         got = False
         for i in range(4096):
+            if self._buffered >= self.chunk_rows:  # a write's worth: flushed before taking more
+                return got
             try:
                 slot, c = self._out.get(timeout=0.05) if (block and i == 0) else self._out.get_nowait()
             except queue.Empty:

@@ -1,7 +1,8 @@
 """Streaming runs: plan → key → skip done → engine → write, in bounded chunks.
 
-A run kind (SL, prefs, audit) hands :meth:`Runner.run` a stream of input chunks; each chunk
-expands into jobs (one engine request each) and a job's stored rows may create follow-up jobs (an
+A run kind (SL, prefs, audit) hands :meth:`Runner.run` a stream of input chunks (the vocabulary
+both sides share, input chunks, jobs, writes, lives in :mod:`factory.jobs`); each chunk expands into
+jobs (one engine request each) and a job's stored rows may create follow-up jobs (an
 answer's critiques, a prompt's pairs, a rationale's scoring request). The runner:
 
 - probes the store for a batch of planned keys at once (one scan per batch; when no other run
@@ -31,13 +32,13 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .engines.base import Completion, Engine, EngineError, Request
+from .jobs import ChunkState, InputChunk, Job, TableStats, Write, gen_row  # noqa: F401 (the runner's vocabulary)
 from .store import TABLE_SCHEMAS, Store, now
 from .writer import Writer, quiet_gc
 
@@ -50,88 +51,6 @@ REOPEN_CHUNKS = 64
 
 class EngineFailed(EngineError):
     """The engine died (or a server went away) mid-run; what completed before is stored."""
-
-
-@dataclass(eq=False)
-class ChunkState:
-    """An input chunk in progress: done when every job it planned (follow-ups included) is stored."""
-
-    index: int
-    meta: dict = field(default_factory=dict)
-    pending: int = 0
-    closed: bool = False
-    n_jobs: int = 0
-    n_new: int = 0
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    """One request and the row fields (besides the outcome) it will be stored with.
-
-    ``build`` renders the request; it is called only if the rows are not stored yet. ``row_ids`` are
-    the ids of the rows it produces (default: its key alone; n samples give n ids). ``then`` plans
-    follow-up jobs from the job's stored rows (dicts with ``id``, ``status`` and the ``need``
-    columns), whether just generated or reused."""
-
-    table: str
-    key: str
-    row: dict
-    build: Callable[[], Request]
-    to_rows: Callable[["Job", Completion], list[dict]]
-    row_ids: tuple[str, ...] | None = None
-    then: Callable[[list[dict]], Iterable["Job"]] | None = None
-    need: tuple[str, ...] = ()
-    chunk: ChunkState | None = None
-    replace: bool = False
-    route: str | None = None  # the role whose engine answers it (a judge's name, "policy"); None: the default
-
-    @property
-    def ids(self) -> tuple[str, ...]:
-        return self.row_ids or (self.key,)
-
-
-@dataclass
-class Write:
-    """Rows a follow-up step stores alongside its jobs (e.g. the pairs made from a prompt's samples):
-    buffered with the run's rows and written in the same transactions (insert or ignore)."""
-
-    table: str
-    rows: list[dict]
-
-
-@dataclass
-class TableStats:
-    table: str
-    planned: int = 0
-    reused: int = 0
-    written: int = 0
-    requests: int = 0
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    seconds: float = 0.0
-    statuses: dict[str, int] = field(default_factory=dict)
-
-
-def gen_row(job: Job, c: Completion) -> list[dict]:
-    """Default mapping of a completion to one generated-text row (status and reason included)."""
-    text = c.texts[0] if c.texts else None
-    status, error = c.status, c.error
-    if status == "ok" and not (text or "").strip():
-        status, error = "failed", "empty model output"
-    return [{**job.row, "id": job.key, "text": text, "status": status, "error": error,
-             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-             "finish_reason": c.finish_reasons[0] if c.finish_reasons else None, "created_at": now()}]
-
-
-@dataclass
-class InputChunk:
-    """What a run kind hands the runner per chunk: its index (stable for an unchanged input), where
-    it lies (recorded when it finishes) and a function planning its root jobs (which may also do
-    the chunk's own writes, such as its pairs)."""
-
-    index: int
-    meta: dict
-    plan: Callable[[], list[Job]]
 
 
 class Runner:
@@ -154,6 +73,7 @@ class Runner:
         self._reopened_at = 0  # chunks_done at the last Store.reopen (REOPEN_CHUNKS)
         self.stopped = False
         self.first_write_at = None  # when this invocation first committed rows (restart latency)
+        self.max_held = self.max_buffered = 0  # most jobs planned and not yet stored / rows in one write
         self._plan_error: BaseException | None = None
         self._stop = False
         self._todo: deque[Job] = deque()
@@ -297,6 +217,7 @@ class Runner:
                     job.replace = stored[0] is not None
                     self._planned[job.key] = job
                     self._enqueue(job)
+        self.max_held = max(self.max_held, len(self._planned))
 
     def _probe(self, table: str, jobs: list[Job], need: list[str]) -> dict[str, tuple]:
         cols = ", ".join(["t.status", "t.run_id", *(f"t.{c}" for c in need)])
@@ -386,6 +307,7 @@ class Runner:
     def _flush(self) -> None:
         """Hand what completed to the writer thread as one transaction (rows, links, chunk records)."""
         if self._buffered:
+            self.max_buffered = max(self.max_buffered, self._buffered)
             tables = [(table, pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS.get(table)), replace)
                       for (table, replace), rows in self._buf.items() if rows]
             token = self._commit_token()
