@@ -206,7 +206,7 @@ def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
         done = 0
         t0 = time.perf_counter()
         duck = {}
-        for frac in (0.1, 0.25, 0.5, 1.0):
+        for frac in (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
             upto = int(n * frac)
             drive(svc, "/v1/preference", bodies[done:upto], clients)
             done = upto
@@ -220,6 +220,9 @@ def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
             "duckdb_memory_limit": os.environ.get("FACTORY_DUCKDB_MEMORY", "128MB"),
             "rss_ratio_end_vs_10pct": round(samples["1.00"] / samples["0.10"], 3),
             "rss_ratio_end_vs_25pct": round(samples["1.00"] / samples["0.25"], 3),
+            # flat: the largest sample of the last three quarters over the smallest (the LRU is full by then)
+            "rss_spread_25_100pct": round(max(v for k, v in samples.items() if float(k) >= 0.25)
+                                          / min(v for k, v in samples.items() if float(k) >= 0.25), 3),
             "judgements": st["judgements"], "requests_s": round(n / secs, 1), "exit_code": code}
 
 
