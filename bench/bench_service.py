@@ -9,9 +9,10 @@
    judged for ``per_pair`` principles in both orders. Offline: a ``prefs`` run over a file holding
    exactly those pairs (``factory run``, in this process). HTTP: a service subprocess on a fresh
    database, C concurrent clients sending ``/v1/rewards`` (one group a request) and, separately,
-   ``/v1/preference`` (one pair a request). judgements/s = new judgements stored / wall seconds.
+   ``/v1/preference`` (one pair a request) and ``/v1/preferences`` (the same pairs, 32 a request).
+   judgements/s = new judgements stored / wall seconds.
 2. Memory: the service's RSS (``/proc/PID/status``) while N distinct ``/v1/preference`` requests
-   arrive (new judgements each, written to DuckDB), sampled at 10%, 25%, 50%, 100%; the LRU of
+   arrive (new judgements each, written to DuckDB), sampled at every 10% (and 25%); the LRU of
    answered judgements is capped (``--cache-size``) so its fill is over early.
 3. Latency of one pair (new judgements), alone and while C clients load the service; p50/p99.
 4. Cache hits: the same request again, median and p99 (client-side, through HTTP on loopback).
@@ -169,6 +170,9 @@ def offline(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, en
             "judgements_s": round(st.written / st.seconds, 1)}
 
 
+BATCH = 32  # pairs per /v1/preferences request
+
+
 def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, clients: int, *, path: str,
              warm: list[dict] = (), judges: str = "") -> dict:
     f = tmp / f"{name}.jsonl"
@@ -183,6 +187,8 @@ def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, c
         else:
             bodies = [{"prompt": g["prompt"], "responses": [a, b]} for g in gs
                       for a, b in itertools.combinations(g["completions"], 2)]
+            if path == "/v1/preferences":  # the same single pairs, BATCH of them a request
+                bodies = [{"items": bodies[i:i + BATCH]} for i in range(0, len(bodies), BATCH)]
         cpu0 = svc.cpu_s()
         secs = drive(svc, path, bodies, clients)
         cpu = svc.cpu_s() - cpu0
@@ -313,9 +319,12 @@ def main() -> None:
             out["offline"] = offline(tmp, "offline", gs, 2, fake)
             out["http_rewards"] = http_run(tmp, "http-rewards", gs, 2, fake, a.clients, path="/v1/rewards")
             out["http_preference"] = http_run(tmp, "http-preference", gs, 2, fake, a.clients, path="/v1/preference")
-            for k in ("http_rewards", "http_preference"):
+            out["http_preferences_batched"] = http_run(tmp, "http-preferences", gs, 2, fake, a.clients,
+                                                       path="/v1/preferences")
+            keys = ("http_rewards", "http_preference", "http_preferences_batched")
+            for k in keys:
                 out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
-            print(json.dumps({k: out[k] for k in ("offline", "http_rewards", "http_preference")}), flush=True)
+            print(json.dumps({k: out[k] for k in ("offline", *keys)}), flush=True)
         if "preference" in parts:  # single pairs over HTTP only (no offline run): for A/B runs of two trees
             out["preference_only"] = http_run(tmp, "http-pref-only", gs, 2, fake, a.clients, path="/v1/preference")
             print(json.dumps(out["preference_only"]), flush=True)

@@ -10,8 +10,9 @@ and why each generation stopped on each side: one that stops at ``max_tokens`` (
 the same step as its batch-mates, so the script's batch drains at a stage boundary only as far as
 generations stop early ("stop"); that share bounds what streaming can gain.
 
-    python bench/bench_sl_stream.py              # 64 prompts × 48 new tokens a stage
-    python bench/bench_sl_stream.py --quick      # 16 × 16
+    python bench/bench_sl_stream.py                      # 64 prompts × 48 new tokens a stage
+    python bench/bench_sl_stream.py --pipeline-lengths   # each stage's max_tokens from pipelines/demo.yaml (128/96/128)
+    python bench/bench_sl_stream.py --quick              # 16 × 16
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--pipeline-lengths", action="store_true",
+                    help="each stage's max_tokens as pipelines/demo.yaml sets it (instead of --max-tokens for all)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.quick:
         a.prompts, a.max_tokens = 16, 16
+    import yaml
+
+    stages = ("answer", "critique", "revise")
+    demo = yaml.safe_load((REPO / "pipelines/demo.yaml").read_text())["sampling"]
+    max_tokens = {s: (demo[s]["max_tokens"] if a.pipeline_lengths else a.max_tokens) for s in stages}
 
     from vllm import SamplingParams
 
@@ -50,14 +58,14 @@ def main() -> None:
     const = load_constitution(REPO / "constitutions/harmless.yaml")
     t = {s: load_template(REPO / f"prompts/{s}.j2") for s in ("answer", "critique", "revise")}
     convs = hh_prompts(a.prompts)
-    sampling = Sampling(max_tokens=a.max_tokens, temperature=0.7, top_p=0.95)
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.7, top_p=0.95)
-    eng.llm.chat([t["answer"].render(conversation=c) for c in convs[:8]], params, use_tqdm=False)  # warm-up
+    sampling = {s: Sampling(max_tokens=max_tokens[s], temperature=0.7, top_p=0.95) for s in stages}
+    params = {s: SamplingParams(max_tokens=max_tokens[s], temperature=0.7, top_p=0.95) for s in stages}
+    eng.llm.chat([t["answer"].render(conversation=c) for c in convs[:8]], params["answer"], use_tqdm=False)  # warm-up
 
     finish: dict[str, dict[str, int]] = {"script": {}, "factory": {}}  # why each generation stopped, per side
 
-    def chat(messages: list[list[dict]]) -> tuple[list[str], int]:
-        outs = eng.llm.chat(messages, params, use_tqdm=False)
+    def chat(stage: str, messages: list[list[dict]]) -> tuple[list[str], int]:
+        outs = eng.llm.chat(messages, params[stage], use_tqdm=False)
         for o in outs:
             why = str(o.outputs[0].finish_reason)
             finish["script"][why] = finish["script"].get(why, 0) + 1
@@ -67,12 +75,12 @@ def main() -> None:
         eng.llm.reset_prefix_cache()
         ids = [content_key(rep, c) for c in convs]
         start = time.perf_counter()
-        heads, tokens = chat([t["answer"].render(conversation=c) for c in convs])
+        heads, tokens = chat("answer", [t["answer"].render(conversation=c) for c in convs])
         for r in range(1, ROUNDS + 1):
             ps = [sl.principles_for(const, "random", 1, 0, pid, i, r)[0] for i, pid in enumerate(ids)]
-            crits, n1 = chat([t["critique"].render(conversation=c, response=h, principle=p, round=r)
+            crits, n1 = chat("critique", [t["critique"].render(conversation=c, response=h, principle=p, round=r)
                               for c, h, p in zip(convs, heads, ps)])
-            heads, n2 = chat([t["revise"].render(conversation=c, response=h, critiques=[{"principle": p, "text": x}],
+            heads, n2 = chat("revise", [t["revise"].render(conversation=c, response=h, critiques=[{"principle": p, "text": x}],
                                                  round=r) for c, h, p, x in zip(convs, heads, ps, crits)])
             tokens += n1 + n2
         return tokens, time.perf_counter() - start
@@ -82,7 +90,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = Store(Path(tmp) / "b.duckdb", writer_run="bench")
             ctx = sl.Ctx(run_id="bench", model=eng.model, seed=eng.seed, constitution=const, templates=t,
-                         sampling={s: sampling for s in sl.STAGES}, sampling_hash={s: s for s in sl.STAGES},
+                         sampling={s: sampling[s] for s in sl.STAGES}, sampling_hash={s: s for s in sl.STAGES},
                          rounds=ROUNDS, strategy="random", per_round=1)
             prompts = [(content_key(rep, c), c, i) for i, c in enumerate(convs)]
             start = time.perf_counter()
@@ -110,7 +118,8 @@ def main() -> None:
     load = [round(x, 1) for x in os.getloadavg()]
     print(f"RESULT sl-stream: script {s_tps:.0f} tok/s, factory {f_tps:.0f} tok/s, ratio {f_tps / s_tps:.3f}; "
           f"finish reasons {finish}; load average {load}")
-    record("sl_stream", {"prompts": a.prompts, "max_tokens": a.max_tokens, "rounds": ROUNDS,
+    record("sl_stream", {"prompts": a.prompts, "max_tokens": max_tokens if a.pipeline_lengths else a.max_tokens,
+                         "rounds": ROUNDS,
                          "script_tok_s": round(s_tps, 1), "factory_tok_s": round(f_tps, 1),
                          "ratio": round(f_tps / s_tps, 3), "finish_reasons": finish, "length_share": length_share,
                          "load_avg_1_5_15": load, "quick": a.quick})

@@ -198,6 +198,7 @@ def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or aud
               token: Optional[str] = typer.Option(None, help="require `Authorization: Bearer TOKEN` on every request "
                                                   "(generated and printed once with --allow-remote when not given)"),
               max_completions: int = typer.Option(16, help="completions per /v1/rewards group"),
+              max_batch_pairs: int = typer.Option(256, help="pairs per /v1/preferences request"),
               max_concurrent: int = typer.Option(64, help="requests judged at once; more get 429 + Retry-After"),
               max_body_kb: int = typer.Option(1024, help="request body cap in KiB (413 above)"),
               timeout_s: float = typer.Option(120.0, help="per-request timeout (504; the judgements still get stored)"),
@@ -213,7 +214,8 @@ def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or aud
     from .serve.app import Limits
     from .serve.service import serve
 
-    limits = Limits(max_body_bytes=max_body_kb * 1024, max_completions=max_completions, max_concurrent=max_concurrent,
+    limits = Limits(max_body_bytes=max_body_kb * 1024, max_completions=max_completions, max_batch_pairs=max_batch_pairs,
+                    max_concurrent=max_concurrent,
                     timeout_s=timeout_s)
 
     @user_errors

@@ -152,7 +152,7 @@ MIGRATIONS: list[list[str]] = [
         # No primary key: at millions of rows its index would cost ~70 bytes a judgement on disk (and
         # again as free blocks after each checkpoint rewrites it) and grow in memory. Keys stay unique
         # because the runner asks for a key only when the store has no row for it (one writer, planned
-        # keys deduplicated in flight) and labelling checks it (labels.check_unique).
+        # keys deduplicated in flight) and labelling checks it (labelrun.check_unique).
         ddl("judgements", JUDGEMENT_SCHEMA, key=None),
         ddl("preferences", PREFERENCE_SCHEMA, ("run_id", "pair_id")),
         """CREATE TABLE IF NOT EXISTS human_sets (

@@ -255,10 +255,10 @@ def test_labelling_in_parts_gives_the_labels_of_the_whole_run(tmp_path, monkeypa
     """A large run is labelled in parts (by a hash of the pair id) so its memory does not grow with
     the run; calibration priors still come from the whole run, so the labels equal those made over
     every judgement at once (labels_table over the run's rows, as export and audit make them)."""
-    from factory import labels
+    from factory import labelrun, labels
 
     path = write(tmp_path, pairs=sample(tmp_path), judge="per_pair: 3, calibrate: true, clamp: [0.1, 0.9], tie_eps: 0.02")
-    monkeypatch.setattr(labels, "PART_JUDGEMENTS", 7)  # 30 judgements: 5 parts
+    monkeypatch.setattr(labelrun, "PART_JUDGEMENTS", 7)  # 30 judgements: 5 parts
     s = prefs.run(path, engine=fake(), quiet=True)
     cols = "pair_id, p_a, chosen, margin, is_tie, orders_agree, principles_agree, n_principles, orders_complete"
     with Store(tmp_path / "out.duckdb", read_only=True) as st:

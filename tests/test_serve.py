@@ -93,6 +93,31 @@ def test_preference_contract_cache_hit_and_store(service, tmp_path):
     assert math.isclose(p_sql, d["p_a"], rel_tol=1e-12)
 
 
+def test_a_batch_of_pairs_in_one_request_answers_each_as_alone(service):
+    """`/v1/preferences`: many pairs (of different prompts) in one request; each answer is the one
+    `/v1/preference` gives for that pair, in order; the batch cap and a bad item are 422s."""
+    svc, client = service(limits=Limits(max_batch_pairs=5))
+    items = [{"prompt": f"Question {i}?", "responses": [f"Careful answer {i}.", f"Rude answer {i}."]} for i in range(4)]
+    items.append(PREF)
+    r = client.post("/v1/preferences", json={"items": items})
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert len(got) == 5 and all(g["cached"] == 0 for g in got)
+    sent = svc.engine.requests
+    assert sent == 5 * 4  # 2 principles x 2 orders a pair, nothing twice
+    for item, g in zip(items, got):
+        alone = client.post("/v1/preference", json=item).json()
+        assert alone["pair_id"] == g["pair_id"] and alone["p_a"] == g["p_a"] and alone["principles"] == g["principles"]
+        assert alone["cached"] == 4
+    assert svc.engine.requests == sent
+    over = client.post("/v1/preferences", json={"items": items + [PREF]})
+    assert over.status_code == 422 and "over the limit of 5" in over.json()["error"]
+    bad = client.post("/v1/preferences", json={"items": [PREF, {"prompt": "x", "responses": ["only one"]}]})
+    assert bad.status_code == 422 and "items.1.responses" in bad.json()["error"]
+    assert client.post("/v1/preferences", json={"items": []}).status_code == 422
+    assert client.get("/health").json()["status"] == "ok"
+
+
 def test_pair_label_matches_the_sql_rule():
     rng = random.Random(0)
     for trial in range(60):
@@ -380,6 +405,9 @@ def test_client_adapters_and_openrlhf_endpoint(tmp_path):
         picks = judge.judge(["Say hi", "Say hi"], pairs)
         p_a = c.preference("Say hi", "hi", "go away")["p_a"]
         assert picks == ([0, 1] if p_a >= 0.5 else [1, 0]) or p_a == 0.5
+        # a trainer batch split into requests of `batch` pairs gives the same picks, in order
+        many = [["hi", "go away"], ["go away", "hi"], ["hello there", "go away"]] * 3
+        assert pairwise_judge(url, batch=2).judge(["Say hi"] * 9, many) == judge.judge(["Say hi"] * 9, many)
         assert judge.judge(["Say hi"], [pairs[0]], return_scores=True) == [pytest.approx(p_a)]
         # OpenRLHF --remote_rm_url: query = prompt + response, grouped by prompt
         tp1, tp2 = "<user>Say hi</user>", "<user>Name a colour</user>"

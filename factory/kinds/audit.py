@@ -12,7 +12,8 @@ from ..constitution import load_constitution
 from ..fewshot import check_judge
 from ..human import import_into
 from ..inputs import chunked
-from ..labels import label_run, rule_for
+from ..labelrun import label_run
+from ..labels import rule_for
 from ..runs import Loaded, RunContext, RunKind
 from . import KINDS, register_kind
 from ..sources import SqlReader, text_limit

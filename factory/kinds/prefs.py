@@ -17,7 +17,7 @@ from ..roles import load_prefs_pipeline
 from ..constitution import load_constitution
 from ..fewshot import check_judge
 from ..inputs import chunked
-from ..labels import label_run
+from ..labelrun import label_run
 from ..runner import Job, Write
 from ..runs import Loaded, RunContext, RunKind, Summary
 from . import KINDS, register_kind

@@ -2,6 +2,10 @@
 
 - ``POST /v1/preference`` ``{"prompt": str | messages, "responses": [a, b]}`` →
   ``{"p_a", "chosen", "tie", "principles": {id: {"ab": p, "ba": p}}, "pair_id", "n_failed", "cached"}``
+- ``POST /v1/preferences`` ``{"items": [{"prompt", "responses": [a, b]}, ...]}`` →
+  ``{"results": [<one /v1/preference answer per item, in order>]}``: many pairs in one request (a
+  trainer's batch), judged together and committed in one transaction; per request the HTTP and
+  commit costs are paid once instead of once a pair (at most ``max_batch_pairs`` items).
 - ``POST /v1/rewards`` ``{"prompt", "completions": [...], "reference"?, "opponents"?, "seed"?}`` →
   ``{"rewards": [...], "pairs", "judgements", "cached"}`` (:mod:`factory.serve.rewards`)
 - ``POST /v1/openrlhf`` OpenRLHF's ``--remote_rm_url`` shape ``{"query": [...], "prompts": [...],
@@ -41,6 +45,7 @@ from .judging import JudgePlan, conversation_of
 class Limits:
     max_body_bytes: int = 1 << 20
     max_completions: int = 16
+    max_batch_pairs: int = 256  # items of one /v1/preferences request
     max_concurrent: int = 64  # requests being judged at once; more: 429
     max_pending: int = 50_000  # judgements queued for the engine or the writer; more: 429
     timeout_s: float = 120.0
@@ -62,6 +67,10 @@ Prompt = str | Annotated[list[Message], Field(min_length=1)]
 class PreferenceIn(_In):
     prompt: Prompt
     responses: Annotated[list[str], Field(min_length=2, max_length=2)]
+
+
+class PreferencesIn(_In):
+    items: Annotated[list[PreferenceIn], Field(min_length=1)]
 
 
 class RewardsIn(_In):
@@ -99,6 +108,7 @@ class JudgeApp:
     def routes(self) -> list[Route]:
         return [Route("/health", self.health), Route("/v1/stats", self.stats),
                 Route("/v1/preference", self._wrap(self.preference), methods=["POST"]),
+                Route("/v1/preferences", self._wrap(self.preferences), methods=["POST"]),
                 Route("/v1/rewards", self._wrap(self.rewards), methods=["POST"]),
                 Route("/v1/openrlhf", self._wrap(self.openrlhf), methods=["POST"])]
 
@@ -216,6 +226,15 @@ class JudgeApp:
         req = await self._parse(request, PreferenceIn)
         out, meta = await self._judge(conversation_of(_plain(req.prompt)), [tuple(req.responses)])
         return {**out[0], "cached": meta["cached"]}
+
+    async def preferences(self, request: Request) -> dict:
+        req = await self._parse(request, PreferencesIn)
+        if len(req.items) > self.limits.max_batch_pairs:
+            raise HTTPError(422, f"{len(req.items)} items is over the limit of {self.limits.max_batch_pairs} per "
+                            "/v1/preferences request; split the batch")
+        got = await asyncio.gather(*(self._judge(conversation_of(_plain(it.prompt)), [tuple(it.responses)])
+                                     for it in req.items))
+        return {"results": [{**out[0], "cached": meta["cached"]} for out, meta in got]}
 
     async def rewards(self, request: Request) -> dict:
         req = await self._parse(request, RewardsIn)

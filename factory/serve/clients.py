@@ -67,6 +67,11 @@ class JudgeClient:
     def preference(self, prompt: str | list[dict], a: str, b: str) -> dict:
         return self._post("/v1/preference", {"prompt": prompt, "responses": [a, b]})
 
+    def preferences(self, items: list[tuple[str | list[dict], str, str]]) -> list[dict]:
+        """Many pairs ``(prompt, a, b)`` in one request (``POST /v1/preferences``), answers in order."""
+        body = {"items": [{"prompt": p, "responses": [a, b]} for p, a, b in items]}
+        return self._post("/v1/preferences", body)["results"]
+
     def rewards(self, prompt: str | list[dict], completions: list[str], *, reference: str | None = None,
                 opponents: int | None = None, seed: int = 0) -> list[float]:
         body: dict[str, Any] = {"prompt": prompt, "completions": completions, "seed": seed}
@@ -126,8 +131,9 @@ def reward_function(url: str, *, token: str | None = None, opponents: int | None
     return reward
 
 
-def pairwise_judge(url: str, *, token: str | None = None, max_workers: int = 8) -> Any:
-    """A TRL pairwise judge backed by the judge service (module docstring)."""
+def pairwise_judge(url: str, *, token: str | None = None, max_workers: int = 8, batch: int = 64) -> Any:
+    """A TRL pairwise judge backed by the judge service (module docstring): a trainer's batch goes in
+    requests of ``batch`` pairs (``POST /v1/preferences``), ``max_workers`` of them at once."""
     base: type = object
     for where in ("trl.experimental.judges", "trl"):
         try:
@@ -142,16 +148,19 @@ def pairwise_judge(url: str, *, token: str | None = None, max_workers: int = 8) 
 
         def judge(self, prompts: list, completions: list, shuffle_order: bool = True,
                   return_scores: bool = False) -> list:
-            def one(i: int):
-                a, b = (text_of(x) for x in completions[i])
-                r = self.client.preference(_prompt_of(prompts[i]), a, b)
+            def answer(r: dict):
                 if return_scores:
                     return r["p_a"]
                 if r.get("principles") and r["n_failed"] >= 2 * len(r["principles"]):
                     return -1  # no valid judgement
                 return 0 if r["p_a"] >= 0.5 else 1
 
+            def part(lo: int) -> list:
+                items = [(_prompt_of(prompts[i]), *(text_of(x) for x in completions[i]))
+                         for i in range(lo, min(lo + batch, len(prompts)))]
+                return [answer(r) for r in self.client.preferences(items)]
+
             with ThreadPoolExecutor(max_workers=max_workers) as pool:
-                return list(pool.map(one, range(len(prompts))))
+                return [x for got in pool.map(part, range(0, len(prompts), batch)) for x in got]
 
     return ServicePairwiseJudge()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import runs
-from ..labels import label_run
+from ..labelrun import label_run
 from ..review.security import BindError, check_bind, is_loopback
 from ..runner import TableStats
 from ..store import Store, StoreError
