@@ -50,11 +50,11 @@ def test_disk_full_at_a_write_stops_with_the_path_and_resumes(tmp_path, monkeypa
         committed["rows"] += pending.n  # reached only when the transaction committed
         committed["flushes"] += bool(pending.n)
 
-    def full_disk(self, table, rows, schema=None, replace=False):
+    def full_disk(self, table, rows, schema=None, replace=False, **kw):
         # the last write of a flush's transaction: its judgements are already inserted and must roll back
         if table == "chunks" and committed["flushes"] >= 5:
             raise OSError(28, "No space left on device")
-        n = insert(self, table, rows, schema, replace)
+        n = insert(self, table, rows, schema, replace, **kw)
         pending.n = getattr(pending, "n", 0) + (n if table == "judgements" else 0)
         return n
 
