@@ -229,6 +229,8 @@ def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
             # flat: the largest sample of the last three quarters over the smallest (the LRU is full by then)
             "rss_spread_25_100pct": round(max(v for k, v in samples.items() if float(k) >= 0.25)
                                           / min(v for k, v in samples.items() if float(k) >= 0.25), 3),
+            # what is not DuckDB's buffer cache (which fills and empties under its cap between checkpoints)
+            "rss_less_duckdb_mb": {k: round(v - (duck[k] or 0), 1) for k, v in samples.items()},
             "judgements": st["judgements"], "requests_s": round(n / secs, 1), "exit_code": code}
 
 
