@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,11 +56,10 @@ def _files(spec: str, repo_evals: Path) -> list[Path]:
     return [p]
 
 
-def read_heldout(path: Path) -> list[tuple[int, str]]:
-    """Every text of a held-out file with its line number: the string values of each JSON record, or
-    each line of a text file."""
+def read_heldout(path: Path) -> Iterator[tuple[int, str]]:
+    """Every text of a held-out file with its line number, one at a time: the string values of each
+    JSON record, or each line of a text file."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    out: list[tuple[int, str]] = []
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
@@ -68,15 +67,16 @@ def read_heldout(path: Path) -> list[tuple[int, str]]:
                 continue
             if ".json" in path.name:
                 try:
-                    out += [(n, t) for t in _texts(json.loads(line))]
+                    texts = _texts(json.loads(line))
                 except json.JSONDecodeError:
-                    out.append((n, line))
+                    texts = [line]
+                yield from ((n, t) for t in texts)
             else:
-                out.append((n, line))
-    return out
+                yield n, line
 
 
-BITS = 25  # the held-out prefilter: a bitmap of 2^25 bits (4 MiB) indexed by a hash's low bits
+BITS = 23  # the held-out prefilter: a bitmap of 2^23 bits (1 MiB) indexed by a hash's low bits (a few % false
+# positives for a million distinct n-grams, each then ruled out by the sorted array)
 
 
 @dataclass
@@ -122,9 +122,18 @@ class Heldout:
                         shorts.append((int(prefix[0]), idx, line, len(w), int(whole[0])))
         if longs:
             hashes = np.concatenate([g for g, _, _ in longs])
+            sets = np.concatenate([np.full(len(g), i, np.int32) for g, i, _ in longs])
+            lines = np.concatenate([np.full(len(g), n, np.int32) for g, _, n in longs])
+            del longs
             order = np.argsort(hashes, kind="stable")
-            h.long = (hashes[order], np.concatenate([np.full(len(g), i, np.int32) for g, i, _ in longs])[order],
-                      np.concatenate([np.full(len(g), n, np.int32) for g, _, n in longs])[order])
+            hashes = hashes[order]
+            # one entry per distinct n-gram (a held-out set repeats them: hh-rlhf's chosen and rejected share
+            # the conversation), the first text that has it (the stable sort keeps file/line order)
+            first = np.ones(len(hashes), bool)
+            first[1:] = hashes[1:] != hashes[:-1]
+            keep = order[first]
+            h.long = (hashes[first], sets[keep], lines[keep])
+            del hashes, sets, lines, order, first, keep
         if shorts:
             shorts.sort()
             cols = list(zip(*shorts))
@@ -134,6 +143,7 @@ class Heldout:
         for arr in (h.long[:1] + h.short[:1]):
             low = (arr & np.uint64((1 << BITS) - 1)).astype(np.int64)
             np.bitwise_or.at(h.bitmap, low >> 3, (1 << (low & 7)).astype(np.uint8))
+        _give_back()
         return h
 
     def _maybe(self, g: np.ndarray) -> np.ndarray:
@@ -169,3 +179,16 @@ class Heldout:
                             hits.append((s0, n, int(sets[lo]), int(lines[lo])))
                     lo += 1
         return hits
+
+
+def _give_back() -> None:
+    """Hand the memory the build freed back to the OS (glibc keeps freed small blocks otherwise, and
+    they would add to the run's peak for its whole length); a no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -122,24 +122,28 @@ class Screen:
 
     @staticmethod
     def _words(texts: list[list[str]]) -> tuple:
-        """All words of the rows' texts; per word its row and its unit (one text of a row); word hashes."""
+        """The rows' words as hashes: (word count, row of each word, unit (one text of a row) of each
+        word, word hashes). Hashed text by text (each distinct word once per chunk), so the chunk's
+        words never exist as one list of strings."""
         import numpy as np
 
-        words: list[str] = []
+        cache: dict[str, int] = {}
+        parts: list[np.ndarray] = []
         counts: list[int] = []
         for row in texts:
             for text in row:
                 ws = WORD.findall(text.lower())
-                words += ws
+                parts.append(word_hashes(ws, cache))
                 counts.append(len(ws))
+        w = np.concatenate(parts) if parts else np.empty(0, np.uint64)
         unit_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         unit_row = np.repeat(np.arange(len(texts), dtype=np.int64), [len(row) for row in texts])
         row_of = unit_row[unit_of] if len(unit_of) else np.empty(0, np.int64)
-        return words, row_of, unit_of, word_hashes(words)
+        return len(w), row_of, unit_of, w
 
     def _contaminated(self, tok: tuple) -> dict[int, str]:
-        words, row_of, unit_of, w = tok
-        if not words:
+        n_words, row_of, unit_of, w = tok
+        if not n_words:
             return {}
         out: dict[int, str] = {}
         for start, k, s, line in sorted(self.heldout.find(w, unit_of)):
@@ -161,8 +165,8 @@ class Screen:
             band.append(np.full(n, EXACT_BAND, np.int16))
             hashes.append(np.array([h64(normalised(t)) for t in texts(spec.on)], np.int64))
         if self.bands is not None:
-            words, row_of, _, w = tokens(spec.on)
-            if words:
+            n_words, row_of, _, w = tokens(spec.on)
+            if n_words:
                 b, r = self.bands
                 sh, start = grams(w, row_of, spec.shingle)  # shingles within a row (across its texts)
                 bh = band_hashes(minhash(sh, row_of[start], n, spec.num_perm), b, r)

@@ -22,11 +22,14 @@ WORD = re.compile(r"\w+")
 MULT = 0x9E3779B97F4A7C15  # odd 64-bit multiplier for polynomial (rolling) hashes
 
 
-def word_hashes(words: list[str]) -> np.ndarray:
-    """crc32 of each word (stable across processes), each distinct word hashed once."""
+def word_hashes(words: list[str], cache: dict[str, int] | None = None) -> np.ndarray:
+    """crc32 of each word (stable across processes), each distinct word hashed once (once per ``cache``
+    when one is passed: a chunk hashed text by text)."""
     import numpy as np
 
-    table = {w: zlib.crc32(w.encode()) for w in set(words)}
+    table = {} if cache is None else cache
+    for w in set(words).difference(table):
+        table[w] = zlib.crc32(w.encode())
     return np.fromiter(map(table.__getitem__, words), dtype=np.uint64, count=len(words))
 
 

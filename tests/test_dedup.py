@@ -132,3 +132,24 @@ def test_unknown_heldout_path_is_a_clear_error(tmp_path):
                       db=tmp_path / "p.duckdb", extra="decontaminate: {against: [nope.jsonl]}\n")
     with pytest.raises(Exception, match="nope.jsonl: no such file"):
         factory.run(path)
+
+
+def test_heldout_keeps_each_ngram_once_with_the_first_text_that_has_it(tmp_path):
+    """hh-rlhf's chosen and rejected texts share their conversation: the held-out index keeps one entry
+    per distinct n-gram (a third of the hh test set's), and a match names the first line holding it."""
+    import numpy as np
+
+    from factory.decontam import DecontamSpec, Heldout
+    from factory.ngrams import WORD, word_hashes
+
+    shared = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat"
+    f = tmp_path / "held.jsonl"
+    f.write_text(json.dumps({"text": "unrelated words only here " * 4}) + "\n"
+                 + json.dumps({"chosen": shared + " and then", "rejected": shared + " but never"}) + "\n"
+                 + json.dumps({"text": "prefix words " + shared}) + "\n")
+    h = Heldout.build(DecontamSpec(against=[str(f)]), REPO / "data" / "evals")
+    hashes = h.long[0]
+    assert len(hashes) == len(np.unique(hashes)) and np.all(hashes[1:] > hashes[:-1])
+    words = WORD.findall(("a row that quotes " + shared).lower())
+    hits = h.find(word_hashes(words), np.zeros(len(words), np.int64))
+    assert hits and {line for *_, line in hits} == {2}  # line 3 repeats it; line 2 had it first
