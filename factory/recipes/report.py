@@ -111,15 +111,18 @@ def _fmt(row: dict, key: str) -> str:
 
 
 def table(report: dict):
+    """One row per signal, one column per round (0 = the once steps): it fits a terminal of any width
+    for a few rounds, where one column per signal would not."""
     from rich.table import Table
 
     rows = report["rounds"]
-    cols = [(k, t) for k, t in COLUMNS if any(r.get(k) is not None for r in rows)]
+    keys = [(k, t) for k, t in COLUMNS[1:] if any(r.get(k) is not None for r in rows)]
     t = Table(title=f"recipe {report['recipe']}: per round (0 = once steps)", show_edge=False)
-    for _, title in cols:
-        t.add_column(title)
+    t.add_column("signal")
     for r in rows:
-        t.add_row(*(_fmt(r, k) for k, _ in cols))
+        t.add_column(f"round {r['round']}", no_wrap=True)
+    for k, title in keys:
+        t.add_row(title, *(_fmt(r, k) for r in rows))
     return t
 
 
