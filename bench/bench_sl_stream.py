@@ -13,6 +13,14 @@ generations stop early ("stop"); that share bounds what streaming can gain.
     python bench/bench_sl_stream.py                      # 64 prompts × 48 new tokens a stage
     python bench/bench_sl_stream.py --pipeline-lengths   # each stage's max_tokens from pipelines/demo.yaml (128/96/128)
     python bench/bench_sl_stream.py --quick              # 16 × 16
+    python bench/bench_sl_stream.py --pipeline-lengths --ceiling   # also: what streaming could gain at most here
+
+``--ceiling`` measures the engine's decode step time at batch sizes 1…prompts (fixed-length
+generations, ``ignore_eos``; a step's time = (time for K+1 tokens − time for 1) / K) and replays the
+script's own stages on that curve: a stage's decode time is the sum over its steps of the step time
+at the number of generations still running; a stream that kept every slot full would spend the
+full-batch time per token on every token. Their ratio bounds the runner's gain over the script on
+this engine and machine, whatever the runner does (prefill, equal on both sides, is left out).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ def main() -> None:
     ap.add_argument("--pipeline-lengths", action="store_true",
                     help="each stage's max_tokens as pipelines/demo.yaml sets it (instead of --max-tokens for all)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also measure step time vs batch size and the gain streaming could reach at most")
     a = ap.parse_args()
     if a.quick:
         a.prompts, a.max_tokens = 16, 16
@@ -63,16 +73,19 @@ def main() -> None:
     eng.llm.chat([t["answer"].render(conversation=c) for c in convs[:8]], params["answer"], use_tqdm=False)  # warm-up
 
     finish: dict[str, dict[str, int]] = {"script": {}, "factory": {}}  # why each generation stopped, per side
+    stage_lengths: list[list[int]] = []  # the script's generated tokens per request, stage by stage (last pass)
 
     def chat(stage: str, messages: list[list[dict]]) -> tuple[list[str], int]:
         outs = eng.llm.chat(messages, params[stage], use_tqdm=False)
         for o in outs:
             why = str(o.outputs[0].finish_reason)
             finish["script"][why] = finish["script"].get(why, 0) + 1
+        stage_lengths.append([len(o.outputs[0].token_ids) for o in outs])
         return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
 
     def script(rep: int) -> tuple[int, float]:
         eng.llm.reset_prefix_cache()
+        stage_lengths.clear()
         ids = [content_key(rep, c) for c in convs]
         start = time.perf_counter()
         heads, tokens = chat("answer", [t["answer"].render(conversation=c) for c in convs])
@@ -115,6 +128,7 @@ def main() -> None:
     # a generation that stops at max_tokens ("length") ends on the same step as its batch-mates: the
     # script's batch drains at a stage boundary only as far as generations stop early ("stop")
     length_share = {k: round(v.get("length", 0) / max(1, sum(v.values())), 3) for k, v in finish.items()}
+    ceiling = step_curve(eng, [t["answer"].render(conversation=c) for c in convs], stage_lengths) if a.ceiling else None
     load = [round(x, 1) for x in os.getloadavg()]
     print(f"RESULT sl-stream: script {s_tps:.0f} tok/s, factory {f_tps:.0f} tok/s, ratio {f_tps / s_tps:.3f}; "
           f"finish reasons {finish}; load average {load}")
@@ -122,8 +136,49 @@ def main() -> None:
                          "rounds": ROUNDS,
                          "script_tok_s": round(s_tps, 1), "factory_tok_s": round(f_tps, 1),
                          "ratio": round(f_tps / s_tps, 3), "finish_reasons": finish, "length_share": length_share,
-                         "load_avg_1_5_15": load, "quick": a.quick})
+                         "load_avg_1_5_15": load, "quick": a.quick, **({"ceiling": ceiling} if ceiling else {})})
     eng.close()
+
+
+def step_curve(eng, prompts: list, stage_lengths: list[list[int]], k: int = 24) -> dict:
+    """Decode step time vs batch size on ``eng``, and the script's stages replayed on it (module docstring)."""
+    import numpy as np
+    from vllm import SamplingParams
+
+    full = len(prompts)
+    sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128) if b < full} | {full})
+
+    def timed(batch: list, n: int) -> float:
+        eng.llm.reset_prefix_cache()
+        start = time.perf_counter()
+        eng.llm.chat(batch, SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.7), use_tqdm=False)
+        return time.perf_counter() - start
+
+    step = {}
+    for b in sizes:
+        batch = prompts[:b]
+        step[b] = max(1e-6, (min(timed(batch, k + 1) for _ in range(2)) - min(timed(batch, 1) for _ in range(2))) / k)
+        print(f"  batch {b:4d}: step {step[b] * 1000:.1f} ms, {b / step[b]:.0f} tok/s", flush=True)
+    xs = np.array(sizes, float)
+    ys = np.array([step[b] for b in sizes])
+
+    def t(b: int) -> float:
+        return float(np.interp(b, xs, ys))
+
+    script = 0.0
+    tokens = 0
+    for lengths in stage_lengths:
+        ls = np.array(lengths)
+        tokens += int(ls.sum())
+        script += sum(t(int((ls >= s).sum())) for s in range(1, int(ls.max(initial=0)) + 1))
+    stream = tokens * step[full] / full
+    out = {"k": k, "step_ms": {str(b): round(step[b] * 1000, 2) for b in sizes},
+           "tok_s": {str(b): round(b / step[b], 1) for b in sizes},
+           "script_decode_s": round(script, 2), "full_batch_decode_s": round(stream, 2),
+           "ceiling": round(script / stream, 3) if stream else None}
+    print(f"CEILING: the script's stages replayed on this curve take {script:.1f} s of decode; every token at the "
+          f"full-batch rate {stream:.1f} s: streaming can gain at most {out['ceiling']}x here", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ class Heldout:
         for arr in (h.long[:1] + h.short[:1]):
             low = (arr & np.uint64((1 << BITS) - 1)).astype(np.int64)
             np.bitwise_or.at(h.bitmap, low >> 3, (1 << (low & 7)).astype(np.uint8))
-        _give_back()
+        give_back()
         return h
 
     def _maybe(self, g: np.ndarray) -> np.ndarray:
@@ -181,13 +181,15 @@ class Heldout:
         return hits
 
 
-def _give_back() -> None:
-    """Hand the memory the build freed back to the OS (glibc keeps freed small blocks otherwise, and
-    they would add to the run's peak for its whole length); a no-op where there is no glibc."""
+def give_back(collect: bool = True) -> None:
+    """Hand freed memory back to the OS (glibc keeps freed blocks in its heap otherwise, and they would
+    add to the run's peak for its whole length); a no-op where there is no glibc. ``collect``: run
+    Python's garbage collector first (after a build; not per chunk)."""
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

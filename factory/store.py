@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +50,15 @@ DUCKDB_CONFIG = {"memory_limit": MEMORY_LIMIT, "checkpoint_threshold": "64MB",
                  # whole-run SQL (labels, audits) may reorder rows it reads; every query that needs an
                  # order says ORDER BY: less to hold in memory
                  "preserve_insertion_order": False}
+
+
+def _megabytes(limit: str) -> float:
+    """A DuckDB memory setting ("128MB", "1GiB", "512 KB") in MB (10⁶ bytes, as DuckDB reads MB)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", limit, re.I)
+    if not m:
+        raise StoreError(f"FACTORY_DUCKDB_MEMORY={limit!r}: not a memory size; write it as 128MB or 1GB")
+    scale = 1024 if m.group(3) and m.group(3).lower() == "ib" else 1000
+    return float(m.group(1)) * scale ** ("KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0) / 1e6
 
 
 class StoreError(Exception):
@@ -101,6 +111,7 @@ class Store(RunBook):
                  run_memory: bool = False):
         self.path = Path(path)
         self.config = {**DUCKDB_CONFIG, **({"memory_limit": RUN_MEMORY_LIMIT} if run_memory else {})}
+        self._cap, self._held_outside = self.config["memory_limit"], {}  # see hold_outside
         self._lock_fd: int | None = None
         self._keyed: dict[str, bool] = {}
         self._read_only, self._counted = read_only, False  # _counted: a view still counted in _cursors
@@ -229,6 +240,16 @@ class Store(RunBook):
         except duckdb.Error as e:  # closing checkpoints: a full disk says so as any other write does
             raise self._write_error(e) from e
         return True
+
+    def hold_outside(self, what: str, mb: float) -> None:
+        """Something of the run holds ``mb`` MB outside DuckDB for the rest of the run (a screen's
+        held-out index and per-chunk arrays): DuckDB's cap is lowered by as much, now and after every
+        reopen, so that the run's whole footprint keeps the same budget. Said again for the same
+        ``what``, it replaces the earlier amount."""
+        self._held_outside[what] = mb
+        cap = max(16.0, _megabytes(self._cap) - sum(self._held_outside.values()))
+        self.config = {**self.config, "memory_limit": f"{cap:g}MB"}
+        self.con.execute(f"SET memory_limit = '{cap:g}MB'")
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         return duckdb.connect(str(self.path), read_only=self._read_only, config=self.config)

@@ -153,3 +153,36 @@ def test_heldout_keeps_each_ngram_once_with_the_first_text_that_has_it(tmp_path)
     words = WORD.findall(("a row that quotes " + shared).lower())
     hits = h.find(word_hashes(words), np.zeros(len(words), np.int64))
     assert hits and {line for *_, line in hits} == {2}  # line 3 repeats it; line 2 had it first
+
+
+def test_a_screen_takes_its_memory_out_of_the_runs_duckdb_cap(tmp_path):
+    """The screen's arrays live outside DuckDB, so a screened run's DuckDB cap is lowered by the
+    screen's share (factory.dedup.SCREEN_MB): the run's whole footprint keeps the plain run's budget.
+    The lowered cap survives the reopen a long run does, and a second screen does not lower it twice."""
+    from factory.dedup import SCREEN_MB, screen_for
+    from factory.store import RUN_MEMORY_LIMIT, Store, _megabytes
+
+    rows = [pair(c, i) for i, c in enumerate(CLEAN)]
+
+    def cap(store) -> float:  # DuckDB reports its setting in binary units ("106.8 MiB")
+        value = store.one("SELECT current_setting('memory_limit')")[0]
+        return _megabytes(value.replace(" ", ""))
+
+    for name, extra, lowered in (("plain", "", False), ("screened", "dedup: {exact: true}\n", True)):
+        path = prefs_yaml(tmp_path / f"{name}.yaml", pairs=write_jsonl(tmp_path / f"{name}.jsonl", rows),
+                          db=tmp_path / f"{name}.duckdb", per_pair=1, extra=extra)
+        s = factory.run(path)
+        store = Store(s.db, writer_run="test", run_memory=True)
+        try:
+            before = cap(store)
+            assert abs(before - _megabytes(RUN_MEMORY_LIMIT)) < 1
+            screen = screen_for(store, s.run_id)
+            assert (screen is not None) == lowered
+            want = before - SCREEN_MB if lowered else before
+            assert abs(cap(store) - want) < 1, (name, cap(store), want)
+            if lowered:
+                screen_for(store, s.run_id)  # a second input of the same run
+                assert abs(cap(store) - want) < 1
+            assert store.reopen() and abs(cap(store) - want) < 1
+        finally:
+            store.close()
