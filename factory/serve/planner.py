@@ -84,6 +84,7 @@ class Planner:
                 if v is not None:
                     self.stats.cache_hits += 1
                     t.cached += 1
+                    t.hits.append(job.key)
                     t.resolve(job.key, v)
                 elif job.key in self._planned:
                     self._waiters.setdefault(job.key, []).append(t)
@@ -104,6 +105,7 @@ class Planner:
                 continue
             self.stats.cache_hits += 1
             t.cached += 1
+            t.hits.append(job.key)
             self._planned[job.key] = None  # answered from the store (now, or at the commit of its link)
             self._stored_hit(job, hit)
 
