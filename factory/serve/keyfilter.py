@@ -18,19 +18,25 @@ class KeyFilter:
 
     def _slots(self, key: str) -> tuple[int, int, int]:
         m = self.mask
-        try:
+        try:  # one parse of the 24 hex digits (three 32-bit words), or of what there is of them
+            x = int(key[:24], 16)
+            if len(key) >= 24:
+                return (x >> 64) & m, (x >> 32) & m, x & m
             return int(key[0:8], 16) & m, int(key[8:16], 16) & m, int(key[16:24], 16) & m
         except ValueError:  # not a hex content key (an id a pairs file gave): hash it first
             h = hashlib.blake2b(key.encode(), digest_size=12).digest()
             return tuple(int.from_bytes(h[i:i + 4], "little") & m for i in (0, 4, 8))
 
     def add(self, key: str) -> None:
+        bits = self.bits
         for i in self._slots(key):
-            self.bits[i >> 3] |= 1 << (i & 7)
+            bits[i >> 3] |= 1 << (i & 7)
         self.n += 1
 
     def maybe(self, key: str) -> bool:
-        return all(self.bits[i >> 3] & (1 << (i & 7)) for i in self._slots(key))
+        bits = self.bits
+        i, j, k = self._slots(key)
+        return bool(bits[i >> 3] & (1 << (i & 7)) and bits[j >> 3] & (1 << (j & 7)) and bits[k >> 3] & (1 << (k & 7)))
 
     def load(self, store: Any, model: str, sampling_hash: str) -> None:
         """Every stored judgement key of this judge (other runs' and earlier lives of the service)."""

@@ -166,12 +166,13 @@ class Planner:
             self._mark()
             self._token.append((key, v))
 
-    def _finish(self, key: str, v: Value) -> None:
-        """``key``'s row (and its chain's) is committed: remember it, answer the requests waiting on it
-        (and on the key its chain answers for)."""
+    def _finish(self, key: str, v: Value, remembered: bool = False) -> None:
+        """``key``'s row (and its chain's) is committed: remember it (unless the caller did), answer the
+        requests waiting on it (and on the key its chain answers for)."""
         self._planned.pop(key, None)
         self._stored.add(key)
-        self._remember(key, v)
+        if not remembered:
+            self._remember(key, v)
         for t in self._waiters.pop(key, ()):
             t.resolve(key, v)
             self._settle(t)
@@ -265,8 +266,19 @@ class Planner:
         """Answer the tickets whose judgements the writer has committed."""
         for token in self._writer.committed():
             self._uncommitted -= 1
+            self._remember_all(token)
             for key, v in token:
-                self._finish(key, v)
+                self._finish(key, v, remembered=True)
+
+    def _remember_all(self, items: list[tuple[str, Value]]) -> None:
+        """:meth:`_remember` for a transaction's keys, under one lock."""
+        lru = self._lru
+        with self._lock:
+            for key, v in items:
+                lru[key] = v
+                lru.move_to_end(key)
+            while len(lru) > self.cache_size:
+                lru.popitem(last=False)
 
     def _remember(self, key: str, v: Value) -> None:
         with self._lock:
