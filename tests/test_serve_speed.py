@@ -55,12 +55,15 @@ def test_a_batch_is_one_ticket_and_each_answer_says_what_came_from_the_store(ser
     assert first["cached"] == 0 and svc.engine.requests == 4
     new = {"prompt": "Is it fine to reuse a password?", "responses": ["No, use a manager.", "Yes, always."]}
     same = {"prompt": "Anything?", "responses": ["Identical.", "Identical."]}  # skipped: nothing to judge
-    r = client.post("/v1/preferences", json={"items": [PREF, new, same, PREF]})
+    r = client.post("/v1/preferences", json={"items": [PREF, new, same, PREF, new]})
     assert r.status_code == 200, r.text
     got = r.json()["results"]
-    assert [g["cached"] for g in got] == [4, 0, 0, 4]
-    assert svc.engine.requests == 8, "only the new pair's 4 judgements reach the engine"
+    assert [g["cached"] for g in got] == [4, 0, 0, 4, 0]
+    assert svc.engine.requests == 8, "only the new pair's 4 judgements reach the engine, once"
     assert got[0]["pair_id"] == got[3]["pair_id"] == first["pair_id"] and got[0]["p_a"] == first["p_a"]
+    assert got[1] == got[4]
+    for table in ("pairs", "run_pairs"):  # a pair repeated in a batch is recorded once
+        assert svc.store.one(f"SELECT count(*) FROM {table} WHERE pair_id = ?", [got[1]["pair_id"]])[0] == 1
     assert got[2]["tie"] is True and got[2]["p_a"] == 0.5 and "identical" in got[2]["skipped"]
     again = client.post("/v1/preference", json=new).json()
     assert again["cached"] == 4 and again["p_a"] == got[1]["p_a"] and svc.engine.requests == 8

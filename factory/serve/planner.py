@@ -77,8 +77,7 @@ class Planner:
                 t.fail(self.fatal)
                 continue
             self._open.add(t)
-            for p in t.pairs:
-                self._record_pair(p)
+            self._record_pairs(t.pairs)
             for job in t.jobs:
                 v = self._lru.get(job.key)
                 if v is not None:
@@ -176,9 +175,10 @@ class Planner:
         for t in self._waiters.pop(key, ()):
             t.resolve(key, v)
             self._settle(t)
-        root = self._root.pop(key, None)
-        if root is not None:
-            self._finish(root, v)
+        if self._root:  # a chain (cot) waits on this key
+            root = self._root.pop(key, None)
+            if root is not None:
+                self._finish(root, v)
 
     def _settle(self, t: Ticket) -> None:
         if t._closed:
@@ -186,20 +186,27 @@ class Planner:
             for p in t.pairs:
                 self.forget(p["pair_id"])
 
-    def _record_pair(self, p: dict) -> None:
+    def _record_pairs(self, pairs: list[dict]) -> None:
+        """Buffer the pairs this process has not recorded yet (and this run's links to them)."""
+        new = []
         with self._lock:
-            if p["pair_id"] in self._pairs_seen:
-                return
-            self._pairs_seen[p["pair_id"]] = None
-            if len(self._pairs_seen) > self.cache_size:
+            seen = self._pairs_seen
+            for p in pairs:  # each once, also when a request repeats a pair
+                if p["pair_id"] not in seen:
+                    seen[p["pair_id"]] = None
+                    new.append(p)
+            while len(self._pairs_seen) > self.cache_size:
                 self._pairs_seen.popitem(last=False)
+        if not new:
+            return
         self._mark()
-        pid = p["pair_id"]
-        for table, row, seen in (("pairs", p, self._pair_filter),
-                                 ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
-                                  self._run_pair_filter)):
-            (self._buf if seen.maybe(pid) else self._new)[table].append(row)
-            seen.add(pid)
+        for p in new:
+            pid = p["pair_id"]
+            for table, row, seen in (("pairs", p, self._pair_filter),
+                                     ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
+                                      self._run_pair_filter)):
+                (self._buf if seen.maybe(pid) else self._new)[table].append(row)
+                seen.add(pid)
 
     def _complete(self, c: Completion) -> None:
         job = self._inflight.pop(c.key)
@@ -214,7 +221,7 @@ class Planner:
         else:
             self.stats.judgements += 1
             self.stats.failed_judgements += sum(1 for r in rows if r["status"] != "ok")
-            self._done(job.key, (rows[0]["status"], rows[0]["p_a"]), committed=False)
+            self._token.append((job.key, (rows[0]["status"], rows[0]["p_a"])))  # _done(committed=False), marked above
         self.stats.prompt_tokens += c.prompt_tokens
         self.stats.completion_tokens += c.completion_tokens
 
