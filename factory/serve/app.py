@@ -159,12 +159,12 @@ class JudgeApp:
             msg = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in errs[:5])
             raise HTTPError(422, f"invalid request: {msg}") from None
 
-    async def _judge(self, items: list[tuple[list[dict], str, str]], *, each_cached: bool = False
-                     ) -> tuple[list[dict], dict]:
+    async def _judge(self, items: list[tuple[list[dict], str, str]], *, each_cached: bool = False,
+                     only_p: bool = False) -> tuple[list[dict], dict]:
         """Judge each ``(conversation, a, b)`` of one request as one ticket (one hand-over to the batcher
         and one wait, however many pairs): per pair its label and per-principle answers (with
-        ``each_cached``: its own count of judgements answered from the store, ``cached``), and the
-        request's counts (judgements, cached)."""
+        ``each_cached``: its own count of judgements answered from the store, ``cached``; with ``only_p``
+        only its ``p_a``), and the request's counts (judgements, cached)."""
         per_pair = self.plan.pairs(items, self.run_id)
         jobs = [j for _, pj in per_pair for j in pj]
         loop = asyncio.get_running_loop()
@@ -185,39 +185,45 @@ class JudgeApp:
                             "stored: send the same request again to get them from the store") from None
         if ticket.error:
             raise HTTPError(503, f"not judged: {ticket.error}")
-        out = []
-        hits = set(ticket.hits) if each_cached else ()
-        for row, pj in per_pair:
-            if each_cached:
-                n_hits = sum(1 for j in pj if j.key in hits) if hits else 0
-            if row["status"] != "ok":
-                p = R.fixed_preference(row["response_a"], row["response_b"])
-                out.append({"p_a": p, "chosen": None if p == 0.5 else ("a" if p > 0.5 else "b"), "tie": p == 0.5,
-                            "principles": {}, "pair_id": row["pair_id"], "n_failed": 0, "skipped": row["error"]})
-                if each_cached:
-                    out[-1]["cached"] = 0
-                continue
-            cells = [(j.route, j.row["principle_id"], j.row["order"], *ticket.got[j.key]) for j in pj]
-            lab = self.plan.label(cells)
-            principles: dict[str, dict[str, dict]] = {}  # judge -> principle -> order -> P(a)
-            for judge, pid, order, status, p in cells:
-                principles.setdefault(judge, {}).setdefault(pid, {})[order] = p if status == "ok" else None
-            failed = sum(1 for c in cells if c[3] != "ok" or c[4] is None)
-            p_a = lab["p_a"]
-            first = self.plan.panel[0].name
-            ans = {"p_a": 0.5 if p_a is None else p_a, "chosen": lab["chosen"], "tie": p_a is None or lab["is_tie"],
-                   "principles": principles.get(first, {}), "pair_id": row["pair_id"], "n_failed": failed}
-            if self.plan.is_panel:  # each judge's own label and answers; `principles` above: the first judge's
-                own = lab["judges"] if self.plan.answer_rule.judges else {}
-                ans.update(n_judges=lab["n_judges"], judges_agree=lab["judges_agree"], judges={
-                    j.name: {"p_a": own.get(j.name, {}).get("p_a"), "chosen": own.get(j.name, {}).get("chosen"),
-                             "tie": own.get(j.name, {}).get("is_tie", False), "weight": j.weight,
-                             "model": j.ctx.model, "principles": principles.get(j.name, {})}
-                    for j in self.plan.panel})
-            if each_cached:
-                ans["cached"] = n_hits
-            out.append(ans)
+        answer = self._p_a if only_p else self._answer
+        out = [answer(row, pj, ticket.got) for row, pj in per_pair]
+        if each_cached:
+            hits = set(ticket.hits)
+            for ans, (_, pj) in zip(out, per_pair):
+                ans["cached"] = sum(1 for j in pj if j.key in hits) if hits else 0
         return out, {"judgements": len({j.key for j in jobs}), "cached": ticket.cached}
+
+    def _answer(self, row: dict, pj: list, got: dict) -> dict:
+        """One pair's answer: its label, per-principle answers (and a panel's per-judge labels)."""
+        if row["status"] != "ok":
+            p = R.fixed_preference(row["response_a"], row["response_b"])
+            return {"p_a": p, "chosen": None if p == 0.5 else ("a" if p > 0.5 else "b"), "tie": p == 0.5,
+                    "principles": {}, "pair_id": row["pair_id"], "n_failed": 0, "skipped": row["error"]}
+        cells = [(j.route, j.row["principle_id"], j.row["order"], *got[j.key]) for j in pj]
+        lab = self.plan.label(cells)
+        principles: dict[str, dict[str, dict]] = {}  # judge -> principle -> order -> P(a)
+        for judge, pid, order, status, p in cells:
+            principles.setdefault(judge, {}).setdefault(pid, {})[order] = p if status == "ok" else None
+        failed = sum(1 for c in cells if c[3] != "ok" or c[4] is None)
+        p_a = lab["p_a"]
+        first = self.plan.panel[0].name
+        ans = {"p_a": 0.5 if p_a is None else p_a, "chosen": lab["chosen"], "tie": p_a is None or lab["is_tie"],
+               "principles": principles.get(first, {}), "pair_id": row["pair_id"], "n_failed": failed}
+        if self.plan.is_panel:  # each judge's own label and answers; `principles` above: the first judge's
+            own = lab["judges"] if self.plan.answer_rule.judges else {}
+            ans.update(n_judges=lab["n_judges"], judges_agree=lab["judges_agree"], judges={
+                j.name: {"p_a": own.get(j.name, {}).get("p_a"), "chosen": own.get(j.name, {}).get("chosen"),
+                         "tie": own.get(j.name, {}).get("is_tie", False), "weight": j.weight,
+                         "model": j.ctx.model, "principles": principles.get(j.name, {})}
+                for j in self.plan.panel})
+        return ans
+
+    def _p_a(self, row: dict, pj: list, got: dict) -> dict:
+        """Only the label's ``p_a`` (what a group's rewards use)."""
+        if row["status"] != "ok":
+            return {"p_a": R.fixed_preference(row["response_a"], row["response_b"])}
+        p_a = self.plan.label([(j.route, j.row["principle_id"], j.row["order"], *got[j.key]) for j in pj])["p_a"]
+        return {"p_a": 0.5 if p_a is None else p_a}
 
     # -- endpoints -------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
@@ -264,7 +270,7 @@ class JudgeApp:
                            salt=content_key(conv, completions, reference))
         text = lambda i: reference if i == R.REF else completions[i]  # noqa: E731
         pairs = R.pairs_of(opps)
-        results, meta = await self._judge([(conv, text(i), text(j)) for i, j in pairs])
+        results, meta = await self._judge([(conv, text(i), text(j)) for i, j in pairs], only_p=True)
         p = {pair: r["p_a"] for pair, r in zip(pairs, results)}
         return {"rewards": R.group_rewards(opps, p), "pairs": len(pairs), **meta}
 

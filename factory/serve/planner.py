@@ -220,7 +220,9 @@ class Planner:
             self._chain(job, rows, committed=False)
         else:
             self.stats.judgements += 1
-            self.stats.failed_judgements += sum(1 for r in rows if r["status"] != "ok")
+            for r in rows:
+                if r["status"] != "ok":
+                    self.stats.failed_judgements += 1
             self._token.append((job.key, (rows[0]["status"], rows[0]["p_a"])))  # _done(committed=False), marked above
         self.stats.prompt_tokens += c.prompt_tokens
         self.stats.completion_tokens += c.completion_tokens
