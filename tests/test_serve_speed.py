@@ -69,3 +69,20 @@ def test_a_batch_is_one_ticket_and_each_answer_says_what_came_from_the_store(ser
     assert again["cached"] == 4 and again["p_a"] == got[1]["p_a"] and svc.engine.requests == 8
     stats = client.get("/v1/stats").json()
     assert stats["judgements"] == 8 and stats["requests"] == 3
+
+
+def test_key_filter_has_no_false_negatives_and_few_false_positives():
+    """The probe filter (one cache line per key): every key added is reported as maybe stored (a
+    false negative would judge a stored key again: a duplicate), and other keys rarely are."""
+    import hashlib
+
+    from factory.serve.keyfilter import KeyFilter
+
+    f = KeyFilter(1 << 22)
+    keys = [hashlib.sha256(f"k{i}".encode()).hexdigest()[:24] for i in range(200_000)]
+    odd = ["pair-1", "", "row 7", "abc", "0x12", "1" * 30, "ZZ" * 12]  # ids a pairs file may give
+    for k in keys + odd:
+        f.add(k)
+    assert all(f.maybe(k) for k in keys + odd) and f.n == len(keys) + len(odd)
+    others = [hashlib.sha256(f"o{i}".encode()).hexdigest()[:24] for i in range(50_000)]
+    assert sum(map(f.maybe, others)) / len(others) < 0.01  # ~0.2% at 200,000 keys in 2^22 bits
