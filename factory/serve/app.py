@@ -252,7 +252,10 @@ class JudgeApp:
         if len(req.items) > self.limits.max_batch_pairs:
             raise HTTPError(422, f"{len(req.items)} items is over the limit of {self.limits.max_batch_pairs} per "
                             "/v1/preferences request; split the batch")
-        items = [(conversation_of(_plain(it.prompt)), *it.responses) for it in req.items]
+        convs: dict[str, list[dict]] = {}  # a prompt string's conversation, once: its pairs share its JSON
+        items = [((convs.get(it.prompt) or convs.setdefault(it.prompt, conversation_of(it.prompt)))
+                  if isinstance(it.prompt, str) else conversation_of(_plain(it.prompt)), *it.responses)
+                 for it in req.items]
         out, _ = await self._judge(items, each_cached=True)  # one ticket: one hand-over and one wait for the batch
         return {"results": out}
 
