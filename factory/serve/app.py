@@ -4,8 +4,9 @@
   ``{"p_a", "chosen", "tie", "principles": {id: {"ab": p, "ba": p}}, "pair_id", "n_failed", "cached"}``
 - ``POST /v1/preferences`` ``{"items": [{"prompt", "responses": [a, b]}, ...]}`` →
   ``{"results": [<one /v1/preference answer per item, in order>]}``: many pairs in one request (a
-  trainer's batch), judged together and committed in one transaction; per request the HTTP and
-  commit costs are paid once instead of once a pair (at most ``max_batch_pairs`` items).
+  trainer's batch), handed to the batcher as one ticket and answered once all its judgements are
+  committed (usually one transaction); per request the HTTP and commit costs are paid once instead of
+  once a pair (at most ``max_batch_pairs`` items).
 - ``POST /v1/rewards`` ``{"prompt", "completions": [...], "reference"?, "opponents"?, "seed"?}`` →
   ``{"rewards": [...], "pairs", "judgements", "cached"}`` (:mod:`factory.serve.rewards`)
 - ``POST /v1/openrlhf`` OpenRLHF's ``--remote_rm_url`` shape ``{"query": [...], "prompts": [...],
