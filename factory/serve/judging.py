@@ -17,6 +17,8 @@ rule when the service stops).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ from .. import judges
 from ..labels import LabelRule, cell_weights, pair_label, rule_for
 from ..runner import Job
 from ..stages import judge as J
+from ..stages.judge import _canonical
 from ..store import StoreError
 
 
@@ -58,6 +61,22 @@ class JudgePlan:
         for job in jobs:
             job.row["chunk"] = None
         return jobs
+
+    def pairs(self, items: list[tuple[list[dict], str, str]], run_id: str) -> list[tuple[dict, list[Job]]]:
+        """Each ``(conversation, a, b)`` of one request as its ``pairs`` row and its jobs (none for a
+        skipped pair). A conversation's canonical JSON is made once per request, not once per pair (a
+        group's pairs share it): the pair id is :func:`factory.store.content_key` ``(conversation, a,
+        b)``, byte for byte (``tests/test_serve_speed.py`` checks)."""
+        convs: dict[int, tuple[str, str]] = {}  # id(conversation) -> (canonical JSON, stored JSON)
+        out = []
+        for conv, a, b in items:
+            cj = convs.get(id(conv))
+            if cj is None:
+                cj = convs[id(conv)] = (_canonical(conv), json.dumps(conv, ensure_ascii=False))
+            pid = hashlib.sha256(f"[{cj[0]},{_canonical(a)},{_canonical(b)}]".encode()).hexdigest()[:24]
+            row = J.pair_row(conv, a, b, source="serve", run_id=run_id, pair_id=pid, conversation_json=cj[1])
+            out.append((row, self.jobs(J.Pair(pid, conv, a, b)) if row["status"] == "ok" else []))
+        return out
 
     def forget(self, pair_id: str) -> None:
         """Drop the render skeletons kept for a pair (a pair answered from the store never renders,

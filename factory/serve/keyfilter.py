@@ -7,30 +7,38 @@ from typing import Any
 
 
 class KeyFilter:
-    """A Bloom filter over content keys (hex sha256 prefixes, uniformly distributed: their own digits
-    are the hash functions). ``bits`` = 2^26 (8 MiB): false positives, which cost only a probe, stay
-    under 1e-4 at a million keys and ~5% at ten million."""
+    """A blocked Bloom filter over content keys (hex sha256 prefixes, uniformly distributed: their own
+    digits are the hash functions): a key's three bits lie in one 512-bit block (one cache line), so
+    a look-up or an insert touches one line of the table instead of three (the table is larger than
+    the CPU's caches: each line touched is a miss). ``bits`` = 2^26 (8 MiB): false positives, which
+    cost only a probe, stay near 1e-4 at a million keys and ~5% at ten million."""
+
+    BLOCK = 512  # bits: one 64-byte cache line
 
     def __init__(self, bits: int = 1 << 26):
-        self.mask = bits - 1
-        self.bits = bytearray(bits >> 3)
+        self.blocks = max(1, bits // self.BLOCK) - 1  # a mask: bits is a power of two
+        self.bits = bytearray(max(bits, self.BLOCK) >> 3)
         self.n = 0
 
     def _slots(self, key: str) -> tuple[int, int, int]:
-        m = self.mask
-        try:
-            return int(key[0:8], 16) & m, int(key[8:16], 16) & m, int(key[16:24], 16) & m
+        """The key's three bit positions, all in its block."""
+        try:  # one parse of the 24 hex digits (96 bits), or of what there is of them
+            x = int(key[:24], 16) if len(key) >= 24 else int(key, 16)
         except ValueError:  # not a hex content key (an id a pairs file gave): hash it first
-            h = hashlib.blake2b(key.encode(), digest_size=12).digest()
-            return tuple(int.from_bytes(h[i:i + 4], "little") & m for i in (0, 4, 8))
+            x = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=12).digest(), "little")
+        base = ((x >> 64) & self.blocks) << 9
+        return base | ((x >> 32) & 511), base | ((x >> 41) & 511), base | (x & 511)
 
     def add(self, key: str) -> None:
+        bits = self.bits
         for i in self._slots(key):
-            self.bits[i >> 3] |= 1 << (i & 7)
+            bits[i >> 3] |= 1 << (i & 7)
         self.n += 1
 
     def maybe(self, key: str) -> bool:
-        return all(self.bits[i >> 3] & (1 << (i & 7)) for i in self._slots(key))
+        bits = self.bits
+        i, j, k = self._slots(key)
+        return bool(bits[i >> 3] & (1 << (i & 7)) and bits[j >> 3] & (1 << (j & 7)) and bits[k >> 3] & (1 << (k & 7)))
 
     def load(self, store: Any, model: str, sampling_hash: str) -> None:
         """Every stored judgement key of this judge (other runs' and earlier lives of the service)."""

@@ -77,13 +77,13 @@ class Planner:
                 t.fail(self.fatal)
                 continue
             self._open.add(t)
-            for p in t.pairs:
-                self._record_pair(p)
+            self._record_pairs(t.pairs)
             for job in t.jobs:
                 v = self._lru.get(job.key)
                 if v is not None:
                     self.stats.cache_hits += 1
                     t.cached += 1
+                    t.hits.append(job.key)
                     t.resolve(job.key, v)
                 elif job.key in self._planned:
                     self._waiters.setdefault(job.key, []).append(t)
@@ -104,6 +104,7 @@ class Planner:
                 continue
             self.stats.cache_hits += 1
             t.cached += 1
+            t.hits.append(job.key)
             self._planned[job.key] = None  # answered from the store (now, or at the commit of its link)
             self._stored_hit(job, hit)
 
@@ -164,18 +165,20 @@ class Planner:
             self._mark()
             self._token.append((key, v))
 
-    def _finish(self, key: str, v: Value) -> None:
-        """``key``'s row (and its chain's) is committed: remember it, answer the requests waiting on it
-        (and on the key its chain answers for)."""
+    def _finish(self, key: str, v: Value, remembered: bool = False) -> None:
+        """``key``'s row (and its chain's) is committed: remember it (unless the caller did), answer the
+        requests waiting on it (and on the key its chain answers for)."""
         self._planned.pop(key, None)
         self._stored.add(key)
-        self._remember(key, v)
+        if not remembered:
+            self._remember(key, v)
         for t in self._waiters.pop(key, ()):
             t.resolve(key, v)
             self._settle(t)
-        root = self._root.pop(key, None)
-        if root is not None:
-            self._finish(root, v)
+        if self._root:  # a chain (cot) waits on this key
+            root = self._root.pop(key, None)
+            if root is not None:
+                self._finish(root, v)
 
     def _settle(self, t: Ticket) -> None:
         if t._closed:
@@ -183,20 +186,27 @@ class Planner:
             for p in t.pairs:
                 self.forget(p["pair_id"])
 
-    def _record_pair(self, p: dict) -> None:
+    def _record_pairs(self, pairs: list[dict]) -> None:
+        """Buffer the pairs this process has not recorded yet (and this run's links to them)."""
+        new = []
         with self._lock:
-            if p["pair_id"] in self._pairs_seen:
-                return
-            self._pairs_seen[p["pair_id"]] = None
-            if len(self._pairs_seen) > self.cache_size:
+            seen = self._pairs_seen
+            for p in pairs:  # each once, also when a request repeats a pair
+                if p["pair_id"] not in seen:
+                    seen[p["pair_id"]] = None
+                    new.append(p)
+            while len(self._pairs_seen) > self.cache_size:
                 self._pairs_seen.popitem(last=False)
+        if not new:
+            return
         self._mark()
-        pid = p["pair_id"]
-        for table, row, seen in (("pairs", p, self._pair_filter),
-                                 ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
-                                  self._run_pair_filter)):
-            (self._buf if seen.maybe(pid) else self._new)[table].append(row)
-            seen.add(pid)
+        for p in new:
+            pid = p["pair_id"]
+            for table, row, seen in (("pairs", p, self._pair_filter),
+                                     ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
+                                      self._run_pair_filter)):
+                (self._buf if seen.maybe(pid) else self._new)[table].append(row)
+                seen.add(pid)
 
     def _complete(self, c: Completion) -> None:
         job = self._inflight.pop(c.key)
@@ -210,8 +220,10 @@ class Planner:
             self._chain(job, rows, committed=False)
         else:
             self.stats.judgements += 1
-            self.stats.failed_judgements += sum(1 for r in rows if r["status"] != "ok")
-            self._done(job.key, (rows[0]["status"], rows[0]["p_a"]), committed=False)
+            for r in rows:
+                if r["status"] != "ok":
+                    self.stats.failed_judgements += 1
+            self._token.append((job.key, (rows[0]["status"], rows[0]["p_a"])))  # _done(committed=False), marked above
         self.stats.prompt_tokens += c.prompt_tokens
         self.stats.completion_tokens += c.completion_tokens
 
@@ -263,8 +275,19 @@ class Planner:
         """Answer the tickets whose judgements the writer has committed."""
         for token in self._writer.committed():
             self._uncommitted -= 1
+            self._remember_all(token)
             for key, v in token:
-                self._finish(key, v)
+                self._finish(key, v, remembered=True)
+
+    def _remember_all(self, items: list[tuple[str, Value]]) -> None:
+        """:meth:`_remember` for a transaction's keys, under one lock."""
+        lru = self._lru
+        with self._lock:
+            for key, v in items:
+                lru[key] = v
+                lru.move_to_end(key)
+            while len(lru) > self.cache_size:
+                lru.popitem(last=False)
 
     def _remember(self, key: str, v: Value) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from ..runner import TableStats
 from ..store import Store, StoreError
 from .app import JudgeApp, Limits, create_app
 from .batcher import Batcher
+from ..writer import quiet_gc
 from .judging import judge_plan
 
 EXIT_FAILED = 3
@@ -181,7 +182,7 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_
         if token and not is_loopback(host):
             echo(f"token: {token}   (send `Authorization: Bearer <token>`)")
         echo(f"listening on http://{name}:{sock.getsockname()[1]}   (SIGTERM or Ctrl-C: finish what is in flight, stop)")
-        with _stop_quietly():
+        with _stop_quietly(), quiet_gc():  # the offline runner's GC settings: a request allocates by the thousand
             server.run(sockets=[sock])
     finally:
         sock.close()

@@ -24,6 +24,7 @@ class Ticket:
     done: Callable[["Ticket"], None] = lambda t: None
     got: dict[str, Value] = field(default_factory=dict)
     cached: int = 0
+    hits: list[str] = field(default_factory=list)  # the keys answered from the LRU or the store (``cached`` of them)
     error: str | None = None
     _missing: int = -1
     _closed: bool = False
