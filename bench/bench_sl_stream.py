@@ -20,9 +20,9 @@ generations, ``ignore_eos``; a step's time = (time for K+1 tokens − time for 1
 script's own stages on that curve: a stage's decode time is the sum over its steps of the step time
 at the number of generations still running, against every token at the full-batch time per token.
 That ratio is what the drain of the decode batches alone costs the script. It is not a bound on the
-runner's gain: prefill is left out, and the stream also runs new requests' prefill in the same
-engine steps as other requests' decoding, which the script, stage by stage, never does (measured:
-24 prompts, replay 1.04×, runner 1.21×).
+runner's gain or loss: prefill is left out, and the stream also runs new requests' prefill in the
+same engine steps as other requests' decoding, which the script, stage by stage, never does.
+Measure on a quiet machine: passes under other jobs' load moved by ±15%.
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def main() -> None:
                          "rounds": ROUNDS,
                          "script_tok_s": round(s_tps, 1), "factory_tok_s": round(f_tps, 1),
                          "ratio": round(f_tps / s_tps, 3), "finish_reasons": finish, "length_share": length_share,
+                         "passes": [{"script_tok_s": round(x, 1), "factory_tok_s": round(y, 1), "ratio": round(y / x, 3)}
+                                    for x, y in rows],
                          "load_avg_1_5_15": load, "quick": a.quick, **({"decode_replay": replay} if replay else {})})
     eng.close()
 
