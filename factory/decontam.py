@@ -3,6 +3,8 @@ input row may not share (see :mod:`factory.dedup` for how a run uses them)."""
 
 from __future__ import annotations
 
+import functools
+
 import gzip
 import json
 import re
@@ -185,12 +187,21 @@ def give_back(collect: bool = True) -> None:
     """Hand freed memory back to the OS (glibc keeps freed blocks in its heap otherwise, and they would
     add to the run's peak for its whole length); a no-op where there is no glibc. ``collect``: run
     Python's garbage collector first (after a build; not per chunk)."""
-    import ctypes
     import gc
 
     if collect:
         gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (it is called per screened chunk), or None without glibc."""
+    import ctypes
+
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
