@@ -9,8 +9,12 @@
    judged for ``per_pair`` principles in both orders. Offline: a ``prefs`` run over a file holding
    exactly those pairs (``factory run``, in this process). HTTP: a service subprocess on a fresh
    database, C concurrent clients sending ``/v1/rewards`` (one group a request) and, separately,
-   ``/v1/preference`` (one pair a request) and ``/v1/preferences`` (the same pairs, 32 a request).
-   judgements/s = new judgements stored / wall seconds.
+   ``/v1/preferences`` (the same pairs, 32 a request), at each C of ``--clients``; and
+   ``/v1/preference`` (one pair a request) at 16. judgements/s = new judgements stored / wall
+   seconds. ``--reps`` reps, each the offline run and then the HTTP runs; ratios within a rep, the
+   medians over reps reported. The service answers a request only once its judgements are
+   committed, so at a fixed number of requests in flight its throughput is bounded by that latency
+   (the offline runner has no such bound): the ratio rises with the clients.
 2. Memory: the service's RSS (``/proc/PID/status``) while N distinct ``/v1/preference`` requests
    arrive (new judgements each, written to DuckDB), sampled at every 10% (and 25%); the LRU of
    answered judgements is capped (``--cache-size``) so its fill is over early.
@@ -299,18 +303,53 @@ def real(tmp: Path, n_groups: int, clients: int) -> dict:
             "http_vs_offline": round(on["judgements_s"] / off["judgements_s"], 3)}
 
 
+def throughput(tmp: Path, gs: list[dict], fake: str, clients: list[int], reps: int) -> dict:
+    """Each rep: the offline run, then right after it the service at each client count (``/v1/rewards``,
+    one group a request, and ``/v1/preferences``, 32 pairs a request); single pairs (``/v1/preference``)
+    once, at 16 clients. Ratios are taken within a rep (the machine drifts by ±15% between runs);
+    the medians over reps are the figures."""
+    runs: list[dict] = []
+    for rep in range(reps):
+        r: dict = {"offline": offline(tmp, f"offline-{rep}", gs, 2, fake)}
+        for c in clients:
+            for key, path in (("rewards", "/v1/rewards"), ("preferences_batched", "/v1/preferences")):
+                h = http_run(tmp, f"http-{key}-{c}-{rep}", gs, 2, fake, c, path=path)
+                h["vs_offline"] = round(h["judgements_s"] / r["offline"]["judgements_s"], 3)
+                r[f"{key}@{c}"] = h
+        if rep == 0:
+            h = http_run(tmp, "http-preference", gs, 2, fake, 16, path="/v1/preference")
+            h["vs_offline"] = round(h["judgements_s"] / r["offline"]["judgements_s"], 3)
+            r["preference@16"] = h
+        print(json.dumps({k: v["judgements_s"] if k == "offline" else v["vs_offline"] for k, v in r.items()}), flush=True)
+        runs.append(r)
+    med = {"offline_judgements_s": statistics.median(r["offline"]["judgements_s"] for r in runs)}
+    for k in runs[0]:
+        if k != "offline":
+            got = [r[k] for r in runs if k in r]
+            med[k] = {"judgements_s": statistics.median(x["judgements_s"] for x in got),
+                      "vs_offline": statistics.median(x["vs_offline"] for x in got),
+                      "vs_offline_each_rep": [x["vs_offline"] for x in got],
+                      "server_cpu_ms_per_request": statistics.median(x["server_cpu_ms_per_request"] for x in got),
+                      "transactions": statistics.median(x["transactions"] for x in got)}
+    return {"reps": reps, "clients": clients, "groups": len(gs), "k": 8, "median": med, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--groups", type=int, default=600, help="throughput: groups of 8 completions (28 pairs each)")
     ap.add_argument("--memory-requests", type=int, default=20_000)
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", default="8,16,32,64",
+                    help="throughput: concurrent clients, a comma list (each count is measured in every rep)")
+    ap.add_argument("--reps", type=int, default=3, help="throughput: reps of offline then HTTP, side by side")
     ap.add_argument("--real", type=int, default=0, help="also the embedded model on vLLM: this many groups of 4")
     ap.add_argument("--parts", default="throughput,memory,latency",
                     help="which fake-engine parts to run: throughput, memory, latency, preference (single pairs "
                     "only), panel (two judges on two engines: offline vs HTTP)")
     a = ap.parse_args()
     n_groups, n_mem, n_lat = (40, 2_000, 50) if a.quick else (a.groups, a.memory_requests, 300)
+    if a.quick:
+        a.reps, a.clients = 1, "16"
     out: dict = {"quick": a.quick}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -318,26 +357,19 @@ def main() -> None:
         fake = "{kind: fake, seed: 0}"
         parts = a.parts.split(",")
         if "throughput" in parts:
-            out["offline"] = offline(tmp, "offline", gs, 2, fake)
-            out["http_rewards"] = http_run(tmp, "http-rewards", gs, 2, fake, a.clients, path="/v1/rewards")
-            out["http_preference"] = http_run(tmp, "http-preference", gs, 2, fake, a.clients, path="/v1/preference")
-            out["http_preferences_batched"] = http_run(tmp, "http-preferences", gs, 2, fake, a.clients,
-                                                       path="/v1/preferences")
-            keys = ("http_rewards", "http_preference", "http_preferences_batched")
-            for k in keys:
-                out[k]["vs_offline"] = round(out[k]["judgements_s"] / out["offline"]["judgements_s"], 3)
-            print(json.dumps({k: out[k] for k in ("offline", *keys)}), flush=True)
+            out["throughput"] = throughput(tmp, gs, fake, [int(c) for c in str(a.clients).split(",")], a.reps)
+            print(json.dumps(out["throughput"]["median"]), flush=True)
         if "preference" in parts:  # single pairs over HTTP only (no offline run): for A/B runs of two trees
-            out["preference_only"] = http_run(tmp, "http-pref-only", gs, 2, fake, a.clients, path="/v1/preference")
+            out["preference_only"] = http_run(tmp, "http-pref-only", gs, 2, fake, 16, path="/v1/preference")
             print(json.dumps(out["preference_only"]), flush=True)
         if "panel" in parts:  # two fake judges (weights 1 and 2), each on its own engine: offline vs HTTP
             p = out["panel"] = {"offline": offline(tmp, "panel-off", gs, 2, fake, judges=PANEL)}
             for k, path in (("http_rewards", "/v1/rewards"), ("http_preference", "/v1/preference")):
-                p[k] = http_run(tmp, f"panel-{k}", gs, 2, fake, a.clients, path=path, judges=PANEL)
+                p[k] = http_run(tmp, f"panel-{k}", gs, 2, fake, 16, path=path, judges=PANEL)
                 p[k]["vs_offline"] = round(p[k]["judgements_s"] / p["offline"]["judgements_s"], 3)
             print(json.dumps({"panel": p}), flush=True)
         if "memory" in parts:
-            out["memory"] = memory(tmp, n_mem, a.clients, cache_size=10_000 if not a.quick else 1_000)
+            out["memory"] = memory(tmp, n_mem, 16, cache_size=10_000 if not a.quick else 1_000)
             print(json.dumps(out["memory"]), flush=True)
         if "latency" in parts:
             out["latency"] = latency(tmp, n_lat, 8)

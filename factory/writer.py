@@ -13,6 +13,7 @@ import contextlib
 import gc
 import queue
 import threading
+from typing import Callable
 
 from .store import CHUNK_SCHEMA, Store
 
@@ -20,8 +21,12 @@ from .store import CHUNK_SCHEMA, Store
 class Writer:
     """One transaction per :meth:`put`: result rows, membership links and chunk records (module docstring)."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, on_commit: Callable[[], None] | None = None):
+        """``on_commit``: called on the writer's thread after each transaction commits (or fails), so a
+        loop that waits for commits (the judge service's) can block on its own queue instead of
+        polling :meth:`committed`."""
         self.store = store
+        self.on_commit = on_commit
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self._done: list = []
         self._error: BaseException | None = None
@@ -52,6 +57,8 @@ class Writer:
                 self._error = e
             finally:
                 self._q.task_done()
+                if item is not None and self.on_commit is not None:
+                    self.on_commit()
 
     def _raise(self) -> None:
         if self._error is not None:

@@ -86,3 +86,25 @@ def test_key_filter_has_no_false_negatives_and_few_false_positives():
     assert all(f.maybe(k) for k in keys + odd) and f.n == len(keys) + len(odd)
     others = [hashlib.sha256(f"o{i}".encode()).hexdigest()[:24] for i in range(50_000)]
     assert sum(map(f.maybe, others)) / len(others) < 0.01  # ~0.2% at 200,000 keys in 2^22 bits
+
+
+def test_key_filter_batches_set_and_read_the_same_bits_as_one_key_at_a_time():
+    """``add_many``/``maybe_many`` (a transaction's keys at once, one numpy pass) must be the same filter
+    as ``add``/``maybe`` key by key, also for ids that are not 24 hex digits (those go key by key)."""
+    import hashlib
+
+    from factory.serve.keyfilter import KeyFilter
+
+    keys = [hashlib.sha256(f"b{i}".encode()).hexdigest()[:24] for i in range(5_000)]
+    longer = [hashlib.sha256(f"l{i}".encode()).hexdigest() for i in range(50)]  # 64 hex: the first 24 count
+    odd = ["pair-1", "row 7", "0x" + "1" * 30, "a" * 23, "A" * 24, "ab_" * 10, "ab " * 10]
+    one, many = KeyFilter(1 << 20), KeyFilter(1 << 20)
+    for batch in (keys[:3], keys[3:], longer, odd, keys[:10] + odd):
+        for k in batch:
+            one.add(k)
+        many.add_many(batch)
+        assert one.bits == many.bits and one.n == many.n
+    probe = keys[::7] + longer + odd + [hashlib.sha256(f"x{i}".encode()).hexdigest()[:24] for i in range(3_000)]
+    assert many.maybe_many(probe) == [one.maybe(k) for k in probe]
+    assert many.maybe_many(probe[-3_000:]) == [one.maybe(k) for k in probe[-3_000:]]  # all hex: the numpy path
+    assert all(many.maybe_many(keys)) and many.maybe_many([]) == []

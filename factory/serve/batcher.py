@@ -41,6 +41,9 @@ from .planner import Planner
 from .tickets import Stats, StoreFailed, Ticket, Value  # noqa: F401  (re-exported)
 
 
+_COMMITTED = object()  # the writer committed a transaction: put in the inbox to wake the loop
+
+
 class Batcher(Planner):
     queue_cap = 256  # rendered requests waiting per extra engine (as factory.fanout.RoutedRunner)
     # planned requests sent to the first engine between two looks at the inbox, the writer's commits
@@ -125,7 +128,7 @@ class Batcher(Planner):
     def _main(self) -> None:
         reason = None
         try:
-            with Writer(self.store) as self._writer:
+            with Writer(self.store, on_commit=lambda: self._inbox.put(_COMMITTED)) as self._writer:
                 self._reader = self.store.view()
                 for f in self._feeders:
                     f.thread.start()
@@ -207,13 +210,13 @@ class Batcher(Planner):
             self._maybe_flush(idle=True)
             if self.stopping and not self._planned and not self._uncommitted and self._inbox.empty():
                 return
-            try:  # idle: wait for a ticket or another engine's answer (while a commit is pending, poll for it)
-                item = self._inbox.get(timeout=0.001 if self._uncommitted else 0.05)
+            try:  # idle: wait for a ticket, another engine's answer or a commit (the writer says so)
+                item = self._inbox.get(timeout=0.05)
             except queue.Empty:
                 continue
             if isinstance(item, Ticket):
                 self._plan([item])
-            else:
+            elif item is not _COMMITTED:  # a commit: the loop's next turn answers its tickets
                 self._answer(item)
 
     def _build(self, job: Job):
@@ -245,7 +248,7 @@ class Batcher(Planner):
                 break
             if isinstance(item, Ticket):
                 got.append(item)
-            else:
+            elif item is not _COMMITTED:
                 self._answer(item)
         if got:
             self._plan(got)

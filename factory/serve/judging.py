@@ -55,28 +55,40 @@ class JudgePlan:
         """(model, judge settings hash) of each judge: what its stored judgements carry."""
         return [(j.ctx.model, j.ctx.sampling_hash) for j in self.panel]
 
-    def jobs(self, pair: J.Pair) -> list[Job]:
-        """Every judge's (principle, order) judgements of ``pair``, each routed to its judge's engine."""
-        jobs = judges.panel_jobs(self.panel, [pair])
+    def jobs_of(self, pairs: list[J.Pair]) -> list[Job]:
+        """Every judge's (principle, order) judgements of ``pairs``, each routed to its judge's engine."""
+        jobs = judges.panel_jobs(self.panel, pairs)
         for job in jobs:
             job.row["chunk"] = None
         return jobs
 
     def pairs(self, items: list[tuple[list[dict], str, str]], run_id: str) -> list[tuple[dict, list[Job]]]:
         """Each ``(conversation, a, b)`` of one request as its ``pairs`` row and its jobs (none for a
-        skipped pair). A conversation's canonical JSON is made once per request, not once per pair (a
-        group's pairs share it): the pair id is :func:`factory.store.content_key` ``(conversation, a,
-        b)``, byte for byte (``tests/test_serve_speed.py`` checks)."""
+        skipped pair). Made once per request, not once per pair: a conversation's canonical JSON (a
+        group's pairs share it), a response's (each completion of a group is in k-1 pairs), the time,
+        and the jobs (one call for all the request's pairs; a pair a batch repeats gets its jobs
+        once). The pair id is :func:`factory.store.content_key` ``(conversation, a, b)``, byte for byte
+        (``tests/test_serve_speed.py`` checks)."""
         convs: dict[int, tuple[str, str]] = {}  # id(conversation) -> (canonical JSON, stored JSON)
-        out = []
+        texts: dict[str, str] = {}  # a response's canonical JSON
+        at = J.now()
+        rows, todo = [], {}  # todo: pair id -> Pair, the request's distinct pairs to judge
         for conv, a, b in items:
             cj = convs.get(id(conv))
             if cj is None:
                 cj = convs[id(conv)] = (_canonical(conv), json.dumps(conv, ensure_ascii=False))
-            pid = hashlib.sha256(f"[{cj[0]},{_canonical(a)},{_canonical(b)}]".encode()).hexdigest()[:24]
-            row = J.pair_row(conv, a, b, source="serve", run_id=run_id, pair_id=pid, conversation_json=cj[1])
-            out.append((row, self.jobs(J.Pair(pid, conv, a, b)) if row["status"] == "ok" else []))
-        return out
+            ca = texts.get(a) or texts.setdefault(a, _canonical(a))
+            cb = texts.get(b) or texts.setdefault(b, _canonical(b))
+            pid = hashlib.sha256(f"[{cj[0]},{ca},{cb}]".encode()).hexdigest()[:24]
+            row = J.pair_row(conv, a, b, source="serve", run_id=run_id, pair_id=pid, conversation_json=cj[1],
+                             created_at=at)
+            rows.append(row)
+            if row["status"] == "ok" and pid not in todo:
+                todo[pid] = J.Pair(pid, conv, a, b)
+        by_pair: dict[str, list[Job]] = {}
+        for job in self.jobs_of(list(todo.values())):
+            by_pair.setdefault(job.row["pair_id"], []).append(job)
+        return [(row, by_pair.get(row["pair_id"], []) if row["status"] == "ok" else []) for row in rows]
 
     def forget(self, pair_id: str) -> None:
         """Drop the render skeletons kept for a pair (a pair answered from the store never renders,

@@ -113,8 +113,8 @@ class Planner:
         per table, only for keys the filter says it may hold)."""
         found: dict[str, tuple] = {}
         by_table: dict[str, set[str]] = {}
-        for j in jobs:
-            if self._stored.maybe(j.key):
+        for j, maybe in zip(jobs, self._stored.maybe_many([j.key for j in jobs])):
+            if maybe:
                 by_table.setdefault(j.table, set()).add(j.key)
         for table, keys in by_table.items():
             self.stats.store_probes += 1
@@ -166,11 +166,12 @@ class Planner:
             self._token.append((key, v))
 
     def _finish(self, key: str, v: Value, remembered: bool = False) -> None:
-        """``key``'s row (and its chain's) is committed: remember it (unless the caller did), answer the
-        requests waiting on it (and on the key its chain answers for)."""
+        """``key``'s row (and its chain's) is committed: remember it and add it to the probe filter
+        (unless the caller did, ``remembered``: a transaction's keys at once), answer the requests
+        waiting on it (and on the key its chain answers for)."""
         self._planned.pop(key, None)
-        self._stored.add(key)
         if not remembered:
+            self._stored.add(key)
             self._remember(key, v)
         for t in self._waiters.pop(key, ()):
             t.resolve(key, v)
@@ -200,13 +201,13 @@ class Planner:
         if not new:
             return
         self._mark()
-        for p in new:
-            pid = p["pair_id"]
-            for table, row, seen in (("pairs", p, self._pair_filter),
-                                     ("run_pairs", {"run_id": self.run_id, "pair_id": pid, "source_row": None},
-                                      self._run_pair_filter)):
-                (self._buf if seen.maybe(pid) else self._new)[table].append(row)
-                seen.add(pid)
+        ids = [p["pair_id"] for p in new]  # distinct
+        for table, seen in (("pairs", self._pair_filter), ("run_pairs", self._run_pair_filter)):
+            buf, fresh = self._buf[table], self._new[table]
+            for p, maybe in zip(new, seen.maybe_many(ids)):
+                row = p if table == "pairs" else {"run_id": self.run_id, "pair_id": p["pair_id"], "source_row": None}
+                (buf if maybe else fresh).append(row)
+            seen.add_many(ids)
 
     def _complete(self, c: Completion) -> None:
         job = self._inflight.pop(c.key)
@@ -276,6 +277,7 @@ class Planner:
         for token in self._writer.committed():
             self._uncommitted -= 1
             self._remember_all(token)
+            self._stored.add_many([key for key, _ in token])
             for key, v in token:
                 self._finish(key, v, remembered=True)
 
@@ -284,8 +286,9 @@ class Planner:
         lru = self._lru
         with self._lock:
             for key, v in items:
-                lru[key] = v
-                lru.move_to_end(key)
+                if key in lru:
+                    lru.move_to_end(key)
+                lru[key] = v  # a new key goes in last
             while len(lru) > self.cache_size:
                 lru.popitem(last=False)
 

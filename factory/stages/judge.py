@@ -244,9 +244,10 @@ def pairs_from_samples(samples: list[dict], conv: list[dict], prompt_id: str) ->
 
 def pair_row(conversation: list[dict], a: str, b: str, *, source: str, prompt_id: str | None = None,
              a_id: str | None = None, b_id: str | None = None, run_id: str | None = None,
-             pair_id: str | None = None, conversation_json: str | None = None) -> dict:
+             pair_id: str | None = None, conversation_json: str | None = None, created_at: Any = None) -> dict:
     """A ``pairs`` row; ``pair_id``/``conversation_json`` when the caller already computed them (they
-    must be ``content_key(conversation, a, b)`` and the conversation's JSON)."""
+    must be ``content_key(conversation, a, b)`` and the conversation's JSON); ``created_at``: one time
+    for a request's pairs (default: now)."""
     status, error = "ok", None
     if a.strip() == b.strip():
         status, error = "skipped", "identical responses: nothing to judge"
@@ -255,7 +256,8 @@ def pair_row(conversation: list[dict], a: str, b: str, *, source: str, prompt_id
     return {"pair_id": pair_id or content_key(conversation, a, b), "run_id": run_id, "source": source,
             "prompt_id": prompt_id, "conversation": conversation_json or json.dumps(conversation, ensure_ascii=False),
             "response_a": a, "response_b": b,
-            "response_a_id": a_id, "response_b_id": b_id, "status": status, "error": error, "created_at": now()}
+            "response_a_id": a_id, "response_b_id": b_id, "status": status, "error": error,
+            "created_at": created_at or now()}
 
 
 SCORE = Sampling(max_tokens=1, temperature=0.0)
