@@ -58,9 +58,19 @@ def models_of(db: Path) -> tuple[set[str], dict[str, int]]:
     return samples, judged
 
 
-def test_old_pipelines_keep_their_run_ids():
+def test_old_pipelines_keep_their_run_ids(tmp_path, monkeypatch):
     from factory.kinds import load
 
+    from conftest import HH_RLHF
+
+    if not (REPO.parent / "shared/data/hh-rlhf").is_dir():  # a clone without ../shared beside it (FACTORY_HH_RLHF
+        # set): hh-prefs.yaml's `../shared/...` path is read from the working directory, so give it one there
+        (tmp_path / "shared/data").mkdir(parents=True)
+        (tmp_path / "shared/data/hh-rlhf").symlink_to(HH_RLHF.parent)
+        (tmp_path / "repo").mkdir()
+        for d in ("constitutions", "prompts", "data"):
+            (tmp_path / "repo" / d).symlink_to(REPO / d)
+        monkeypatch.chdir(tmp_path / "repo")
     for path, want in ((REPO / "pipelines/demo.yaml", "demo-6a17a0a30c"),
                        (REPO / "pipelines/hh-prefs.yaml", "hh-prefs-6857ef6484")):
         _, lp = load(path)
