@@ -5,7 +5,7 @@ long-lived loop on a thread of its own, like :class:`factory.runner.Runner` over
 ends: the first judge's ``engine.generate`` pulls from one lazy request stream, which takes new
 tickets from a queue, answers what it can from the store, and yields the rest's requests; ``None``
 ("nothing right now") only while that engine has requests in flight, so it steps; when nothing is
-in flight the stream blocks on the queue (no busy loop). A panel's other engines (judges with
+in flight the stream blocks on the queue (no busy loop), which the writer also wakes after each commit. A panel's other engines (judges with
 another model or engine; judges that share one share it) each run on a thread of their own
 (:class:`factory.fanout.Feeder`, as a routed offline run feeds them): a job goes to its judge's
 engine (``Job.route``), their completions come back on the same queue as new tickets, and the

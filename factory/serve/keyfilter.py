@@ -47,11 +47,7 @@ class KeyFilter:
     def add_many(self, keys: Sequence[str]) -> None:
         """:meth:`add` for a batch of keys (a transaction's, a load's): one numpy pass instead of a Python
         loop (the judge service adds every key it commits)."""
-        if len(keys) < 8:
-            for k in keys:
-                self.add(k)
-            return
-        slots = self._slots_many(keys)
+        slots = self._slots_many(keys) if len(keys) >= 8 else None  # a few keys: the loop is cheaper
         if slots is None:
             for k in keys:
                 self.add(k)
