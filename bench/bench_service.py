@@ -175,6 +175,7 @@ def offline(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, en
 
 
 BATCH = 32  # pairs per /v1/preferences request
+WARM_GROUPS = 60  # throughput: groups each side runs first, unmeasured (other prompts than the measured ones)
 
 
 def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, clients: int, *, path: str,
@@ -183,8 +184,8 @@ def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, c
     f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
     svc = Service(pipeline(tmp, name, f, per_pair=per_pair, engine=engine, judges=judges))
     try:
-        if warm:
-            drive(svc, "/v1/rewards", list(warm), 1)
+        if warm:  # not measured: the service's first requests (as the offline runner's warm-up run)
+            drive(svc, "/v1/rewards", list(warm), clients)
         before = svc.stats()["judgements"]
         if path == "/v1/rewards":
             bodies = gs
@@ -309,11 +310,13 @@ def throughput(tmp: Path, gs: list[dict], fake: str, clients: list[int], reps: i
     once, at 16 clients. Ratios are taken within a rep (the machine drifts by ±15% between runs);
     the medians over reps are the figures."""
     runs: list[dict] = []
+    warm = groups(WARM_GROUPS, 8, "warm")
+    offline(tmp, "offline-warm", warm, 2, fake)  # once: later offline runs reuse this process's warm state
     for rep in range(reps):
         r: dict = {"offline": offline(tmp, f"offline-{rep}", gs, 2, fake)}
         for c in clients:
             for key, path in (("rewards", "/v1/rewards"), ("preferences_batched", "/v1/preferences")):
-                h = http_run(tmp, f"http-{key}-{c}-{rep}", gs, 2, fake, c, path=path)
+                h = http_run(tmp, f"http-{key}-{c}-{rep}", gs, 2, fake, c, path=path, warm=warm)
                 h["vs_offline"] = round(h["judgements_s"] / r["offline"]["judgements_s"], 3)
                 r[f"{key}@{c}"] = h
         if rep == 0:
