@@ -343,37 +343,7 @@ def pair_label(judgements: Any, rule: LabelRule, weights: dict | None = None) ->
     ``rule``, computed once by a caller labelling many pairs. No batch calibration (it needs a run's
     priors). Returns ``p_a`` (None: no valid judgement), ``chosen``, ``is_tie``, ``n_judges``,
     ``judges_agree`` and ``judges``: per judge its own ``p_a``, ``chosen``, ``is_tie``."""
-    if rule.calibrate:
-        raise ValueError("pair_label has no batch priors; pass rule.with_(calibrate=False)")
-    weights = cell_weights(rule) if weights is None else weights
-    lo, hi = rule.clamp if rule.clamp else (0.0, 1.0)
-    cells: dict[tuple[str, str], tuple[list, list]] = {}
-    for judge, pid, order, status, p in judgements:
-        ab, ba = cells.setdefault((judge if rule.judges else "", pid), ([], []))
-        if status == "ok" and p is not None and p == p:
-            (ab if order == "ab" else ba).append(min(max(p, lo), hi))
-    acc: dict[str, list[float]] = {}  # judge -> [Σ w p, Σ w, Σ w ℓ, v]
-    for (j, pid), (ab, ba) in cells.items():
-        wv = weights.get((j, pid))
-        if wv is None or not (ab or ba):
-            continue
-        if ab and ba:
-            p = (sum(ab) / len(ab) + sum(ba) / len(ba)) / 2
-            lg = (sum(map(_logit_py, ab)) / len(ab) + sum(map(_logit_py, ba)) / len(ba)) / 2
-        else:
-            xs = ab or ba
-            p, lg = sum(xs) / len(xs), sum(map(_logit_py, xs)) / len(xs)
-        a = acc.setdefault(j, [0.0, 0.0, 0.0, wv[1]])
-        a[0], a[1], a[2] = a[0] + wv[0] * p, a[1] + wv[0], a[2] + wv[0] * lg
-    if rule.pool == "logit":
-        s = {j: a[2] for j, a in acc.items()}
-        p_a = _sigmoid(sum(s.values())) if s else None
-        judge_p = {j: _sigmoid(x) for j, x in s.items()}
-    else:
-        s = {j: a[0] / a[1] for j, a in acc.items() if a[1] != 0}
-        den = sum(acc[j][3] for j in s)
-        p_a = sum(acc[j][3] * x for j, x in s.items()) / den if s and den != 0 else None
-        judge_p = s
+    p_a, judge_p = pair_p_a(judgements, rule, weights)
     tie, chosen = _side(p_a, rule.tie_eps)
     per = {}
     for j, p in judge_p.items():
@@ -381,6 +351,54 @@ def pair_label(judgements: Any, rule: LabelRule, weights: dict | None = None) ->
         per[j] = {"p_a": p, "chosen": jc, "is_tie": jt}
     agree = 0 if p_a is None or tie else sum(1 for p in judge_p.values() if (p > 0.5) - (p < 0.5) == (p_a > 0.5) - (p_a < 0.5))
     return {"p_a": p_a, "chosen": chosen, "is_tie": tie, "n_judges": len(judge_p), "judges_agree": agree, "judges": per}
+
+
+def pair_p_a(judgements: Any, rule: LabelRule, weights: dict | None = None) -> tuple[float | None, dict[str, float]]:
+    """:func:`pair_label`'s pooled P(a) and each judge's own, without the rest of the label (what a
+    group's rewards read): the judges × principles × orders pooling of the one label rule."""
+    if rule.calibrate:
+        raise ValueError("pair_label has no batch priors; pass rule.with_(calibrate=False)")
+    weights = cell_weights(rule) if weights is None else weights
+    lo, hi = rule.clamp if rule.clamp else (0.0, 1.0)
+    by_judge = bool(rule.judges)
+    cells: dict[tuple[str, str], tuple[list, list]] = {}
+    for judge, pid, order, status, p in judgements:
+        c = (judge if by_judge else "", pid)
+        ab_ba = cells.get(c)
+        if ab_ba is None:
+            ab_ba = cells[c] = ([], [])
+        if status == "ok" and p is not None and p == p:
+            ab_ba[order != "ab"].append(lo if p < lo else hi if p > hi else p)
+    logit = rule.pool == "logit"
+    acc: dict[str, list[float]] = {}  # judge -> [Σ w p, Σ w, Σ w ℓ, v]
+    for (j, pid), (ab, ba) in cells.items():
+        wv = weights.get((j, pid))
+        if wv is None or not (ab or ba):
+            continue
+        if logit:  # the mean of the two orders' mean log-odds (each order's alone when one is missing)
+            p = 0.0
+            if ab and ba:
+                lg = (sum(map(_logit_py, ab)) / len(ab) + sum(map(_logit_py, ba)) / len(ba)) / 2
+            else:
+                xs = ab or ba
+                lg = sum(map(_logit_py, xs)) / len(xs)
+        else:  # the mean of the two orders' mean P(a)
+            lg = 0.0
+            if ab and ba:
+                p = (sum(ab) / len(ab) + sum(ba) / len(ba)) / 2
+            else:
+                xs = ab or ba
+                p = sum(xs) / len(xs)
+        a = acc.get(j)
+        if a is None:
+            a = acc[j] = [0.0, 0.0, 0.0, wv[1]]
+        a[0], a[1], a[2] = a[0] + wv[0] * p, a[1] + wv[0], a[2] + wv[0] * lg
+    if logit:
+        s = {j: a[2] for j, a in acc.items()}
+        return (_sigmoid(sum(s.values())) if s else None), {j: _sigmoid(x) for j, x in s.items()}
+    s = {j: a[0] / a[1] for j, a in acc.items() if a[1] != 0}
+    den = sum(acc[j][3] for j in s)
+    return (sum(acc[j][3] * x for j, x in s.items()) / den if s and den != 0 else None), s
 
 
 def _logit_py(p: float) -> float:

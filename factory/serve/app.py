@@ -223,7 +223,7 @@ class JudgeApp:
         """Only the label's ``p_a`` (what a group's rewards use)."""
         if row["status"] != "ok":
             return {"p_a": R.fixed_preference(row["response_a"], row["response_b"])}
-        p_a = self.plan.label([(j.route, j.row["principle_id"], j.row["order"], *got[j.key]) for j in pj])["p_a"]
+        p_a = self.plan.p_a([(j.route, j.row["principle_id"], j.row["order"], *got[j.key]) for j in pj])
         return {"p_a": 0.5 if p_a is None else p_a}
 
     # -- endpoints -------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class JudgeApp:
 
     async def _group(self, conv, completions, reference, m, seed) -> dict:
         opps = R.opponents(len(completions), m=m, reference=reference is not None, seed=seed,
-                           salt=content_key(conv, completions, reference))
+                           salt=lambda: content_key(conv, completions, reference))
         text = lambda i: reference if i == R.REF else completions[i]  # noqa: E731
         pairs = R.pairs_of(opps)
         results, meta = await self._judge([(conv, text(i), text(j)) for i, j in pairs], only_p=True)

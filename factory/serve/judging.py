@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import judges
-from ..labels import LabelRule, cell_weights, pair_label, rule_for
+from ..labels import LabelRule, cell_weights, pair_label, pair_p_a, rule_for
 from ..runner import Job
 from ..stages import judge as J
 from ..stages.judge import _canonical
@@ -101,6 +101,10 @@ class JudgePlan:
     def label(self, cells: list[tuple[str, str, str, str, float | None]]) -> dict:
         """The label of one pair from its judgements ``(judge, principle_id, order, status, p_a)``."""
         return pair_label(cells, self.answer_rule, self.weights)
+
+    def p_a(self, cells: list[tuple[str, str, str, str, float | None]]) -> float | None:
+        """Only the label's pooled ``p_a`` (:func:`factory.labels.pair_p_a`; what a group's rewards read)."""
+        return pair_p_a(cells, self.answer_rule, self.weights)[0]
 
 
 def judge_plan(store: Any, lp: Any, engines: dict[str, Any], run_id: str) -> JudgePlan:

@@ -19,19 +19,22 @@ loses to a non-empty one (0 vs 1). A group of one without a reference has no opp
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 from ..store import content_key
 
 REF = -1  # the reference's index
 
 
-def opponents(k: int, *, m: int | None = None, reference: bool = False, seed: int = 0, salt: str = "") -> list[list[int]]:
-    """Per completion, the indexes it is compared with (``REF`` for the reference)."""
+def opponents(k: int, *, m: int | None = None, reference: bool = False, seed: int = 0,
+              salt: str | Callable[[], str] = "") -> list[list[int]]:
+    """Per completion, the indexes it is compared with (``REF`` for the reference). ``salt``: the
+    request's content (or a function making it: only sampled opponents read it)."""
     if reference:
         return [[REF] for _ in range(k)]
     if m is None or m >= k - 1:
         return [[j for j in range(k) if j != i] for i in range(k)]
-    rng = random.Random(content_key("opponents", seed, salt, k, m))
+    rng = random.Random(content_key("opponents", seed, salt() if callable(salt) else salt, k, m))
     return [rng.sample([j for j in range(k) if j != i], m) for i in range(k)]
 
 
