@@ -370,29 +370,21 @@ def pair_p_a(judgements: Any, rule: LabelRule, weights: dict | None = None) -> t
         if status == "ok" and p is not None and p == p:
             ab_ba[order != "ab"].append(lo if p < lo else hi if p > hi else p)
     logit = rule.pool == "logit"
+    mean = (lambda xs: sum(map(_logit_py, xs)) / len(xs)) if logit else (lambda xs: sum(xs) / len(xs))
     acc: dict[str, list[float]] = {}  # judge -> [Σ w p, Σ w, Σ w ℓ, v]
     for (j, pid), (ab, ba) in cells.items():
         wv = weights.get((j, pid))
         if wv is None or not (ab or ba):
             continue
-        if logit:  # the mean of the two orders' mean log-odds (each order's alone when one is missing)
-            p = 0.0
-            if ab and ba:
-                lg = (sum(map(_logit_py, ab)) / len(ab) + sum(map(_logit_py, ba)) / len(ba)) / 2
-            else:
-                xs = ab or ba
-                lg = sum(map(_logit_py, xs)) / len(xs)
-        else:  # the mean of the two orders' mean P(a)
-            lg = 0.0
-            if ab and ba:
-                p = (sum(ab) / len(ab) + sum(ba) / len(ba)) / 2
-            else:
-                xs = ab or ba
-                p = sum(xs) / len(xs)
+        # the mean of the two orders' means (of P(a); of log-odds for pool: logit), one order's alone if the other is missing
+        x = (mean(ab) + mean(ba)) / 2 if ab and ba else mean(ab or ba)
         a = acc.get(j)
         if a is None:
             a = acc[j] = [0.0, 0.0, 0.0, wv[1]]
-        a[0], a[1], a[2] = a[0] + wv[0] * p, a[1] + wv[0], a[2] + wv[0] * lg
+        if logit:
+            a[2] += wv[0] * x
+        else:
+            a[0], a[1] = a[0] + wv[0] * x, a[1] + wv[0]
     if logit:
         s = {j: a[2] for j, a in acc.items()}
         return (_sigmoid(sum(s.values())) if s else None), {j: _sigmoid(x) for j, x in s.items()}
