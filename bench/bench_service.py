@@ -100,16 +100,26 @@ class Service:
     def conn(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=600)
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+    def rss_mb(self, pid: int | None = None) -> float:
+        for line in Path(f"/proc/{pid or self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def children(self) -> list[int]:
+        """The service's child processes (its render workers)."""
+        return [int(x) for t in Path(f"/proc/{self.proc.pid}/task").iterdir() for x in (t / "children").read_text().split()]
+
+    def workers_rss_mb(self) -> float:
+        return sum(self.rss_mb(k) for k in self.children())
+
     def cpu_s(self) -> float:
-        """The service process's CPU seconds so far (user + system, all threads)."""
-        f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        """The service's CPU seconds so far (user + system, all threads), its render workers' included."""
+        def one(pid: int) -> float:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+        return one(self.proc.pid) + sum(one(k) for k in self.children())
 
     def stats(self) -> dict:
         c = self.conn()
@@ -179,10 +189,11 @@ WARM_GROUPS = 60  # throughput: groups each side runs first, unmeasured (other p
 
 
 def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, clients: int, *, path: str,
-             warm: list[dict] = (), judges: str = "") -> dict:
+             warm: list[dict] = (), judges: str = "", render_workers: int | None = None) -> dict:
     f = tmp / f"{name}.jsonl"
     f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
-    svc = Service(pipeline(tmp, name, f, per_pair=per_pair, engine=engine, judges=judges))
+    svc = Service(pipeline(tmp, name, f, per_pair=per_pair, engine=engine, judges=judges),
+                  *(["--render-workers", str(render_workers)] if render_workers is not None else []))
     try:
         if warm:  # not measured: the service's first requests (as the offline runner's warm-up run)
             drive(svc, "/v1/rewards", list(warm), clients)
@@ -201,7 +212,8 @@ def http_run(tmp: Path, name: str, gs: list[dict], per_pair: int, engine: str, c
         n = st["judgements"] - before
     finally:
         code = svc.stop()
-    return {"endpoint": path, "requests": len(bodies), "clients": clients, "judgements": n, "seconds": round(secs, 2),
+    return {"endpoint": path, "requests": len(bodies), "clients": clients, "render_workers": st["render_workers"],
+            "judgements": n, "seconds": round(secs, 2),
             "judgements_s": round(n / secs, 1), "server_cpu_ms_per_request": round(1000 * cpu / len(bodies), 3),
             "transactions": st["transactions"], "exit_code": code}
 
@@ -216,18 +228,20 @@ def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
                   for i in range(n)]
         done = 0
         t0 = time.perf_counter()
-        duck = {}
+        duck, workers = {}, {}
         for frac in (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
             upto = int(n * frac)
             drive(svc, "/v1/preference", bodies[done:upto], clients)
             done = upto
             samples[f"{frac:.2f}"] = round(svc.rss_mb(), 1)
+            workers[f"{frac:.2f}"] = round(svc.workers_rss_mb(), 1)
             duck[f"{frac:.2f}"] = svc.stats()["duckdb_mb"]
         secs = time.perf_counter() - t0
         st = svc.stats()
     finally:
         code = svc.stop()
     return {"requests": n, "cache_size": cache_size, "rss_mb": samples, "duckdb_mb": duck,
+            "render_workers_rss_mb": workers,  # the render worker processes' RSS (not in rss_mb)
             "duckdb_memory_limit": os.environ.get("FACTORY_DUCKDB_MEMORY", "128MB"),
             "rss_ratio_end_vs_10pct": round(samples["1.00"] / samples["0.10"], 3),
             "rss_ratio_end_vs_25pct": round(samples["1.00"] / samples["0.25"], 3),
@@ -236,14 +250,19 @@ def memory(tmp: Path, n: int, clients: int, cache_size: int) -> dict:
                                           / min(v for k, v in samples.items() if float(k) >= 0.25), 3),
             # what is not DuckDB's buffer cache (which fills and empties under its cap between checkpoints)
             "rss_less_duckdb_mb": {k: round(v - (duck[k] or 0), 1) for k, v in samples.items()},
-            "judgements": st["judgements"], "requests_s": round(n / secs, 1), "exit_code": code}
+            "judgements": st["judgements"], "worker_renders": st.get("worker_renders"),
+            "requests_s": round(n / secs, 1), "exit_code": code}
 
 
-def latency(tmp: Path, n: int, clients: int) -> dict:
+def latency(tmp: Path, n: int, clients: int, render_workers: int | None = None) -> dict:
     f = tmp / "lat.jsonl"
     f.write_text('{"prompt":"a?","response_a":"x","response_b":"y"}\n')
-    svc = Service(pipeline(tmp, "lat", f, per_pair=2, engine="{kind: fake, seed: 0}"))
+    svc = Service(pipeline(tmp, f"lat{render_workers}", f, per_pair=2, engine="{kind: fake, seed: 0}"),
+                  *(["--render-workers", str(render_workers)] if render_workers is not None else []))
     try:
+        c = svc.conn()
+        for i in range(5):  # not measured: the service's first requests (its render workers starting)
+            post(c, "/v1/preference", {"prompt": f"first {i}", "responses": [f"yes {i}", f"no {i}"]})
         c = svc.conn()
         alone = []
         for i in range(n):
@@ -279,15 +298,16 @@ def latency(tmp: Path, n: int, clients: int) -> dict:
         stop.set()
         for t in bg:
             t.join()
+        alive = svc.stats()["render_workers"]
     finally:
         code = svc.stop()
-    return {"n": n, "load_clients": clients, "alone_p50_ms": round(pct(alone, 0.5), 2), "alone_p99_ms": round(pct(alone, 0.99), 2),
+    return {"n": n, "load_clients": clients, "render_workers": alive, "alone_p50_ms": round(pct(alone, 0.5), 2), "alone_p99_ms": round(pct(alone, 0.99), 2),
             "loaded_p50_ms": round(pct(loaded, 0.5), 2), "loaded_p99_ms": round(pct(loaded, 0.99), 2),
             "cache_hit_p50_ms": round(pct(hits, 0.5), 2), "cache_hit_p99_ms": round(pct(hits, 0.99), 2),
             "exit_code": code}
 
 
-def real(tmp: Path, n_groups: int, clients: int) -> dict:
+def real(tmp: Path, n_groups: int, clients: int, render_workers: list[int | None] = (None,)) -> dict:
     """Offline (a warmed engine in this process) vs HTTP (a warmed service subprocess) on the embedded model."""
     from common import engine as make_engine
 
@@ -299,16 +319,22 @@ def real(tmp: Path, n_groups: int, clients: int) -> dict:
         off = offline(tmp, "realoff", gs, 2, spec, eng)
     finally:
         eng.close()
-    on = http_run(tmp, "realhttp", gs, 2, spec, clients, path="/v1/rewards", warm=warm)
-    return {"groups": n_groups, "k": 4, "offline": off, "http": on,
-            "http_vs_offline": round(on["judgements_s"] / off["judgements_s"], 3)}
+    out = {"groups": n_groups, "k": 4, "offline": off}
+    for w in render_workers:  # each number of render workers, after the same offline run
+        tag = "" if len(render_workers) == 1 else f"/w{w}"
+        on = out[f"http{tag}"] = http_run(tmp, f"realhttp{w}", gs, 2, spec, clients, path="/v1/rewards", warm=warm,
+                                          render_workers=w)
+        out[f"http_vs_offline{tag}"] = round(on["judgements_s"] / off["judgements_s"], 3)
+    return out
 
 
-def throughput(tmp: Path, gs: list[dict], fake: str, clients: list[int], reps: int) -> dict:
+def throughput(tmp: Path, gs: list[dict], fake: str, clients: list[int], reps: int,
+               render_workers: list[int | None] = (None,)) -> dict:
     """Each rep: the offline run, then right after it the service at each client count (``/v1/rewards``,
-    one group a request, and ``/v1/preferences``, 32 pairs a request); single pairs (``/v1/preference``)
-    once, at 16 clients. Ratios are taken within a rep (the machine drifts by ±15% between runs);
-    the medians over reps are the figures."""
+    one group a request, and ``/v1/preferences``, 32 pairs a request), with each number of render
+    workers (``--render-workers``, keys ``…/wN`` when several are compared); single pairs
+    (``/v1/preference``) once, at 16 clients. Ratios are taken within a rep (the machine drifts by
+    ±15% between runs); the medians over reps are the figures."""
     runs: list[dict] = []
     warm = groups(WARM_GROUPS, 8, "warm")
     offline(tmp, "offline-warm", warm, 2, fake)  # once: later offline runs reuse this process's warm state
@@ -316,9 +342,12 @@ def throughput(tmp: Path, gs: list[dict], fake: str, clients: list[int], reps: i
         r: dict = {"offline": offline(tmp, f"offline-{rep}", gs, 2, fake)}
         for c in clients:
             for key, path in (("rewards", "/v1/rewards"), ("preferences_batched", "/v1/preferences")):
-                h = http_run(tmp, f"http-{key}-{c}-{rep}", gs, 2, fake, c, path=path, warm=warm)
-                h["vs_offline"] = round(h["judgements_s"] / r["offline"]["judgements_s"], 3)
-                r[f"{key}@{c}"] = h
+                for w in render_workers:
+                    tag = f"{key}@{c}" + (f"/w{w}" if len(render_workers) > 1 else "")
+                    h = http_run(tmp, f"http-{key}-{c}-{w}-{rep}", gs, 2, fake, c, path=path, warm=warm,
+                                 render_workers=w)
+                    h["vs_offline"] = round(h["judgements_s"] / r["offline"]["judgements_s"], 3)
+                    r[tag] = h
         if rep == 0:
             h = http_run(tmp, "http-preference", gs, 2, fake, 16, path="/v1/preference")
             h["vs_offline"] = round(h["judgements_s"] / r["offline"]["judgements_s"], 3)
@@ -334,7 +363,8 @@ def throughput(tmp: Path, gs: list[dict], fake: str, clients: list[int], reps: i
                       "vs_offline_each_rep": [x["vs_offline"] for x in got],
                       "server_cpu_ms_per_request": statistics.median(x["server_cpu_ms_per_request"] for x in got),
                       "transactions": statistics.median(x["transactions"] for x in got)}
-    return {"reps": reps, "clients": clients, "groups": len(gs), "k": 8, "median": med, "runs": runs}
+    return {"reps": reps, "clients": clients, "render_workers": list(render_workers), "groups": len(gs), "k": 8,
+            "median": med, "runs": runs}
 
 
 def main() -> None:
@@ -345,6 +375,9 @@ def main() -> None:
     ap.add_argument("--clients", default="8,16,32,64",
                     help="throughput: concurrent clients, a comma list (each count is measured in every rep)")
     ap.add_argument("--reps", type=int, default=3, help="throughput: reps of offline then HTTP, side by side")
+    ap.add_argument("--render-workers", default="",
+                    help="throughput: the service's --render-workers, a comma list compared side by side in each "
+                    "rep (e.g. 0,1); default: the service's own default (one per spare core, at most 4)")
     ap.add_argument("--real", type=int, default=0, help="also the embedded model on vLLM: this many groups of 4")
     ap.add_argument("--parts", default="throughput,memory,latency",
                     help="which fake-engine parts to run: throughput, memory, latency, preference (single pairs "
@@ -359,8 +392,9 @@ def main() -> None:
         gs = groups(n_groups, 8, "tp")
         fake = "{kind: fake, seed: 0}"
         parts = a.parts.split(",")
+        rw = [int(w) for w in a.render_workers.split(",")] if a.render_workers else [None]
         if "throughput" in parts:
-            out["throughput"] = throughput(tmp, gs, fake, [int(c) for c in str(a.clients).split(",")], a.reps)
+            out["throughput"] = throughput(tmp, gs, fake, [int(c) for c in str(a.clients).split(",")], a.reps, rw)
             print(json.dumps(out["throughput"]["median"]), flush=True)
         if "preference" in parts:  # single pairs over HTTP only (no offline run): for A/B runs of two trees
             out["preference_only"] = http_run(tmp, "http-pref-only", gs, 2, fake, 16, path="/v1/preference")
@@ -375,10 +409,11 @@ def main() -> None:
             out["memory"] = memory(tmp, n_mem, 16, cache_size=10_000 if not a.quick else 1_000)
             print(json.dumps(out["memory"]), flush=True)
         if "latency" in parts:
-            out["latency"] = latency(tmp, n_lat, 8)
-            print(json.dumps(out["latency"]), flush=True)
+            for w in rw:
+                out["latency" + (f"/w{w}" if len(rw) > 1 else "")] = got = latency(tmp, n_lat, 8, w)
+                print(json.dumps(got), flush=True)
         if a.real:
-            out["real"] = real(tmp, a.real, 8)
+            out["real"] = real(tmp, a.real, 8, rw)
             print(json.dumps(out["real"]), flush=True)
     path = record("service", out)
     print(f"recorded in {path}")

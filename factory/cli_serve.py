@@ -202,7 +202,9 @@ def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or aud
               max_concurrent: int = typer.Option(64, help="requests judged at once; more get 429 + Retry-After"),
               max_body_kb: int = typer.Option(1024, help="request body cap in KiB (413 above)"),
               timeout_s: float = typer.Option(120.0, help="per-request timeout (504; the judgements still get stored)"),
-              cache_size: int = typer.Option(100_000, help="judgements kept in memory for instant answers")):
+              cache_size: int = typer.Option(100_000, help="judgements kept in memory for instant answers"),
+              render_workers: Optional[int] = typer.Option(None, min=0, help="processes rendering judge prompts "
+                                                           "(default: one per spare core, at most 4; 0: in the service)")):
     """Serve a pipeline's constitutional judge, or its panel of judges, over HTTP for online RL (TRL GRPO /
     Online DPO, OpenRLHF).
 
@@ -222,7 +224,7 @@ def judge_cmd(pipeline: Path = typer.Argument(..., help="a `kind: prefs` (or aud
     def go() -> int:
         try:
             return serve(pipeline, host=host, port=port, allow_remote=allow_remote, token=token, limits=limits,
-                         cache_size=cache_size, echo=lambda s: print(s, flush=True))
+                         cache_size=cache_size, echo=lambda s: print(s, flush=True), render_workers=render_workers)
         except BindError as e:
             err.print(f"[red]error:[/red] {e}", highlight=False)
             raise typer.Exit(2)

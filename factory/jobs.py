@@ -47,6 +47,10 @@ class Job:
     chunk: ChunkState | None = None
     replace: bool = False
     route: str | None = None  # the role whose engine answers it (a judge's name, "policy"); None: the default
+    # what ``build`` renders, when another process may render it instead: (JudgeCtx, Pair, Principle,
+    # order), whose messages are ``ctx.messages(pair, principle, order)`` (factory.serve.render_pool)
+    render: tuple | None = None
+    rendered: tuple | None = None  # those messages, rendered elsewhere: (messages_hash, flat) or (None, error)
 
     @property
     def ids(self) -> tuple[str, ...]:

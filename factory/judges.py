@@ -78,14 +78,20 @@ class JudgeMode:
         row = {**ctx.row(pair, p, order, run_id), "rationale": rationale[1] if rationale else None}
         cot = rationale is not None
 
-        def build() -> Request:
-            m = ctx.messages(pair, p, order, cot=cot, rationale=rationale[1] if rationale else None)
-            row["messages_hash"] = messages_hash(m)
+        def build(rendered: tuple | None = None) -> Request:
+            """``rendered``: the messages a render worker made of ``Job.render`` (factory.serve.render_pool)."""
+            if rendered is None:
+                m = ctx.messages(pair, p, order, cot=cot, rationale=rationale[1] if rationale else None)
+                row["messages_hash"] = messages_hash(m)
+            else:
+                row["messages_hash"], flat = rendered
+                m = [{"role": flat[i], "content": flat[i + 1]} for i in range(0, len(flat), 2)]
             return Request(key, m, self.sampling(ctx), options=tuple(ctx.options),
                            option_ids=tuple(ctx.option_ids) if ctx.option_ids else None,
                            continue_final=ctx.prefill or cot)
 
-        return Job("judgements", key, row, build=build, to_rows=lambda job, c: self.to_rows(job, c, ctx))
+        return Job("judgements", key, row, build=build, to_rows=lambda job, c: self.to_rows(job, c, ctx),
+                   render=None if cot else (ctx, pair, p, order))
 
     def sampling(self, ctx: JudgeCtx) -> Sampling:
         return SCORE

@@ -13,6 +13,10 @@ one loop plans, writes and answers for every engine. Completions go to the proje
 (:class:`factory.writer.Writer`), one transaction per flush: judgements, the pairs they judge and
 the run's membership (``run_pairs``, ``run_items`` links for judgements another run made).
 
+Rendering: a job a render worker can make (``Job.render``) is sent to
+:class:`~factory.serve.render_pool.RenderPool` when it is planned and queued for its engine when
+its messages come back (in the inbox, as tickets and commits do); the rest render in this loop.
+
 Guarantee: **an answer is sent only after every judgement it reports is committed** (a ticket is
 resolved from the writer's committed tokens), so a crash or kill loses only unanswered work, and a
 restart finds every answered judgement by its key (no duplicates, no second engine call).
@@ -29,6 +33,7 @@ the writing) is :class:`~factory.serve.planner.Planner`; this module is the engi
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections import deque
 from typing import Any, Callable
@@ -38,6 +43,7 @@ from ..fanout import _END, Feeder
 from ..runner import EngineFailed, Job
 from ..writer import Writer
 from .planner import Planner
+from .render_pool import Rendered, RenderPool
 from .tickets import Stats, StoreFailed, Ticket, Value  # noqa: F401  (re-exported)
 
 
@@ -49,14 +55,18 @@ class Batcher(Planner):
     # planned requests sent to the first engine between two looks at the inbox, the writer's commits
     # and the other engines (each look takes locks: per request it was ~10% of this loop's time)
     poll_every = 32
+    inline_jobs = 16  # at most this many jobs planned while everything is idle render in this loop, not a worker
 
     def __init__(self, store: Any, engines: dict[str, Any], run_id: str, *, identities: list[tuple[str, str]],
                  cache_size: int = 100_000, chunk_rows: int = 1024, probe_batch: int = 4096,
                  forget: Callable[[str], None] = lambda pair_id: None,
-                 on_fatal: Callable[[str], None] = lambda reason: None):
+                 on_fatal: Callable[[str], None] = lambda reason: None,
+                 render_ctxs: list | None = None, render_workers: int = 0):
         """``engines``: judge name (a job's ``route``) -> engine, the first judge's driven by this
         loop, every other distinct engine on a :class:`Feeder`; ``identities``: (model, judge settings
-        hash) of each judge, whose stored keys the probe filter loads."""
+        hash) of each judge, whose stored keys the probe filter loads; ``render_workers`` processes
+        render the jobs of the judges ``render_ctxs`` (:class:`~factory.serve.render_pool.RenderPool`;
+        0: this loop renders every job)."""
         super().__init__(store, run_id, identities=identities, cache_size=cache_size, chunk_rows=chunk_rows,
                          probe_batch=probe_batch, forget=forget)
         self.on_fatal = on_fatal
@@ -78,9 +88,16 @@ class Batcher(Planner):
         self._todo_f: list[deque[Job]] = [deque() for _ in self._feeders]
         self._thread: threading.Thread | None = None
         self._stream_error: BaseException | None = None
+        self._render_spec = (render_ctxs or [], render_workers)
+        self._pool: RenderPool | None = None
+        self._to_render: list[Job] = []  # planned jobs for the render workers, sent at the loop's next turn
 
     # -- the HTTP side ---------------------------------------------------------------------------
     def start(self) -> None:
+        ctxs, n = self._render_spec
+        if n > 0 and ctxs:
+            self._pool = RenderPool(ctxs, n, self._inbox.put)
+            self.stats.render_workers = n
         self._thread = threading.Thread(target=self._main, name="factory-serve-engine", daemon=True)
         self._thread.start()
 
@@ -153,6 +170,8 @@ class Batcher(Planner):
                         self._commits()
                     finally:
                         self._reader.close()
+                        if self._pool is not None:
+                            self._pool.close()
         except Exception as e:  # noqa: BLE001 - the writer failed (disk full): nothing more can be stored
             reason = reason or f"store write failed: {type(e).__name__}: {str(e)[:400]}"
         if reason is None and self._open:
@@ -200,6 +219,7 @@ class Batcher(Planner):
             run = 0
             self._commits()
             self._take()
+            self._dispatch()
             self._feed()
             if self._todo:
                 continue
@@ -216,14 +236,21 @@ class Batcher(Planner):
                 continue
             if isinstance(item, Ticket):
                 self._plan([item])
-            elif item is not _COMMITTED:  # a commit: the loop's next turn answers its tickets
-                self._answer(item)
+            else:  # a commit (the loop's next turn answers its tickets), rendered jobs, another engine's answer
+                self._other(item)
 
     def _build(self, job: Job):
         """``job``'s request, or None when it cannot be rendered (a failed row, not a dead service)."""
         self._inflight[job.key] = job
+        rendered, job.rendered = job.rendered, None
         try:
-            req = job.build()
+            if rendered is None:
+                req = job.build()
+            elif rendered[0] is None:  # a render worker's failure, as it would have failed here
+                self._complete(Completion(key=job.key, status="failed", error=f"render: {rendered[1]}"))
+                return None
+            else:
+                req = job.build(rendered)
         except Exception as e:  # noqa: BLE001
             self._complete(Completion(key=job.key, status="failed", error=f"render: {type(e).__name__}: {e}"))
             return None
@@ -248,10 +275,25 @@ class Batcher(Planner):
                 break
             if isinstance(item, Ticket):
                 got.append(item)
-            elif item is not _COMMITTED:
-                self._answer(item)
+            else:
+                self._other(item)
         if got:
             self._plan(got)
+
+    def _other(self, item: Any) -> None:
+        """An inbox item that is not a ticket: a commit mark, rendered jobs, another engine's answer."""
+        if item is _COMMITTED:
+            return
+        if isinstance(item, Rendered):
+            if item.died is not None:  # its unanswered jobs (and every job from now on, if none is left) render here
+                self.stats.render_workers = self._pool.alive if self._pool is not None else 0
+                print(f"warning: {item.died}", file=sys.stderr, flush=True)
+            else:
+                self.stats.worker_renders += len(item.jobs)
+            for job in item.jobs:
+                self._queue_engine(job)
+            return
+        self._answer(item)
 
     def _answer(self, item: tuple) -> None:
         """A completion (or the death) of one of the other engines."""
@@ -267,5 +309,24 @@ class Batcher(Planner):
         self._complete(c)
 
     def _queue(self, job: Job) -> None:
+        if self._pool is not None and self._pool.takes(job):
+            self._to_render.append(job)
+        else:
+            self._queue_engine(job)
+
+    def _dispatch(self) -> None:
+        """Send the jobs planned for the render workers (what none can take any more renders here). A
+        few jobs while the engine and the workers have nothing to do render here: the round trip to a
+        worker would only add to a lone request's latency."""
+        if self._to_render:
+            jobs, self._to_render = self._to_render, []
+            if len(jobs) <= self.inline_jobs and not self._main_inflight and not self._todo and self._pool.idle():
+                left = jobs
+            else:
+                left = self._pool.submit(jobs)
+            for job in left:
+                self._queue_engine(job)
+
+    def _queue_engine(self, job: Job) -> None:
         f = self._route.get(job.route)
         (self._todo if f is None else self._todo_f[f.slot]).append(job)

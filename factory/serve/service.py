@@ -31,6 +31,7 @@ from .app import JudgeApp, Limits, create_app
 from .batcher import Batcher
 from ..writer import quiet_gc
 from .judging import judge_plan
+from .render_pool import default_workers
 
 EXIT_FAILED = 3
 
@@ -115,7 +116,10 @@ class Service:
     ``close()`` drains the batcher, labels the run, writes its status and releases the store and engine."""
 
     def __init__(self, path: str | Path, *, limits: Limits = Limits(), cache_size: int = 100_000,
-                 token: str | None = None, on_fatal: Callable[[str], None] = lambda reason: None):
+                 token: str | None = None, on_fatal: Callable[[str], None] = lambda reason: None,
+                 render_workers: int | None = None):
+        """``render_workers``: processes that render judge prompts (None: one per spare core, at most 4;
+        0: the batcher renders them, :mod:`factory.serve.render_pool`)."""
         self.start_time = time.perf_counter()
         self.limits = limits
         self.slp, self.store, self.engines, self.owned = open_service(path)
@@ -126,7 +130,9 @@ class Service:
             self.plan = judge_plan(self.store, self.slp, self.engines, self.slp.run_id)
             self.batcher = Batcher(self.store, self.engines, self.slp.run_id, identities=self.plan.identities,
                                    cache_size=cache_size, chunk_rows=self.slp.cfg.chunk_rows,
-                                   forget=self.plan.forget, on_fatal=on_fatal)
+                                   forget=self.plan.forget, on_fatal=on_fatal,
+                                   render_ctxs=[j.ctx for j in self.plan.panel],
+                                   render_workers=default_workers() if render_workers is None else render_workers)
             self.japp = JudgeApp(self.batcher, self.plan, run_id=self.slp.run_id, limits=limits)
             self.app = create_app(self.japp, token=token)
             self.batcher.start()
@@ -150,7 +156,7 @@ class Service:
 
 def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
           token: str | None = None, limits: Limits = Limits(), cache_size: int = 100_000,
-          echo: Callable[[str], None] = print) -> int:
+          echo: Callable[[str], None] = print, render_workers: int | None = None) -> int:
     """Serve the judge of the pipeline at ``path`` until SIGTERM/SIGINT; returns the exit code."""
     import uvicorn
 
@@ -166,7 +172,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_
             server_box["server"].should_exit = True
 
     try:
-        svc = Service(path, limits=limits, cache_size=cache_size, token=token, on_fatal=on_fatal)
+        svc = Service(path, limits=limits, cache_size=cache_size, token=token, on_fatal=on_fatal,
+                      render_workers=render_workers)
     except BaseException:
         sock.close()
         raise
@@ -178,7 +185,8 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, allow_
         if svc.batcher.fatal:  # died before the server existed
             server.should_exit = True
         name = f"[{host}]" if ":" in host else host
-        echo(f"judge service for run {svc.run_id} ({svc.plan.model}; db {svc.slp.cfg.db})")
+        echo(f"judge service for run {svc.run_id} ({svc.plan.model}; db {svc.slp.cfg.db}; "
+             f"render workers: {svc.batcher.stats.render_workers})")
         if token and not is_loopback(host):
             echo(f"token: {token}   (send `Authorization: Bearer <token>`)")
         echo(f"listening on http://{name}:{sock.getsockname()[1]}   (SIGTERM or Ctrl-C: finish what is in flight, stop)")

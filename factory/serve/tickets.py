@@ -64,3 +64,5 @@ class Stats:
     completion_tokens: int = 0
     transactions: int = 0
     failed_judgements: int = 0
+    render_workers: int = 0  # judge-prompt render processes alive (factory.serve.render_pool)
+    worker_renders: int = 0  # judgement prompts those processes rendered
