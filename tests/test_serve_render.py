@@ -98,6 +98,7 @@ def test_a_render_error_in_a_worker_fails_its_row_as_it_fails_in_the_service(tmp
     for workers in (1, 0):
         svc = Service(_pipeline(tmp_path, f"bad{workers}", judge_template=bad, db=f"bad{workers}"),
                       render_workers=workers)
+        svc.batcher.inline_jobs = 0  # 16 jobs: to the worker even when everything is idle
         try:
             client = _client(svc)
             r = client.post("/v1/preferences", json=body)
@@ -156,6 +157,7 @@ def test_only_jobs_a_worker_can_render_exactly_go_to_it(tmp_path):
     from factory.stages.judge import Pair
 
     svc = Service(_pipeline(tmp_path, "which", db="which", two="mode: cot, "), render_workers=1)
+    svc.batcher.inline_jobs = 0  # a lone pair's jobs: to the worker even when everything is idle
     try:
         pool = svc.batcher._pool
         pair = Pair("p1", [{"role": "user", "content": "hi"}], "a", "b")
@@ -172,3 +174,21 @@ def test_only_jobs_a_worker_can_render_exactly_go_to_it(tmp_path):
         assert st.worker_renders == 4 and st.judgements == 8 and st.rationales == 4
     finally:
         assert svc.close().status == "done"
+
+
+def test_a_lone_pair_while_idle_renders_in_the_service_and_a_batch_in_the_worker(tmp_path):
+    """At most ``inline_jobs`` jobs planned while the engine and the workers are idle render in the
+    batcher (a worker's round trip would only add latency); more go to the worker."""
+    from factory.serve.service import Service
+
+    svc = Service(_pipeline(tmp_path, "lone", db="lone"), render_workers=1)
+    try:
+        client, st = _client(svc), svc.batcher.stats
+        assert svc.batcher.inline_jobs == 16
+        r = client.post("/v1/preference", json={"prompt": "hi", "responses": ["a", "b"]})  # 8 jobs
+        assert r.status_code == 200 and st.judgements == 8 and st.worker_renders == 0
+        r = client.post("/v1/preferences", json={"items": [{"prompt": f"q{i}", "responses": ["a", "b"]}
+                                                           for i in range(3)]})  # 24 jobs
+        assert r.status_code == 200 and st.judgements == 32 and st.worker_renders == 24
+    finally:
+        svc.close()
