@@ -62,7 +62,7 @@ class Template:
     def __reduce__(self):
         """Pickled as its path and source, compiled again on load (a render worker's copy:
         :mod:`factory.serve.render_pool`)."""
-        return (_rebuild, (self.path, self.source))
+        return (template_from_source, (self.path, self.source))
 
     def render(self, **variables: Any) -> list[dict[str, str]]:
         """Render to a list of {role, content} messages."""
@@ -149,13 +149,8 @@ def _load(path: str, mtime: float) -> Template:
 def template_from_source(path: str, source: str) -> Template:
     """A template from its stored source (lineage: re-rendering what a row was sent)."""
     compiled = _env().from_string(source)
+    compiled.filename = path  # as _load sets it
     return Template(path=path, source=source, hash=hashlib.sha256(source.encode()).hexdigest()[:16], jinja=compiled)
-
-
-def _rebuild(path: str, source: str) -> Template:
-    t = template_from_source(path, source)
-    t.jinja.filename = path  # as _load sets it
-    return t
 
 
 def load_template(path: str | Path) -> Template:

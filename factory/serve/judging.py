@@ -94,9 +94,7 @@ class JudgePlan:
         """Drop the render skeletons kept for a pair (a pair answered from the store never renders,
         and a service runs for days)."""
         for j in self.panel:
-            for order in J.ORDERS:
-                j.ctx._uses.pop((pair_id, order), None)
-                j.ctx._skel.pop((pair_id, order), None)
+            j.ctx.forget(pair_id)
 
     def label(self, cells: list[tuple[str, str, str, str, float | None]]) -> dict:
         """The label of one pair from its judgements ``(judge, principle_id, order, status, p_a)``."""

@@ -24,7 +24,6 @@ import itertools
 import multiprocessing
 import pickle
 import queue
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -52,7 +51,7 @@ def _principles(ctx: Any) -> dict[str, Any]:
     return table
 
 
-def _work(conn: Any, blob: bytes) -> None:  # pragma: no cover - runs in the worker process (covered by tests through it)
+def _work(conn: Any, blob: bytes) -> None:
     """A worker's loop: batches in, rendered messages out, until the pipe closes or an empty message."""
     import gc
     import signal
@@ -80,8 +79,7 @@ def _work(conn: Any, blob: bytes) -> None:  # pragma: no cover - runs in the wor
                     out.append((messages_hash(m), tuple(x for d in m for x in (d["role"], d["content"]))))
                 except Exception as e:  # noqa: BLE001 - one job's failed render, recorded as its row's error
                     out.append((None, f"{type(e).__name__}: {e}"))
-            ctx._skel.pop((pair.pair_id, order), None)
-            ctx._uses.pop((pair.pair_id, order), None)
+            ctx.forget(pair.pair_id, (order,))  # normally gone with its last principle; not after a failed render
         try:
             conn.send_bytes(pickle.dumps((bid, out), protocol=pickle.HIGHEST_PROTOCOL))
         except (BrokenPipeError, OSError):
@@ -251,4 +249,4 @@ def default_workers() -> int:
     import os
 
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, n - 1)) if sys.platform != "win32" else 0
+    return max(0, min(4, n - 1))

@@ -175,6 +175,12 @@ class JudgeCtx:
             self._uses[key] = left
         return self._fill(sk, p)
 
+    def forget(self, pair_id: str, orders: tuple[str, ...] = ORDERS) -> None:
+        """Drop what is kept to render ``pair_id`` (its skeletons and the principles still expected)."""
+        for order in orders:
+            self._skel.pop((pair_id, order), None)
+            self._uses.pop((pair_id, order), None)
+
     def expect(self, pair: Pair, order: str, n: int) -> None:
         """``n`` principles of (pair, order) will be rendered: its skeleton is dropped after the last."""
         key = (pair.pair_id, order)
